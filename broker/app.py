@@ -1,0 +1,189 @@
+"""``Broker``: the embedded async API, and the lifespan that runs engine and sinks."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable, Coroutine
+from types import TracebackType
+from typing import Any, Protocol
+
+import anyio
+from anyio.abc import TaskGroup, TaskStatus
+
+from broker.bus import DEFAULT_BUFFER, Bus, Subscription
+from broker.config import Config
+from broker.engine import Clock, Engine
+from broker.fingerprint import Fingerprinter
+from broker.state import State
+from broker.store import Loaded, Store, StoreError
+
+log = logging.getLogger("broker")
+
+
+class Sink(Protocol):
+    """A delivery path (MQTT, HTTP): started once the engine has a state for everything."""
+
+    async def run(self, *, task_status: TaskStatus[None]) -> None: ...
+
+
+SinkFactory = Callable[["Broker"], Sink]
+
+
+class Broker:
+    """The credential broker, running inside the caller's event loop.
+
+    ::
+
+        async with Broker(load_config("config/broker.toml")) as b:
+            b.state("nebius")
+            await b.check("nebius")
+            async with b.subscribe("credentials.*", credential="nebius") as events:
+                async for event in events: ...
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        clock: Clock | None = None,
+        sinks: list[SinkFactory] | None = None,
+    ) -> None:
+        self._config = config
+        self._clock = clock
+        self._extra_sinks = list(sinks or [])
+        self.bus = Bus()
+        self.store = Store(config.broker.state_dir)
+        self._engine: Engine | None = None
+        self._tg: TaskGroup | None = None
+        self.source = f"urn:credbroker:{config.broker.host_id}"
+        #: Named health facts that sinks report (e.g. ``mqtt`` -> ``connected``).
+        self.health: dict[str, Any] = {}
+
+    def __repr__(self) -> str:
+        return f"Broker(host_id={self._config.broker.host_id!r}, credentials={len(self._config.credentials)})"
+
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            raise RuntimeError("the broker is not running (use `async with Broker(...)`)")
+        return self._engine
+
+    # -- lifespan ---------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Broker:
+        loaded, key = await anyio.to_thread.run_sync(self._open_store)
+        for problem in loaded.problems:
+            log.warning("state store problem", extra={"problem": problem})
+        self._engine = Engine(
+            self._config.credentials,
+            bus=self.bus,
+            store=self.store,
+            fingerprinter=Fingerprinter(key),
+            source=self.source,
+            resync_interval=self._config.broker.resync_interval,
+            states=loaded.states,
+            sequence=loaded.sequence,
+            **({"clock": self._clock} if self._clock else {}),
+        )
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        try:
+            await self._tg.start(self._engine.run)
+            for factory in self._sink_factories():
+                await self._tg.start(factory(self).run)
+        except BaseException:
+            self._tg.cancel_scope.cancel()
+            await self._tg.__aexit__(None, None, None)
+            self._tg = None
+            raise
+        log.info(
+            "broker started",
+            extra={
+                "host_id": self._config.broker.host_id,
+                "credentials": len(self._config.credentials),
+                "inotify_watches": self.engine.watcher.watch_count,
+                "sequence": self.engine.sequence,
+            },
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        tg, self._tg = self._tg, None
+        if tg is None:
+            return None
+        tg.cancel_scope.cancel()
+        try:
+            suppress = await tg.__aexit__(exc_type, exc, tb)
+        finally:
+            self.bus.close()
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self.engine.flush)
+            log.info("broker stopped", extra={"sequence": self.engine.sequence})
+        return suppress
+
+    def _open_store(self) -> tuple[Loaded, bytes]:
+        try:
+            self.store.prepare()
+            key = self.store.load_key(self._config.broker.fingerprint_key_file)
+        except StoreError as exc:
+            # Serve from memory: losing persistence beats refusing to tell anyone anything.
+            self.store.error = str(exc)
+            log.error("state store unavailable; running from memory", extra={"error": str(exc)})
+            return Loaded(problems=[str(exc)]), secrets.token_hex(32).encode()
+        return self.store.load(), key
+
+    def _sink_factories(self) -> list[SinkFactory]:
+        factories: list[SinkFactory] = []
+        factories.extend(self._extra_sinks)
+        return factories
+
+    def start_soon(self, fn: Callable[[], Coroutine[Any, Any, Any]], name: str | None = None) -> None:
+        """Run ``fn`` in the broker's task group (for sinks; stops with the broker)."""
+        if self._tg is None:
+            raise RuntimeError("the broker is not running")
+        self._tg.start_soon(fn, name=name)
+
+    # -- the embedded API -------------------------------------------------------------------
+
+    def state(self, name: str) -> State:
+        """The current state of credential ``name``, without I/O. ``KeyError`` if unknown."""
+        return self.engine.state(name)
+
+    def states(self) -> list[State]:
+        """Every credential's state, in config order."""
+        return self.engine.states()
+
+    async def check(self, name: str) -> State:
+        """Re-read ``name``'s files now (no cache), publish any change, return the state."""
+        return await self.engine.check(name)
+
+    def subscribe(
+        self,
+        pattern: str = "credentials.*",
+        *,
+        credential: str | None = None,
+        buffer: int = DEFAULT_BUFFER,
+    ) -> Subscription:
+        """Events whose type matches ``pattern`` (a glob), optionally of one credential.
+
+        Use as ``async with b.subscribe(...) as events: async for event in events``.
+        """
+        return self.bus.subscribe(pattern, credential=credential, buffer=buffer)
+
+    async def reload(self, config: Config) -> None:
+        """Apply a new config's credentials (SIGHUP), keeping every credential's state."""
+        for section in ("mqtt", "http"):
+            if getattr(config, section) != getattr(self._config, section):
+                log.warning(f"[{section}] changed; restart the broker to apply it")
+        self._config = config
+        await self.engine.reconfigure(config.credentials)

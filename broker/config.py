@@ -1,0 +1,1146 @@
+"""The TOML configuration (SPEC section 2): loading, validation and error reporting.
+
+Everything a user can get wrong is reported at once, each error naming its key path the way
+the TOML reads (``credentials[2].expiry: unknown source "jwtt"; expected ...``), as a
+:class:`ConfigError`. Validation is pydantic v2; this module turns pydantic's errors into
+those lines and never lets a value that may be secret (a url's userinfo, a header, a
+password) into a message.
+
+Decisions worth knowing:
+
+- Paths: ``~`` (from ``env["HOME"]``), ``~user``, ``$VAR`` and ``${VAR}`` expand; ``$$`` is a
+  literal ``$``. An unset or empty variable is an error. Relative paths are taken against the
+  config file's directory (the cwd when there is no file). Symlinks are *not* resolved: the
+  watcher must see e.g. the Kubernetes ``..data`` swap at the path as written.
+- Presets: the preset's values come first and every key the user writes overrides them.
+  ``files`` and ``remedies`` merge per key (the user can re-point or add roles, but not remove
+  one); ``name`` defaults to the preset's name.
+- ``remedies`` may be written in TOML too: keys are problem codes, or ``"<code>:<role>"`` for
+  one role; values are templates with ``{path}`` and ``{role}``.
+- At least one ``[[credentials]]`` table is required.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import json
+import os
+import pwd
+import re
+import socket
+import tomllib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePath
+from typing import Annotated, Any, Literal, Self
+from urllib.parse import urlsplit
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from broker.durations import parse_duration, parse_size
+from broker.expiry import ExpirySource, parse_expiry_source
+from broker.presets import PRESETS, PROBLEM_CODES, Preset, default_remedy, fill_remedy
+
+__all__ = [
+    "BrokerSettings",
+    "Config",
+    "ConfigError",
+    "CredentialSettings",
+    "HttpSettings",
+    "MqttSettings",
+    "RefreshSettings",
+    "ValidateSettings",
+    "default_host_id",
+    "load_config",
+    "parse_config",
+]
+
+CONFIG_ENV_VAR = "CREDBROKER_CONFIG"
+DEFAULT_MAX_SIZE = 1024 * 1024
+# Bigger than any sane config; stops `-c /dev/zero` from eating memory.
+_MAX_CONFIG_BYTES = 4 * 1024 * 1024
+# Durations beyond this are typos, and near float limits they break time arithmetic
+# (expires_at - expiring_before must still be a representable timestamp).
+_MAX_DURATION = 3650 * 86400.0
+_MAX_SIZE = 1024**3
+_MAX_BUFFER = 10_000_000
+_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]*")
+_NAME_MAX = 64
+_HOSTNAME_RE = re.compile(r"[a-z0-9_][a-z0-9_.-]*")
+_HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_PLACEHOLDER_RE = re.compile(r"\{([^{}]*)\}")
+# $$ | ${NAME} | $NAME | a "${" that is not a well-formed ${NAME}
+_VAR_RE = re.compile(r"\$(?:(\$)|\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*)|(\{))")
+_CTX_KEY = "credbroker"
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used. ``errors`` lists every problem found.
+
+    Each entry is ``(key path, message)``, e.g. ``("credentials[2].expiry", 'unknown source
+    "jwtt"; ...')``; the path is ``""`` for problems with the file as a whole. ``str()`` gives
+    one line per error, each prefixed with the config file's path when there is one.
+    """
+
+    def __init__(self, errors: Sequence[tuple[str, str]], source_path: Path | None = None) -> None:
+        # Both arguments go to Exception so the error pickles and copies faithfully.
+        super().__init__(list(errors), source_path)
+        self.errors: list[tuple[str, str]] = list(errors)
+        self.source_path = source_path
+
+    def __str__(self) -> str:
+        prefix = f"{self.source_path}: " if self.source_path is not None else ""
+        lines = [f"{prefix}{path}: {msg}" if path else prefix + msg for path, msg in self.errors]
+        return "\n".join(lines) or f"{prefix}invalid configuration"
+
+
+def _errors_at(items: Iterable[tuple[tuple[str | int, ...], str]]) -> ValidationError:
+    """A ValidationError with errors below the current location.
+
+    Raised from a validator, pydantic prefixes each ``loc`` with the validator's own location,
+    which is how a cross-field check reports ``refresh.output`` rather than ``refresh``.
+    """
+    details: list[InitErrorDetails] = [
+        {
+            "type": PydanticCustomError("config", "{message}", {"message": message}),
+            "loc": loc,
+            "input": None,
+        }
+        for loc, message in items
+    ]
+    return ValidationError.from_exception_data("config", details)
+
+
+def _show(value: str, limit: int = 64) -> str:
+    """A user-written (never secret) value quoted for a message, cut short if huge."""
+    if len(value) > limit:
+        value = value[:limit] + "..."
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _one_of(choices: Iterable[str]) -> str:
+    return ", ".join(sorted(choices))
+
+
+def _did_you_mean(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {_show(close[0])}?)" if close else ""
+
+
+# --------------------------------------------------------------------------------------------
+# Load context: what paths expand from
+
+
+@dataclass
+class _LoadContext:
+    """Passed to validators through pydantic's validation context."""
+
+    env: Mapping[str, str]
+    base_dir: Path | None  # None: the cwd, looked up only if a relative path needs it
+    seen_names: set[str] = field(default_factory=set)
+
+    def home(self, text: str) -> str:
+        home = self.env.get("HOME")
+        if not home:
+            raise ValueError(f'cannot expand "~" in {_show(text)}: HOME is not set')
+        return home
+
+    def expand(self, text: str) -> Path:
+        """``~``, ``$VARS``, then relative-to-base. Raises ValueError with a user message."""
+        if not text:
+            raise ValueError("the path is empty")
+        if "\0" in text:
+            raise ValueError("the path contains a NUL character")
+        prefix, rest = "", text
+        if text.startswith("~"):
+            head, sep, tail = text[1:].partition("/")
+            if head:
+                try:
+                    prefix = pwd.getpwnam(head).pw_dir
+                except KeyError:
+                    raise ValueError(f'cannot expand "~{head}": no such user') from None
+            else:
+                prefix = self.home(text)
+            rest = sep + tail
+        expanded = prefix + self._expand_vars(rest)
+        if not expanded or "\0" in expanded:
+            raise ValueError(f"{_show(text)} expands to an empty or invalid path")
+        path = Path(expanded)
+        if not path.is_absolute():
+            try:
+                base = self.base_dir if self.base_dir is not None else Path(os.getcwd())
+            except OSError:
+                raise ValueError(f"{_show(text)} is relative and the cwd is unknown") from None
+            path = base / path
+        return path
+
+    def _expand_vars(self, text: str) -> str:
+        def substitute(match: re.Match[str]) -> str:
+            dollar, braced, bare, broken = match.groups()
+            if dollar:
+                return "$"
+            if broken:
+                raise ValueError('malformed "${...}"; write ${NAME} (or $$ for a literal $)')
+            name = braced or bare
+            value = self.env.get(name)
+            if value is None:
+                raise ValueError(f"environment variable ${name} is not set")
+            if not value:
+                raise ValueError(f"environment variable ${name} is empty")
+            return value
+
+        return _VAR_RE.sub(substitute, text)
+
+
+def _ctx(info: ValidationInfo) -> _LoadContext:
+    context = info.context
+    if isinstance(context, Mapping):
+        found = context.get(_CTX_KEY)
+        if isinstance(found, _LoadContext):
+            return found
+    # Models built directly in Python (tests, embedding) expand from the real environment.
+    return _LoadContext(os.environ, None)
+
+
+# --------------------------------------------------------------------------------------------
+# Field types
+
+
+@dataclass(frozen=True, slots=True)
+class _PresetPathRequired:
+    """Stands in for a preset role whose path the user must supply (an empty template)."""
+
+    preset: str
+    role: str
+
+
+def _path(value: Any, info: ValidationInfo) -> Path:
+    if isinstance(value, _PresetPathRequired):
+        raise ValueError(
+            f"preset {_show(value.preset)} has no default path for role {_show(value.role)}; "
+            f"set it: files = {{ {value.role} = \"/path/to/file\" }}"
+        )
+    if isinstance(value, PurePath):
+        value = str(value)
+    if not isinstance(value, str):
+        raise ValueError("expected a path (a string)")
+    return _ctx(info).expand(value)
+
+
+def _duration(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise ValueError('expected a duration such as "30s", "15m", "12h" or a number of seconds')
+    try:
+        seconds = parse_duration(value)
+    except OverflowError:
+        raise ValueError("the duration is out of range") from None
+    if seconds > _MAX_DURATION:
+        raise ValueError("the duration is too long (at most 3650d)")
+    return seconds
+
+
+def _positive_duration(value: Any) -> float:
+    seconds = _duration(value)
+    if seconds <= 0:
+        raise ValueError("must be greater than zero")
+    return seconds
+
+
+def _size(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise ValueError('expected a size such as "1MiB", "512KiB" or a whole number of bytes')
+    try:
+        size = parse_size(value)
+    except OverflowError:
+        raise ValueError("the size is out of range") from None
+    if size > _MAX_SIZE:
+        raise ValueError("the size is too large (at most 1GiB)")
+    return size
+
+
+def _fraction(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("expected a number greater than 0 and at most 1, e.g. 0.8")
+    try:
+        number = float(value)
+    except OverflowError:
+        number = float("inf")
+    if not 0.0 < number <= 1.0:  # also rejects NaN
+        raise ValueError("must be greater than 0 and at most 1, e.g. 0.8")
+    return number
+
+
+def _count(value: Any, maximum: int) -> int:
+    # TOML integers only: pydantic's lax mode would take true, 1.0 and "10" as well.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError("expected a whole number")
+    if not 0 < value <= maximum:
+        raise ValueError(f"must be between 1 and {maximum}")
+    return value
+
+
+def _buffer(value: Any) -> int:
+    return _count(value, _MAX_BUFFER)
+
+
+def _strict_bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("expected true or false")
+    return value
+
+
+def _status_code(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError("expected an HTTP status code (a whole number)")
+    if not 100 <= value <= 599:
+        raise ValueError("must be an HTTP status code (100-599)")
+    return value
+
+
+def _expiry(value: Any) -> ExpirySource:
+    if isinstance(value, ExpirySource):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(
+            'expected a string: jwt, json:<path>, ini:<section>.<key>, pem, ttl:<duration>, none'
+        )
+    source = parse_expiry_source(value)  # its ValueError message is shown verbatim
+    if source.kind == "ttl" and source.ttl > _MAX_DURATION:
+        raise ValueError(f"source {_show(value)}: the duration is too long (at most 3650d)")
+    return source
+
+
+def _check_ident(value: str, what: str) -> str:
+    if len(value) > _NAME_MAX:
+        raise ValueError(f"{what} is longer than {_NAME_MAX} characters")
+    if not _NAME_RE.fullmatch(value):
+        raise ValueError(
+            f"invalid {what} {_show(value)}: use lower-case letters, digits, \"_\" and \"-\", "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+def _is_loopback(host: str) -> bool:
+    name = host.lower().rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):  # RFC 6761
+        return True
+    try:
+        return ipaddress.ip_address(name.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_host(host: str) -> str:
+    """A hostname or IP address as it appears in a URL or listen address."""
+    name = host.lower()
+    try:
+        ipaddress.ip_address(name.split("%", 1)[0])
+        return name
+    except ValueError:
+        pass
+    if len(name) > 253 or not _HOSTNAME_RE.fullmatch(name):
+        raise ValueError("the host is not a valid hostname or IP address")
+    return name
+
+
+def _split_url(url: str, schemes: Mapping[str, int], example: str) -> tuple[str, str, int]:
+    """``(scheme, host, port)`` of a URL. Messages never repeat the URL: it may hold secrets."""
+    if "\0" in url or any(c.isspace() for c in url):
+        raise ValueError(f"the url contains whitespace or control characters; expected {example}")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"malformed url (bad port or brackets); expected {example}") from None
+    scheme = parts.scheme.lower()
+    if scheme not in schemes:
+        raise ValueError(f"unsupported url scheme; expected {example}")
+    if "@" in parts.netloc:
+        raise ValueError("credentials in the url are not accepted; use the settings made for them")
+    if not parts.hostname:
+        raise ValueError(f"the url has no host; expected {example}")
+    host = _check_host(parts.hostname)
+    return scheme, host, port if port is not None else schemes[scheme]
+
+
+_MQTT_SCHEMES = {"mqtt": 1883, "mqtts": 8883}
+_MQTT_EXAMPLE = "mqtt://host[:port] or mqtts://host[:port]"
+_HTTP_SCHEMES = {"https": 443, "http": 80}
+_LISTEN_EXAMPLE = '"host:port", "[v6addr]:port" or "unix:/path"'
+
+
+def _split_mqtt_url(url: str) -> tuple[str, str, int]:
+    scheme, host, port = _split_url(url, _MQTT_SCHEMES, _MQTT_EXAMPLE)
+    parts = urlsplit(url)
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(f"the url must have no path, query or fragment; expected {_MQTT_EXAMPLE}")
+    return scheme, host, port
+
+
+def _split_listen(listen: str) -> tuple[str | None, int | None, str | None]:
+    """``(host, port, None)`` or ``(None, None, unix path)``."""
+    if listen.startswith("unix:"):
+        return None, None, listen[5:]
+    if listen.startswith("["):
+        host, sep, port_text = listen[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"malformed listen address; expected {_LISTEN_EXAMPLE}")
+        try:
+            ipaddress.IPv6Address(host.split("%", 1)[0])
+        except ValueError:
+            raise ValueError("the address in brackets is not an IPv6 address") from None
+    else:
+        host, sep, port_text = listen.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f"malformed listen address; expected {_LISTEN_EXAMPLE}")
+        if ":" in host:
+            raise ValueError('an IPv6 listen address needs brackets: "[::1]:8790"')
+        host = _check_host(host)
+    if not port_text.isascii() or not port_text.isdigit() or int(port_text) > 65535:
+        raise ValueError("the port must be a number from 0 to 65535")
+    return host, int(port_text), None
+
+
+def default_host_id() -> str:
+    """The short host name, lower-cased, with characters a host_id cannot hold made ``-``."""
+    name = socket.gethostname().split(".", 1)[0].lower()
+    name = re.sub(r"[^a-z0-9_-]", "-", name).lstrip("_-")[:_NAME_MAX]
+    return name or "localhost"
+
+
+ExpandedPath = Annotated[Path, BeforeValidator(_path)]
+Duration = Annotated[float, BeforeValidator(_duration)]
+PositiveDuration = Annotated[float, BeforeValidator(_positive_duration)]
+# Plain: never accept ExpirySource's dataclass fields as a TOML table; dump back as text.
+ExpiryField = Annotated[
+    ExpirySource, PlainValidator(_expiry), PlainSerializer(str, return_type=str)
+]
+StrictBoolField = Annotated[bool, BeforeValidator(_strict_bool)]
+# Checked as a dict key so a bad role name is reported even when its path is bad too.
+RoleName = Annotated[str, AfterValidator(lambda value: _check_ident(value, "role name"))]
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+
+
+class _Model(BaseModel):
+    # hide_input_in_errors: should a raw pydantic error ever be printed, it must not carry a
+    # value that could be a secret.
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+
+class BrokerSettings(_Model):
+    """``[broker]``: identity and housekeeping of this broker."""
+
+    host_id: str = Field(default_factory=default_host_id)
+    state_dir: ExpandedPath
+    resync_interval: PositiveDuration = 30.0
+    fingerprint_key_file: ExpandedPath | None = None
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_state_dir(cls, data: Any, info: ValidationInfo) -> Any:
+        # A template rather than a computed path, so a missing HOME is reported at
+        # broker.state_dir by the normal path expansion.
+        if isinstance(data, Mapping) and "state_dir" not in data:
+            xdg = _ctx(info).env.get("XDG_STATE_HOME", "")
+            # XDG says relative values are invalid and must be ignored.
+            template = "${XDG_STATE_HOME}/credbroker" if xdg.startswith("/") else (
+                "~/.local/state/credbroker"
+            )
+            data = {**data, "state_dir": template}
+        return data
+
+    @field_validator("host_id")
+    @classmethod
+    def _check_host_id(cls, value: str) -> str:
+        return _check_ident(value, "host_id")
+
+
+class MqttSettings(_Model):
+    """``[mqtt]``: where to publish. The section being absent turns MQTT off."""
+
+    url: str
+    topic_prefix: str = "credbroker"
+    username: str | None = None
+    password_file: ExpandedPath | None = None
+    ca_file: ExpandedPath | None = None
+    cert_file: ExpandedPath | None = None
+    key_file: ExpandedPath | None = None
+    client_id: str | None = None
+    buffer: Annotated[int, BeforeValidator(_buffer)] = 10000
+    allow_insecure: StrictBoolField = False
+    keepalive: PositiveDuration = 30.0
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        _split_mqtt_url(value)
+        return value
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _check_prefix(cls, value: str) -> str:
+        if not value:
+            raise ValueError("must not be empty")
+        if any(c in value for c in "+#\0"):
+            raise ValueError('must not contain "+", "#" or NUL (they are MQTT wildcards)')
+        if value.startswith("/") or value.endswith("/"):
+            raise ValueError('must not start or end with "/"')
+        if value.startswith("$"):
+            raise ValueError('must not start with "$" (reserved for the MQTT server)')
+        return value
+
+    @field_validator("username", "client_id")
+    @classmethod
+    def _check_text(cls, value: str | None) -> str | None:
+        if value is not None and (not value or "\0" in value):
+            raise ValueError("must be non-empty and contain no NUL")
+        return value
+
+    @field_validator("keepalive")
+    @classmethod
+    def _check_keepalive(cls, value: float) -> float:
+        if value > 65535:
+            raise ValueError("must be at most 65535s (the MQTT limit)")
+        return value
+
+    @model_validator(mode="after")
+    def _check_transport(self) -> Self:
+        scheme, host, _ = _split_mqtt_url(self.url)
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        if scheme == "mqtt":
+            tls_keys = [k for k in ("ca_file", "cert_file", "key_file") if getattr(self, k)]
+            if tls_keys:
+                problems.append(
+                    (("url",), f"{', '.join(tls_keys)} set but the url is mqtt:// (no TLS); "
+                     "use mqtts://")
+                )
+            elif self.password_file is not None and not (
+                self.allow_insecure or _is_loopback(host)
+            ):
+                problems.append(
+                    (("url",), "the password (password_file) would be sent unencrypted over "
+                     "mqtt:// to a non-loopback host; use mqtts://, or set allow_insecure = true")
+                )
+        if self.key_file is not None and self.cert_file is None:
+            problems.append((("key_file",), "key_file needs cert_file"))
+        if problems:
+            raise _errors_at(problems)
+        return self
+
+    @property
+    def host(self) -> str:
+        """The MQTT server's host name or address (IPv6 without brackets)."""
+        return _split_mqtt_url(self.url)[1]
+
+    @property
+    def port(self) -> int:
+        """The port from the url, else 1883 (mqtt) or 8883 (mqtts)."""
+        return _split_mqtt_url(self.url)[2]
+
+    @property
+    def tls(self) -> bool:
+        """True for ``mqtts://``."""
+        return _split_mqtt_url(self.url)[0] == "mqtts"
+
+
+class HttpSettings(_Model):
+    """``[http]``: the HTTP API. The section being absent turns it off.
+
+    ``listen`` is kept normalised: a ``unix:`` path is stored expanded and absolute.
+    """
+
+    listen: str = "127.0.0.1:8790"
+    token_file: ExpandedPath | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str, info: ValidationInfo) -> str:
+        if "\0" in value:
+            raise ValueError("must not contain NUL")
+        _, _, unix = _split_listen(value)
+        if unix is not None:
+            return "unix:" + str(_ctx(info).expand(unix))
+        return value
+
+    @model_validator(mode="after")
+    def _check_exposure(self) -> Self:
+        host, _, _ = _split_listen(self.listen)
+        if host is not None and not _is_loopback(host) and self.token_file is None:
+            raise _errors_at([(
+                ("listen",),
+                "a non-loopback listen address needs token_file (every request must then send "
+                '"Authorization: Bearer <token>"); or listen on 127.0.0.1 or a unix: socket',
+            )])
+        return self
+
+    @property
+    def host(self) -> str | None:
+        """The address to bind (IPv6 without brackets); ``None`` for a unix socket."""
+        return _split_listen(self.listen)[0]
+
+    @property
+    def port(self) -> int | None:
+        """The TCP port; ``None`` for a unix socket."""
+        return _split_listen(self.listen)[1]
+
+    @property
+    def unix_path(self) -> Path | None:
+        """The unix socket path, or ``None`` when listening on TCP."""
+        unix = _split_listen(self.listen)[2]
+        return Path(unix) if unix is not None else None
+
+
+class RefreshSettings(_Model):
+    """``refresh = {...}``: a command that renews the credential (argv, no shell)."""
+
+    command: tuple[str, ...] = Field(min_length=1)
+    output: str | None = None
+    timeout: PositiveDuration = 60.0
+    on: Literal["expiring", "expired"] = "expiring"
+
+    @field_validator("command", mode="before")
+    @classmethod
+    def _not_a_string(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            raise ValueError(
+                'expected an array of strings (argv, run without a shell), e.g. '
+                '["nebius", "iam", "get-access-token"]'
+            )
+        return value
+
+    @field_validator("command")
+    @classmethod
+    def _check_command(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value[0]:
+            raise ValueError("the program (first element) must not be empty")
+        if any("\0" in arg for arg in value):
+            raise ValueError("arguments must not contain NUL")
+        return value
+
+
+class ValidateSettings(_Model):
+    """``validate = {...}``: ask the real API whether it still accepts the credential."""
+
+    url: str
+    header: str | None = None
+    expect: tuple[Annotated[int, BeforeValidator(_status_code)], ...] = Field(
+        default=(200,), min_length=1
+    )
+    interval: PositiveDuration = 600.0
+    timeout: PositiveDuration = 10.0
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        example = "https://host/path (or http:// to a loopback host)"
+        scheme, host, _ = _split_url(value, _HTTP_SCHEMES, example)
+        if scheme == "http" and not _is_loopback(host):
+            raise ValueError(
+                "plain http:// is only allowed to a loopback host (the credential would be "
+                "sent unencrypted); use https://"
+            )
+        return value
+
+    @field_validator("header")
+    @classmethod
+    def _check_header(cls, value: str | None) -> str | None:
+        # Never echo the header: it is where a literal token would be written.
+        if value is None:
+            return None
+        if any(c in value for c in "\r\n\0"):
+            raise ValueError("must be a single line (no CR, LF or NUL)")
+        name, sep, rest = value.partition(":")
+        if not sep or not _HEADER_NAME_RE.fullmatch(name) or not rest.strip():
+            raise ValueError('expected "Name: value", e.g. "Authorization: Bearer {token}"')
+        return value
+
+    @property
+    def placeholders(self) -> tuple[str, ...]:
+        """Roles named by ``{role}`` placeholders in ``header``, in order, without repeats."""
+        if self.header is None:
+            return ()
+        return tuple(dict.fromkeys(_PLACEHOLDER_RE.findall(self.header)))
+
+
+def _preset_values(preset: Preset) -> dict[str, Any]:
+    """A preset as config keys, ready for the user's keys to be laid over it."""
+    values: dict[str, Any] = {
+        "name": preset.name,
+        "files": {
+            role: template or _PresetPathRequired(preset.name, role)
+            for role, template in preset.files.items()
+        },
+        "format": preset.format,
+        "expiry": preset.expiry,
+        "remedies": dict(preset.remedies),
+    }
+    optional = {
+        "expiry_file": preset.expiry_file,
+        "expiring_before": preset.expiring_before,
+        "expiring_fraction": preset.expiring_fraction,
+    }
+    values.update({key: value for key, value in optional.items() if value is not None})
+    return values
+
+
+# Keys whose tables merge per entry over the preset's instead of replacing it.
+_MERGED_KEYS = ("files", "remedies")
+
+
+class CredentialSettings(_Model):
+    """One ``[[credentials]]`` table, with its preset (if any) already applied."""
+
+    name: str
+    preset: str | None = None
+    files: dict[RoleName, ExpandedPath]
+    format: Literal["text", "jwt", "json", "pem", "ini"] = "text"
+    expiry: ExpiryField = ExpirySource("none")
+    expiry_file: str = ""  # filled with the first role before validation when not written
+    expiring_before: Duration = 900.0
+    expiring_fraction: Annotated[float, BeforeValidator(_fraction)] = 0.8
+    max_size: Annotated[int, BeforeValidator(_size)] = DEFAULT_MAX_SIZE
+    refresh: RefreshSettings | None = None
+    validate_: ValidateSettings | None = Field(default=None, alias="validate")
+    remedies: Mapping[str, str] = Field(default_factory=dict)
+
+    # HOME at load time, so remedies can show paths the way the preset and the user wrote them.
+    _home: str | None = PrivateAttr(default=None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping):
+            return data  # pydantic reports "expected a table"
+        data = dict(data)
+        preset = PRESETS.get(data["preset"]) if isinstance(data.get("preset"), str) else None
+        if preset is not None:
+            merged = _preset_values(preset)
+            for key, value in data.items():
+                if key in _MERGED_KEYS and isinstance(value, Mapping):
+                    merged[key] = {**merged[key], **value}
+                else:
+                    merged[key] = value
+            data = merged
+        files = data.get("files")
+        if "expiry_file" not in data and isinstance(files, Mapping) and files:
+            first = next(iter(files))
+            if isinstance(first, str):
+                data["expiry_file"] = first
+        return data
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str, info: ValidationInfo) -> str:
+        _check_ident(value, "name")
+        # Uniqueness is checked here, through the shared load context, rather than after the
+        # whole list validated: that way a duplicate is reported along with every other error.
+        seen = _ctx(info).seen_names
+        if value in seen:
+            raise ValueError(f"duplicate credential name {_show(value)}; names must be unique")
+        seen.add(value)
+        return value
+
+    @field_validator("preset")
+    @classmethod
+    def _check_preset(cls, value: str | None) -> str | None:
+        if value is not None and value not in PRESETS:
+            raise ValueError(
+                f"unknown preset {_show(value)}{_did_you_mean(value, PRESETS)}; "
+                f"known presets: {_one_of(PRESETS)}"
+            )
+        return value
+
+    @field_validator("files")
+    @classmethod
+    def _check_files(cls, value: dict[str, Path]) -> dict[str, Path]:
+        if not value:
+            raise ValueError('at least one file is needed: files = { token = "/path/to/file" }')
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        first_role: dict[Path, str] = {}
+        for role, path in value.items():
+            if path in first_role:
+                problems.append(((role,), f"same file as role {_show(first_role[path])}"))
+            first_role.setdefault(path, role)
+        if problems:
+            raise _errors_at(problems)
+        return value
+
+    @field_validator("expiry_file")
+    @classmethod
+    def _check_expiry_file(cls, value: str, info: ValidationInfo) -> str:
+        _must_be_role(value, info)
+        return value
+
+    @field_validator("refresh")
+    @classmethod
+    def _check_refresh(
+        cls, value: RefreshSettings | None, info: ValidationInfo
+    ) -> RefreshSettings | None:
+        if value is not None and value.output is not None:
+            try:
+                _must_be_role(value.output, info)
+            except ValueError as exc:
+                raise _errors_at([(("output",), str(exc))]) from None
+        return value
+
+    @field_validator("validate_")
+    @classmethod
+    def _check_validate(
+        cls, value: ValidateSettings | None, info: ValidationInfo
+    ) -> ValidateSettings | None:
+        if value is None or value.header is None:
+            return value
+        roles = _roles(info)
+        if roles is None:
+            return value
+        unknown = [p for p in _PLACEHOLDER_RE.findall(value.header) if p not in roles]
+        if unknown:
+            raise _errors_at([(
+                ("header",),
+                f"placeholder {{{unknown[0]}}} does not name a role of this credential; "
+                f"roles: {', '.join(roles)}",
+            )])
+        return value
+
+    @field_validator("remedies")
+    @classmethod
+    def _check_remedies(cls, value: Mapping[str, str], info: ValidationInfo) -> Mapping[str, str]:
+        roles = _roles(info)
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        for key, text in value.items():
+            code, colon, role = key.partition(":")
+            if code not in PROBLEM_CODES:
+                problems.append(((key,), f"unknown problem code {_show(code)}"
+                                 f"{_did_you_mean(code, PROBLEM_CODES)}"))
+            elif colon and roles is not None and role not in roles:
+                problems.append(((key,), f"{_show(role)} is not a role of this credential; "
+                                 f"roles: {', '.join(roles)}"))
+            elif not text.strip():
+                problems.append(((key,), "the remedy text is empty"))
+        if problems:
+            raise _errors_at(problems)
+        return dict(value)
+
+    @model_validator(mode="after")
+    def _remember_home(self, info: ValidationInfo) -> Self:
+        self._home = _ctx(info).env.get("HOME") or None
+        return self
+
+    def remedy(self, code: str, role: str) -> str | None:
+        """The remedy text for problem ``code`` on file ``role``, or ``None`` if there is none.
+
+        Looks up ``"<code>:<role>"``, then ``code`` in this credential's remedies (preset and
+        config), then :func:`broker.presets.default_remedy`. ``{path}`` is the role's file (the
+        expiry file's for an unknown role), shown with ``~`` for HOME and shell-quoted.
+        """
+        path = self.files.get(role) or self.files.get(self.expiry_file)
+        shown = self._display(path) if path is not None else ""
+        template = self.remedies.get(f"{code}:{role}") or self.remedies.get(code)
+        if template is not None:
+            return fill_remedy(template, shown, role)
+        return default_remedy(code, shown, role)
+
+    def _display(self, path: Path) -> str:
+        text = str(path)
+        home = (self._home or "").rstrip("/")
+        if home and text.startswith(home + "/"):
+            return "~" + text[len(home):]
+        return text
+
+
+def _roles(info: ValidationInfo) -> list[str] | None:
+    """The credential's roles, or None when ``files`` itself failed (already reported)."""
+    files = info.data.get("files")
+    return list(files) if isinstance(files, dict) else None
+
+
+def _must_be_role(value: str, info: ValidationInfo) -> None:
+    roles = _roles(info)
+    if roles is not None and value not in roles:
+        raise ValueError(
+            f"{_show(value)} is not a role of this credential; roles: {', '.join(roles)}"
+        )
+
+
+class Config(_Model):
+    """The whole configuration file. Build it with :func:`load_config` or :func:`parse_config`."""
+
+    broker: BrokerSettings
+    mqtt: MqttSettings | None = None
+    http: HttpSettings | None = None
+    credentials: tuple[CredentialSettings, ...] = Field(default=(), validate_default=True)
+    source_path: Path | None = None  # set by the loader; not a TOML key
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_broker(cls, data: Any) -> Any:
+        # An absent [broker] still needs its defaults computed (host name, state_dir from env).
+        if isinstance(data, Mapping) and "broker" not in data:
+            data = {**data, "broker": {}}
+        return data
+
+    @field_validator("credentials")
+    @classmethod
+    def _check_credentials(
+        cls, value: tuple[CredentialSettings, ...]
+    ) -> tuple[CredentialSettings, ...]:
+        if not value:
+            raise ValueError('no credentials configured; add a [[credentials]] table')
+        # Covers models passed in ready-made; parsed tables were already checked one by one.
+        seen: set[str] = set()
+        for index, credential in enumerate(value):
+            if credential.name in seen:
+                raise _errors_at([((index, "name"), f"duplicate credential name "
+                                   f"{_show(credential.name)}; names must be unique")])
+            seen.add(credential.name)
+        return value
+
+    def credential(self, name: str) -> CredentialSettings:
+        """The credential called ``name``; ``KeyError`` if there is none."""
+        for credential in self.credentials:
+            if credential.name == name:
+                return credential
+        raise KeyError(name)
+
+
+# --------------------------------------------------------------------------------------------
+# pydantic errors -> (key path, message)
+
+_SECTION_OF_TOP_KEY: dict[str, str] = {
+    key: section
+    for section, model in (
+        ("broker", BrokerSettings), ("mqtt", MqttSettings), ("http", HttpSettings)
+    )
+    for key in model.model_fields
+}
+
+# Keys people reach for that must not exist, with what to do instead.
+_FORBIDDEN_KEYS: dict[tuple[str, str], str] = {
+    ("mqtt", "password"): "inline passwords are not accepted: write the password to a file only "
+    'the broker can read (chmod 600) and set password_file = "/path/to/file"',
+    ("http", "token"): "inline tokens are not accepted: write the token to a file only the "
+    'broker can read (chmod 600) and set token_file = "/path/to/file"',
+}
+
+
+def _model_at(loc: tuple[str | int, ...]) -> type[BaseModel] | None:
+    """The model whose table is at ``loc`` (used to list the keys it knows)."""
+    match loc:
+        case ():
+            return Config
+        case ("broker",):
+            return BrokerSettings
+        case ("mqtt",):
+            return MqttSettings
+        case ("http",):
+            return HttpSettings
+        case ("credentials", int()):
+            return CredentialSettings
+        case ("credentials", int(), "refresh"):
+            return RefreshSettings
+        case ("credentials", int(), "validate"):
+            return ValidateSettings
+    return None
+
+
+def _known_keys(model: type[BaseModel]) -> list[str]:
+    keys = [info.alias or name for name, info in model.model_fields.items()]
+    return [k for k in keys if not (model is Config and k == "source_path")]
+
+
+def _unknown_key(loc: tuple[str | int, ...]) -> str:
+    key = loc[-1]
+    parent = loc[:-1]
+    if not isinstance(key, str):
+        return "keys must be strings"
+    forbidden = _FORBIDDEN_KEYS.get((str(parent[0]), key)) if len(parent) == 1 else None
+    if forbidden is not None:
+        return forbidden
+    message = f"unknown key {_show(key)}"
+    model = _model_at(parent)
+    if model is not None:
+        hint = _did_you_mean(key, _known_keys(model))
+        if not hint and model is Config and key in _SECTION_OF_TOP_KEY:
+            # A key written after the wrong [table] header, or before any header.
+            hint = f" (it belongs in the [{_SECTION_OF_TOP_KEY[key]}] table)"
+        message += hint
+    return message
+
+
+_TYPE_MESSAGES = {
+    "string_type": "expected a string",
+    "int_type": "expected a whole number",
+    "int_parsing": "expected a whole number",
+    "int_from_float": "expected a whole number",
+    "float_type": "expected a number",
+    "float_parsing": "expected a number",
+    "bool_type": "expected true or false",
+    "bool_parsing": "expected true or false",
+    "dict_type": "expected a table",
+    "model_type": "expected a table",
+    "model_attributes_type": "expected a table",
+    "mapping_type": "expected a table",
+    "tuple_type": "expected an array",
+    "list_type": "expected an array",
+    "iterable_type": "expected an array",
+    "invalid_key": "keys must be strings",
+    "missing": "is required",
+}
+
+
+def _message(error: Mapping[str, Any], loc: tuple[str | int, ...]) -> str:
+    kind = error["type"]
+    ctx = error.get("ctx") or {}
+    if kind == "value_error" and "error" in ctx:
+        return str(ctx["error"])  # our validators' messages, shown verbatim
+    if kind == "config":
+        return str(error["msg"])
+    if kind == "extra_forbidden":
+        return _unknown_key(loc)
+    if kind == "literal_error":
+        return "must be " + str(ctx.get("expected", "")).replace("'", '"')
+    if kind == "too_short":
+        return "must not be empty"
+    if loc == ("credentials",) and kind in ("tuple_type", "list_type"):
+        return "expected [[credentials]] tables (an array of tables)"
+    if kind == "missing" and loc == ("mqtt", "url"):
+        return 'is required, e.g. url = "mqtt://127.0.0.1:1883"'
+    return _TYPE_MESSAGES.get(kind, str(error["msg"]))
+
+
+def _format_loc(loc: Sequence[str | int]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+            continue
+        text = part if re.fullmatch(r"[A-Za-z0-9_-]+", part) else json.dumps(part)
+        out += f".{text}" if out else text
+    return out
+
+
+def _convert(exc: ValidationError) -> list[tuple[str, str]]:
+    errors: list[tuple[str, str]] = []
+    raw = exc.errors(include_url=False, include_input=False, include_context=True)
+    # A credential whose preset is unknown got no files from it; "files is required" there
+    # would only be noise next to the preset error.
+    bad_presets = {e["loc"][:2] for e in raw if e["loc"][0::2] == ("credentials", "preset")}
+    for error in raw:
+        loc = tuple(error["loc"])
+        if error["type"] == "missing" and loc[2:] == ("files",) and loc[:2] in bad_presets:
+            continue
+        if loc and loc[-1] == "[key]":  # pydantic's marker for "the key itself is wrong"
+            loc = loc[:-1]
+        entry = (_format_loc(loc), _message(error, loc))
+        if entry not in errors:
+            errors.append(entry)
+    return errors
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points
+
+
+def parse_config(
+    data: Mapping[str, Any],
+    *,
+    env: Mapping[str, str] | None = None,
+    source_path: Path | None = None,
+) -> Config:
+    """Validate already-parsed TOML ``data`` into a :class:`Config`.
+
+    ``env`` (default ``os.environ``) is what ``~`` and ``$VARS`` expand from; relative paths
+    are taken against ``source_path``'s directory, or the cwd. Raises :class:`ConfigError`
+    listing every problem.
+    """
+    env = os.environ if env is None else env
+    if source_path is not None:
+        source_path = Path(os.path.abspath(source_path))
+    if not isinstance(data, Mapping):
+        raise ConfigError([("", "the configuration must be a TOML table")], source_path)
+    errors: list[tuple[str, str]] = []
+    raw = dict(data)
+    if "source_path" in raw:  # a model field, but not something a file may set
+        errors.append(("source_path", _unknown_key(("source_path",))))
+        del raw["source_path"]
+    raw["source_path"] = source_path
+    context = _LoadContext(env, source_path.parent if source_path is not None else None)
+    try:
+        config = Config.model_validate(raw, context={_CTX_KEY: context})
+    except ValidationError as exc:
+        # `from None`: the pydantic error would only repeat these lines, and a traceback
+        # printing it must not show input values.
+        raise ConfigError([*errors, *_convert(exc)], source_path) from None
+    if errors:
+        raise ConfigError(errors, source_path)
+    return config
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+) -> Config:
+    """Read and validate the TOML config at ``path`` (default: ``$CREDBROKER_CONFIG``).
+
+    Raises :class:`ConfigError` when there is no path, the file cannot be read, is not TOML,
+    or does not validate.
+    """
+    env = os.environ if env is None else env
+    if path is None:
+        value = env.get(CONFIG_ENV_VAR, "")
+        if not value:
+            raise ConfigError([("", f"no config file given: pass -c FILE or set {CONFIG_ENV_VAR}")])
+        try:
+            path = _LoadContext(env, None).expand(value)
+        except ValueError as exc:
+            raise ConfigError([(CONFIG_ENV_VAR, str(exc))]) from None
+    source = Path(os.path.abspath(path))
+    try:
+        with open(source, "rb") as handle:
+            raw = handle.read(_MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError([("", "config file not found")], source) from None
+    except IsADirectoryError:
+        raise ConfigError([("", "is a directory, not a config file")], source) from None
+    except PermissionError:
+        raise ConfigError([("", "permission denied reading the config file")], source) from None
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or "invalid path"
+        raise ConfigError([("", f"cannot read the config file: {reason}")], source) from None
+    if len(raw) > _MAX_CONFIG_BYTES:
+        raise ConfigError([("", "config file is larger than 4 MiB")], source)
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([("", f"not UTF-8 text (byte {exc.start})")], source) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        # tomllib's messages give line and column and do not quote the input.
+        raise ConfigError([("", f"invalid TOML: {exc}")], source) from None
+    return parse_config(data, env=env, source_path=source)

@@ -1,0 +1,418 @@
+"""The engine: file change -> snapshot -> transition -> event -> bus.
+
+Owns the table of tracked credentials, the global sequence counter and the three loops
+that feed the pure state machine: evaluation of changed files, the expiry scheduler and
+the resync safety net. All mutation of credential state happens in ``_commit``, under one
+lock, so a tick of the scheduler never interleaves with an evaluation of the same file.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+
+import anyio
+from anyio.abc import TaskStatus
+
+from broker.bus import Bus
+from broker.config import CredentialSettings
+from broker.events import Event, make_event
+from broker.fingerprint import Fingerprinter
+from broker.machine import Observation, Transition, next_deadline, observe, tick, transition
+from broker.reader import FileRead, Signature, read_file, stat_signature
+from broker.state import Problem, State, Status
+from broker.store import Store
+from broker.watcher import Watcher
+from broker.writers import open_for_writing
+
+log = logging.getLogger("broker.engine")
+event_log = logging.getLogger("broker.events")
+
+Clock = Callable[[], float]
+
+#: A deletion has no "close" to wait for: a file that vanishes is reported missing only if
+#: it is still gone this long after, so delete+recreate is one ``refreshed``, not two events.
+MISSING_GRACE = 1.0
+#: The scheduler re-evaluates at least this often, whatever it expects, so a wall-clock
+#: jump or a suspend is noticed within this bound.
+MAX_SLEEP = 30.0
+#: Every this many resyncs, every file is re-hashed even if its stat did not change.
+FULL_REHASH_EVERY = 10
+#: Paths the kernel would not watch are polled this often (capped by resync_interval).
+POLL_INTERVAL = 2.0
+
+
+@dataclass(slots=True)
+class Tracked:
+    """One credential's runtime record."""
+
+    spec: CredentialSettings
+    state: State | None = None
+    signatures: dict[str, Signature | None] = field(default_factory=dict)
+    missing_since: float | None = None
+    startup: bool = True
+
+    @property
+    def paths(self) -> list[str]:
+        return [str(p) for p in self.spec.files.values()]
+
+
+@dataclass(slots=True)
+class _Pending:
+    scan: bool = False
+    force: bool = False
+
+
+class Engine:
+    """Tracks credentials and publishes their events. Run ``run`` inside a task group."""
+
+    def __init__(
+        self,
+        credentials: Iterable[CredentialSettings],
+        *,
+        bus: Bus,
+        store: Store,
+        fingerprinter: Fingerprinter,
+        source: str,
+        resync_interval: float,
+        states: Mapping[str, State] | None = None,
+        sequence: int = 0,
+        clock: Clock = time.time,
+    ) -> None:
+        self._bus = bus
+        self._store = store
+        self._fp = fingerprinter
+        self._source = source
+        self._clock = clock
+        self.resync_interval = resync_interval
+        self.sequence = sequence
+        self._tracked: dict[str, Tracked] = {}
+        self._by_path: dict[str, set[str]] = {}
+        self._pending: dict[str, _Pending] = {}
+        self._wake = anyio.Event()
+        self._reschedule = anyio.Event()
+        # (when, name, kind) with lazy deletion: an entry counts only while it matches
+        # _scheduled[name] (kind "life") or the credential's missing grace (kind "grace").
+        self._deadlines: list[tuple[float, str, str]] = []
+        self._scheduled: dict[str, float] = {}
+        self._lock = anyio.Lock()
+        self.watcher = Watcher(self._on_paths)
+        self.ready = anyio.Event()
+        self.last_resync_seconds = 0.0
+        self._set_credentials(credentials, states or {})
+
+    # -- public -----------------------------------------------------------------------------
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._tracked)
+
+    def state(self, name: str) -> State:
+        """The current state of ``name`` (``KeyError`` if unknown). No I/O."""
+        tracked = self._tracked[name]
+        return tracked.state or State(name, Status.MISSING, reason="not read yet")
+
+    def states(self) -> list[State]:
+        return [self.state(name) for name in self._tracked]
+
+    def spec(self, name: str) -> CredentialSettings:
+        return self._tracked[name].spec
+
+    async def check(self, name: str) -> State:
+        """Re-read every file of ``name`` now, bypassing every cache, and publish any change."""
+        if name not in self._tracked:
+            raise KeyError(name)
+        await self._evaluate({name: _Pending(scan=True, force=True)})
+        return self.state(name)
+
+    async def reconfigure(self, credentials: Iterable[CredentialSettings]) -> None:
+        """Apply a reloaded config: add, drop and re-read credentials, keeping their state."""
+        async with self._lock:
+            states = {n: t.state for n, t in self._tracked.items() if t.state is not None}
+            old_specs = {n: t.spec for n, t in self._tracked.items()}
+            self._set_credentials(credentials, states)
+            changed = {
+                n for n, t in self._tracked.items() if old_specs.get(n) != t.spec
+            }
+            for name in changed:
+                self._tracked[name].startup = False
+            self.watcher.watch(self._by_path)
+        if changed:
+            await self._evaluate({n: _Pending(scan=True, force=True) for n in changed})
+        log.info("configuration applied", extra={"credentials": len(self._tracked)})
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Watch, evaluate, schedule and resync until cancelled."""
+        with self.watcher:
+            self.watcher.watch(self._by_path)
+            for name, tracked in self._tracked.items():
+                self._push_deadline(name, tracked.state)
+            await self._evaluate({n: _Pending(scan=True, force=True) for n in self._tracked})
+            for tracked in self._tracked.values():
+                tracked.startup = False
+            self.ready.set()
+            task_status.started()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self.watcher.run)
+                tg.start_soon(self._evaluate_loop)
+                tg.start_soon(self._schedule_loop)
+                tg.start_soon(self._resync_loop)
+                tg.start_soon(self._poll_loop)
+
+    # -- inputs -----------------------------------------------------------------------------
+
+    def _set_credentials(
+        self, credentials: Iterable[CredentialSettings], states: Mapping[str, State]
+    ) -> None:
+        tracked: dict[str, Tracked] = {}
+        for spec in credentials:
+            old = self._tracked.get(spec.name)
+            if old is not None:
+                old.spec = spec
+                tracked[spec.name] = old
+            else:
+                tracked[spec.name] = Tracked(spec, states.get(spec.name))
+        self._tracked = tracked
+        self._by_path = {}
+        for name, t in tracked.items():
+            for path in t.paths:
+                self._by_path.setdefault(path, set()).add(name)
+        self._pending = {n: p for n, p in self._pending.items() if n in tracked}
+
+    def _on_paths(self, paths: set[str], scan: bool) -> None:
+        names: set[str] = set()
+        for path in paths:
+            names |= self._by_path.get(path, set())
+        self._mark(names, scan=scan)
+
+    def _mark(self, names: Iterable[str], *, scan: bool, force: bool = False) -> None:
+        for name in names:
+            pending = self._pending.setdefault(name, _Pending())
+            pending.scan |= scan
+            pending.force |= force
+        self._wake.set()
+
+    # -- loops ------------------------------------------------------------------------------
+
+    async def _evaluate_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake = anyio.Event()
+            batch, self._pending = self._pending, {}
+            if batch:
+                await self._evaluate(batch)
+
+    async def _schedule_loop(self) -> None:
+        while True:
+            now = self._clock()
+            due: set[str] = set()
+            regrace: set[str] = set()
+            while self._deadlines and self._deadlines[0][0] <= now:
+                when, name, kind = heapq.heappop(self._deadlines)
+                if kind == "grace":
+                    regrace.add(name)
+                elif self._scheduled.get(name) == when:
+                    del self._scheduled[name]
+                    due.add(name)
+            if regrace:
+                self._mark(regrace, scan=True)
+            if due:
+                await self._tick(due, now)
+            delay = MAX_SLEEP
+            if self._deadlines:
+                delay = min(delay, max(0.0, self._deadlines[0][0] - now))
+            self._reschedule = anyio.Event()
+            with anyio.move_on_after(delay):
+                await self._reschedule.wait()
+
+    async def _resync_loop(self) -> None:
+        rounds = 0
+        while True:
+            await anyio.sleep(self.resync_interval)
+            rounds += 1
+            await self.resync(full=rounds % FULL_REHASH_EVERY == 0)
+
+    async def _poll_loop(self) -> None:
+        interval = min(POLL_INTERVAL, self.resync_interval)
+        while True:
+            await anyio.sleep(interval)
+            polled = set(self.watcher.polled)
+            if polled:
+                names = {n for p in polled for n in self._by_path.get(p, ())}
+                await self._mark_stat_changes(names)
+
+    async def resync(self, *, full: bool = False) -> None:
+        """The safety net: re-stat every file, re-read what changed (``full``: re-read all)."""
+        started = time.perf_counter()
+        if full:
+            self._mark(self._tracked, scan=True)
+        else:
+            await self._mark_stat_changes(set(self._tracked))
+        self.last_resync_seconds = time.perf_counter() - started
+
+    async def _mark_stat_changes(self, names: set[str]) -> None:
+        known = {n: dict(self._tracked[n].signatures) for n in names if n in self._tracked}
+        paths = {n: self._tracked[n].paths for n in known}
+        writing = set(self.watcher.writing)
+
+        def changed() -> set[str]:
+            out = set()
+            for name, name_paths in paths.items():
+                for path in name_paths:
+                    if path not in writing and stat_signature(path) != known[name].get(path):
+                        out.add(name)
+                        break
+            return out
+
+        stale = await anyio.to_thread.run_sync(changed)
+        if stale:
+            self._mark(stale, scan=True)
+
+    # -- evaluation -------------------------------------------------------------------------
+
+    async def _evaluate(self, batch: Mapping[str, _Pending]) -> None:
+        # Reads happen under the lock too: two evaluations reading at different moments
+        # must not commit out of order, or older content would look like a new change.
+        async with self._lock:
+            specs = {n: self._tracked[n].spec for n in batch if n in self._tracked}
+            reads = await anyio.to_thread.run_sync(_read_all, specs)
+            now = self._clock()
+            results: dict[str, tuple[tuple[FileRead, ...] | None, Transition]] = {}
+            for name, file_reads in reads.items():
+                tracked = self._tracked[name]
+                if not batch[name].force and any(p in self.watcher.writing for p in tracked.paths):
+                    continue  # a writer has it open; its close-write brings us back
+                obs = annotate_polling(
+                    observe(tracked.spec, file_reads, self._fp),
+                    self.watcher.polled,
+                    self.resync_interval,
+                )
+                if self._hold_missing(tracked, obs, now):
+                    continue
+                prev = tracked.state
+                startup = tracked.startup and prev is not None
+                tr = transition(tracked.spec, prev, obs, now, startup=startup)
+                results[name] = (file_reads, tr)
+            scanned = [n for n, (_, tr) in results.items() if tr.events and batch[n].scan]
+            if scanned:
+                busy = await anyio.to_thread.run_sync(
+                    open_for_writing, [p for n in scanned for p in self._tracked[n].paths]
+                )
+                for name in scanned:
+                    if any(p in busy for p in self._tracked[name].paths):
+                        # Found by a scan while a writer holds it: its close-write (or, for
+                        # a polled path, the next poll) brings it back complete.
+                        log.debug("file open for writing; waiting", extra={"credential": name})
+                        del results[name]
+            await self._commit(results)
+
+    def _hold_missing(self, tracked: Tracked, obs: Observation, now: float) -> bool:
+        """Delay a disappearance by MISSING_GRACE, in case the file is being recreated."""
+        prev = tracked.state
+        if obs.outcome is not Status.MISSING:
+            tracked.missing_since = None
+            return False
+        if tracked.startup or prev is None or prev.status is Status.MISSING:
+            return False
+        if tracked.missing_since is None:
+            tracked.missing_since = now
+        due = tracked.missing_since + MISSING_GRACE
+        if now >= due:
+            tracked.missing_since = None
+            return False
+        heapq.heappush(self._deadlines, (due, tracked.spec.name, "grace"))
+        self._reschedule.set()
+        return True
+
+    async def _tick(self, names: set[str], now: float) -> None:
+        async with self._lock:
+            results: dict[str, tuple[tuple[FileRead, ...] | None, Transition]] = {}
+            for name in names:
+                tracked = self._tracked.get(name)
+                if tracked is not None and tracked.state is not None:
+                    results[name] = (None, tick(tracked.spec, tracked.state, now))
+            await self._commit(results)
+
+    async def _commit(
+        self, results: Mapping[str, tuple[tuple[FileRead, ...] | None, Transition]]
+    ) -> None:
+        """Number, persist, then publish. Caller holds the lock."""
+        events: list[tuple[str, State]] = []
+        changed: list[State] = []
+        now = self._clock()
+        for name, (reads, tr) in results.items():
+            tracked = self._tracked[name]
+            if reads is not None:
+                tracked.signatures = {r.info.path: r.signature for r in reads}
+            state = tr.state
+            for event_type, event_state in tr.events:
+                self.sequence += 1
+                events.append((event_type, replace(event_state, sequence=self.sequence)))
+                state = replace(state, sequence=self.sequence)
+            tracked.state = state
+            if tr.events:
+                changed.append(state)
+            self._push_deadline(name, state)
+        if not events:
+            return
+        everything = {n: t.state for n, t in self._tracked.items() if t.state is not None}
+        await anyio.to_thread.run_sync(self._store.record, changed, self.sequence, everything)
+        for event_type, state in events:
+            event = make_event(event_type, state, source=self._source, now=now)
+            _log_event(event)
+            self._bus.publish(event)
+
+    def _push_deadline(self, name: str, state: State | None) -> None:
+        deadline = next_deadline(state) if state is not None else None
+        if deadline is None or not math.isfinite(deadline):
+            self._scheduled.pop(name, None)
+            return
+        if self._scheduled.get(name) != deadline:
+            self._scheduled[name] = deadline
+            heapq.heappush(self._deadlines, (deadline, name, "life"))
+            self._reschedule.set()
+
+    def flush(self) -> None:
+        """Write a full snapshot of the store (clean shutdown; blocking)."""
+        everything = {n: t.state for n, t in self._tracked.items() if t.state is not None}
+        self._store.flush(everything, self.sequence)
+
+
+def annotate_polling(obs: Observation, polled: set[str], resync_interval: float) -> Observation:
+    """Add a ``watch-polling`` problem when inotify could not be had for some of the files."""
+    paths = [r.info.path for r in obs.files if r.info.path in polled]
+    if not paths:
+        return obs
+    problem = Problem(
+        "watch-polling",
+        f"inotify is not available for {', '.join(paths)}; polling every "
+        f"{min(POLL_INTERVAL, resync_interval):g}s instead",
+        "raise the limit: sysctl fs.inotify.max_user_watches=524288",
+    )
+    return replace(obs, problems=(*obs.problems, problem))
+
+
+def _read_all(specs: Mapping[str, CredentialSettings]) -> dict[str, tuple[FileRead, ...]]:
+    return {
+        name: tuple(read_file(role, str(path), spec.max_size) for role, path in spec.files.items())
+        for name, spec in specs.items()
+    }
+
+
+def _log_event(event: Event) -> None:
+    state = event.data
+    event_log.info(
+        event.type,
+        extra={
+            "credential": event.subject,
+            "status": state.status.value,
+            "generation": state.generation,
+            "sequence": state.sequence,
+            "fingerprint": state.fingerprint,
+            "reason": state.reason,
+        },
+    )

@@ -1,0 +1,103 @@
+"""CloudEvents 1.0 (structured JSON) carrying a state document."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from broker.state import State
+from broker.timefmt import format_time
+
+SPECVERSION = "1.0"
+DATACONTENTTYPE = "application/json"
+CONTENT_TYPE = "application/cloudevents+json; charset=utf-8"
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One published event. ``payload`` is its CloudEvent JSON, encoded once for every sink."""
+
+    type: str
+    subject: str
+    data: State
+    source: str
+    id: str
+    time: str
+    payload: bytes = field(default=b"", repr=False, compare=False)
+
+    @property
+    def sequence(self) -> int:
+        """The broker-wide sequence number of this event."""
+        return self.data.sequence
+
+    @property
+    def credential(self) -> str:
+        return self.subject
+
+    def to_dict(self) -> dict[str, Any]:
+        """The CloudEvent as a JSON-ready dict."""
+        return {
+            "specversion": SPECVERSION,
+            "id": self.id,
+            "source": self.source,
+            "type": self.type,
+            "subject": self.subject,
+            "time": self.time,
+            "datacontenttype": DATACONTENTTYPE,
+            "data": self.data.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any]) -> Event:
+        """Parse a CloudEvent dict; ``ValueError`` when it is not one of ours."""
+        try:
+            if doc["specversion"] != SPECVERSION:
+                raise ValueError(f"unsupported specversion {doc['specversion']!r}")
+            event = cls(
+                type=str(doc["type"]),
+                subject=str(doc["subject"]),
+                data=State.from_dict(doc["data"]),
+                source=str(doc["source"]),
+                id=str(doc["id"]),
+                time=str(doc["time"]),
+            )
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"not a credbroker event: {type(exc).__name__} {exc}") from None
+        return _with_payload(event)
+
+    @classmethod
+    def from_json(cls, payload: bytes | str) -> Event:
+        """Parse CloudEvent JSON; ``ValueError`` for anything else."""
+        try:
+            doc = json.loads(payload)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"event is not JSON: {type(exc).__name__}") from None
+        if not isinstance(doc, dict):
+            raise ValueError("event is not a JSON object")
+        return cls.from_dict(doc)
+
+
+def make_event(event_type: str, state: State, *, source: str, now: float) -> Event:
+    """Build an event for ``state`` (whose ``sequence`` is already assigned)."""
+    event = Event(
+        type=event_type,
+        subject=state.credential,
+        data=state,
+        source=source,
+        id=str(uuid.uuid4()),
+        time=format_time(now) or "",
+    )
+    return _with_payload(event)
+
+
+def encode(doc: Any) -> bytes:
+    """The project's one JSON encoding: compact, UTF-8."""
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _with_payload(event: Event) -> Event:
+    object.__setattr__(event, "payload", encode(event.to_dict()))
+    return event

@@ -1,0 +1,246 @@
+"""The per-credential state machine: (previous state, observation, now) -> (state, events).
+
+Pure: no I/O, no clock. The engine feeds it snapshots and the time; it answers with the
+events to publish, still without sequence numbers (the engine owns that counter).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from broker.config import CredentialSettings
+from broker.expiry import Lifetime, expiring_at, read_lifetime
+from broker.fingerprint import Fingerprinter
+from broker.formats import ContentError, check_format
+from broker.reader import FileRead
+from broker.state import Problem, Stage, State, Status
+
+REFRESHED = "credentials.refreshed"
+EXPIRING = "credentials.expiring"
+EXPIRED = "credentials.expired"
+INVALID = "credentials.invalid"
+MISSING = "credentials.missing"
+REFRESH_FAILED = "credentials.refresh_failed"
+EVENT_TYPES = (REFRESHED, EXPIRING, EXPIRED, INVALID, MISSING, REFRESH_FAILED)
+
+# A file that cannot be opened makes the credential missing; one that opens but is wrong, invalid.
+_MISSING_CODES = frozenset({"file-missing", "file-unreadable", "symlink-loop"})
+_STAGE_CODES = frozenset({"expiring", "expired"})
+_CONTENT_OK = frozenset({Status.VALID, Status.EXPIRING, Status.EXPIRED})
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """What a read of every file of a credential says, content already reduced to a fingerprint."""
+
+    files: tuple[FileRead, ...]
+    outcome: Status  # VALID (content usable), INVALID or MISSING
+    fingerprint: str | None
+    problems: tuple[Problem, ...]
+    lifetime: Lifetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """The state after an observation or a tick, and the events it causes, in order."""
+
+    state: State
+    events: tuple[tuple[str, State], ...] = ()
+
+
+def observe(spec: CredentialSettings, reads: Sequence[FileRead], fp: Fingerprinter) -> Observation:
+    """Reduce the reads of a credential's files to an outcome, a fingerprint and problems."""
+    reads = tuple(reads)
+    missing = [
+        (r.info.role, r.problem)
+        for r in reads
+        if r.problem is not None and r.problem.code in _MISSING_CODES
+    ]
+    if missing:
+        return Observation(reads, Status.MISSING, None, _with_remedies(spec, missing))
+
+    fingerprint = fp.fingerprint((r.info.role, _fingerprint_input(r)) for r in reads)
+    invalid = [(r.info.role, r.problem) for r in reads if r.problem is not None]
+    lifetime: Lifetime | None = None
+    if not invalid:
+        for r in reads:
+            content = r.content or b""
+            try:
+                if r.info.role == spec.expiry_file:
+                    check_format(spec.format, content)
+                    lifetime = read_lifetime(spec.expiry, content, r.info.mtime or 0.0)
+                elif not content.strip():
+                    raise ContentError("empty", "file is empty")
+            except ContentError as exc:
+                message = f"{r.info.role} file {r.info.path}: {exc.message}"
+                invalid.append((r.info.role, Problem(exc.code, message)))
+    warnings = [(r.info.role, _insecure(r)) for r in reads if _is_insecure(r)]
+    if invalid:
+        problems = _with_remedies(spec, [*invalid, *warnings])
+        return Observation(reads, Status.INVALID, fingerprint, problems)
+    return Observation(reads, Status.VALID, fingerprint, _with_remedies(spec, warnings), lifetime)
+
+
+def transition(
+    spec: CredentialSettings,
+    prev: State | None,
+    obs: Observation,
+    now: float,
+    *,
+    startup: bool = False,
+) -> Transition:
+    """Apply an observation. ``startup`` marks the first read after the broker started."""
+    files = tuple(r.info for r in obs.files)
+    if obs.outcome is Status.MISSING:
+        base = prev or State(spec.name, Status.MISSING)
+        state = replace(base, status=Status.MISSING, files=files, problems=obs.problems)
+        if prev is not None and prev.status is Status.MISSING:
+            return Transition(replace(state, reason=prev.reason))
+        state = replace(state, changed_at=now, reason=obs.problems[0].message)
+        return Transition(state, ((MISSING, state),))
+
+    generation = prev.generation if prev is not None else 0
+    changed = prev is None or prev.fingerprint != obs.fingerprint
+    if changed:
+        generation += 1
+
+    if obs.outcome is Status.INVALID:
+        state = State(
+            credential=spec.name,
+            status=Status.INVALID,
+            generation=generation,
+            sequence=prev.sequence if prev else 0,
+            fingerprint=obs.fingerprint,
+            changed_at=prev.changed_at if prev else None,
+            files=files,
+            problems=obs.problems,
+            reason=obs.problems[0].message,
+        )
+        if not changed and prev is not None and prev.status is Status.INVALID:
+            return Transition(replace(state, reason=prev.reason))
+        state = replace(state, changed_at=now)
+        return Transition(state, ((INVALID, state),))
+
+    if not changed and prev is not None and prev.status in _CONTENT_OK:
+        # Same bytes: keep the lifetime found when they first appeared, so `touch` on a
+        # ttl-based file neither renews nor reschedules anything.
+        quiet = replace(prev, files=files, problems=_stage_problems(spec, obs.problems, prev.stage))
+        return tick(spec, quiet, now)
+
+    lifetime = obs.lifetime or Lifetime(None, None)
+    expiring = expiring_at(lifetime, spec.expiring_before, spec.expiring_fraction)
+    stage = _stage_at(lifetime.expires_at, expiring, now)
+    if prev is None:
+        reason = "first seen"
+    elif not changed:
+        reason = f"restored after {prev.status.value}"
+    elif startup:
+        reason = "content changed while the broker was stopped"
+    else:
+        reason = "content changed"
+    state = State(
+        credential=spec.name,
+        status=stage.status,
+        generation=generation,
+        sequence=prev.sequence if prev else 0,
+        fingerprint=obs.fingerprint,
+        expires_at=lifetime.expires_at,
+        expiring_at=expiring,
+        changed_at=now,
+        files=files,
+        problems=_stage_problems(spec, obs.problems, stage),
+        reason=reason,
+        issued_at=lifetime.issued_at,
+        stage=stage,
+    )
+    events: list[tuple[str, State]] = [(REFRESHED, state)]
+    if stage is not Stage.VALID:
+        events.append((_STAGE_EVENT[stage], replace(state, reason=_stage_reason(stage))))
+    return Transition(state, tuple(events))
+
+
+def tick(spec: CredentialSettings, state: State, now: float) -> Transition:
+    """Move a credential along its lifetime as time passes; each stage is announced once."""
+    if state.status not in _CONTENT_OK:
+        return Transition(state)
+    stage = _stage_at(state.expires_at, state.expiring_at, now)
+    if stage <= state.stage:
+        return Transition(state)
+    new = replace(
+        state,
+        status=stage.status,
+        stage=stage,
+        changed_at=now,
+        problems=_stage_problems(spec, state.problems, stage),
+        reason=_stage_reason(stage),
+    )
+    return Transition(new, ((_STAGE_EVENT[stage], new),))
+
+
+def next_deadline(state: State) -> float | None:
+    """When ``tick`` may next have something to say about this credential."""
+    if state.status not in _CONTENT_OK:
+        return None
+    if state.stage < Stage.EXPIRING and state.expiring_at is not None:
+        return state.expiring_at
+    if state.stage < Stage.EXPIRED and state.expires_at is not None:
+        return state.expires_at
+    return None
+
+
+_STAGE_EVENT = {Stage.EXPIRING: EXPIRING, Stage.EXPIRED: EXPIRED}
+
+
+def _stage_at(expires_at: float | None, expiring: float | None, now: float) -> Stage:
+    if expires_at is not None and now >= expires_at:
+        return Stage.EXPIRED
+    if expiring is not None and now >= expiring:
+        return Stage.EXPIRING
+    return Stage.VALID
+
+
+def _stage_reason(stage: Stage) -> str:
+    return "expired" if stage is Stage.EXPIRED else "inside the expiring window"
+
+
+def _stage_problems(
+    spec: CredentialSettings, problems: tuple[Problem, ...], stage: Stage
+) -> tuple[Problem, ...]:
+    kept = tuple(p for p in problems if p.code not in _STAGE_CODES)
+    if stage is Stage.VALID:
+        return kept
+    code = "expired" if stage is Stage.EXPIRED else "expiring"
+    message = "the credential has expired" if stage is Stage.EXPIRED else "the credential expires soon"
+    return (Problem(code, message, spec.remedy(code, spec.expiry_file)), *kept)
+
+
+def _fingerprint_input(read: FileRead) -> bytes | None:
+    if read.content is not None:
+        return read.content
+    if read.signature is not None and read.problem is not None:
+        # Unread (too large, not a file): identify the version by its inode metadata, so that
+        # a different oversized file still counts as a change.
+        return f"{read.problem.code}:{read.signature}".encode()
+    return None
+
+
+def _is_insecure(read: FileRead) -> bool:
+    mode = read.info.mode
+    return read.info.present and mode is not None and bool(mode & 0o077)
+
+
+def _insecure(read: FileRead) -> Problem:
+    mode = read.info.mode or 0
+    return Problem(
+        "insecure-permissions",
+        f"{read.info.path} is accessible by group or others (mode {mode:04o})",
+    )
+
+
+def _with_remedies(
+    spec: CredentialSettings, problems: Sequence[tuple[str, Problem]]
+) -> tuple[Problem, ...]:
+    return tuple(
+        p if p.remedy else replace(p, remedy=spec.remedy(p.code, role)) for role, p in problems
+    )
