@@ -22,7 +22,13 @@ log = logging.getLogger("broker")
 
 
 class Sink(Protocol):
-    """A delivery path (MQTT, HTTP): started once the engine has a state for everything."""
+    """A delivery path (MQTT, HTTP): started once the engine has a state for everything.
+
+    ``run`` calls ``task_status.started()`` once it is serving and returns when cancelled
+    (the broker stopping); cleanup such as MQTT's ``offline`` goes in its ``finally``.
+    """
+
+    name: str
 
     async def run(self, *, task_status: TaskStatus[None]) -> None: ...
 
@@ -57,8 +63,8 @@ class Broker:
         self._engine: Engine | None = None
         self._tg: TaskGroup | None = None
         self.source = f"urn:credbroker:{config.broker.host_id}"
-        #: Named health facts that sinks report (e.g. ``mqtt`` -> ``connected``).
-        self.health: dict[str, Any] = {}
+        #: Running sinks by name ("mqtt", "http"), for health and metrics.
+        self.sinks: dict[str, Sink] = {}
 
     def __repr__(self) -> str:
         return f"Broker(host_id={self._config.broker.host_id!r}, credentials={len(self._config.credentials)})"
@@ -95,7 +101,9 @@ class Broker:
         try:
             await self._tg.start(self._engine.run)
             for factory in self._sink_factories():
-                await self._tg.start(factory(self).run)
+                sink = factory(self)
+                self.sinks[sink.name] = sink
+                await self._tg.start(sink.run)
         except BaseException:
             self._tg.cancel_scope.cancel()
             await self._tg.__aexit__(None, None, None)
@@ -143,7 +151,16 @@ class Broker:
         return self.store.load(), key
 
     def _sink_factories(self) -> list[SinkFactory]:
+        # Imported here so that an embedded broker without MQTT or HTTP never loads them.
         factories: list[SinkFactory] = []
+        if self._config.mqtt is not None:
+            from broker.mqtt import MqttPublisher
+
+            factories.append(MqttPublisher)
+        if self._config.http is not None:
+            from broker.http import HttpApi
+
+            factories.append(HttpApi)
         factories.extend(self._extra_sinks)
         return factories
 

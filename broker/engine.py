@@ -100,6 +100,7 @@ class Engine:
         self._deadlines: list[tuple[float, str, str]] = []
         self._scheduled: dict[str, float] = {}
         self._lock = anyio.Lock()
+        self._progress = anyio.Event()
         self.watcher = Watcher(self._on_paths)
         self.ready = anyio.Event()
         self.last_resync_seconds = 0.0
@@ -128,6 +129,14 @@ class Engine:
             raise KeyError(name)
         await self._evaluate({name: _Pending(scan=True, force=True)})
         return self.state(name)
+
+    async def quiesce(self) -> None:
+        """Wait until nothing is queued, evaluating, or waiting out a missing grace period."""
+        while self._pending or self._lock.locked() or any(
+            t.missing_since is not None for t in self._tracked.values()
+        ):
+            progress = self._progress
+            await progress.wait()
 
     async def reconfigure(self, credentials: Iterable[CredentialSettings]) -> None:
         """Apply a reloaded config: add, drop and re-read credentials, keeping their state."""
@@ -309,6 +318,11 @@ class Engine:
                         log.debug("file open for writing; waiting", extra={"credential": name})
                         del results[name]
             await self._commit(results)
+        self._progressed()
+
+    def _progressed(self) -> None:
+        self._progress.set()
+        self._progress = anyio.Event()
 
     def _hold_missing(self, tracked: Tracked, obs: Observation, now: float) -> bool:
         """Delay a disappearance by MISSING_GRACE, in case the file is being recreated."""
@@ -336,6 +350,7 @@ class Engine:
                 if tracked is not None and tracked.state is not None:
                     results[name] = (None, tick(tracked.spec, tracked.state, now))
             await self._commit(results)
+        self._progressed()
 
     async def _commit(
         self, results: Mapping[str, tuple[tuple[FileRead, ...] | None, Transition]]
