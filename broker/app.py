@@ -67,7 +67,8 @@ class Broker:
         self.sinks: dict[str, Sink] = {}
 
     def __repr__(self) -> str:
-        return f"Broker(host_id={self._config.broker.host_id!r}, credentials={len(self._config.credentials)})"
+        host_id, count = self._config.broker.host_id, len(self._config.credentials)
+        return f"Broker(host_id={host_id!r}, credentials={count})"
 
     @property
     def config(self) -> Config:
@@ -164,7 +165,9 @@ class Broker:
         factories.extend(self._extra_sinks)
         return factories
 
-    def start_soon(self, fn: Callable[[], Coroutine[Any, Any, Any]], name: str | None = None) -> None:
+    def start_soon(
+        self, fn: Callable[[], Coroutine[Any, Any, Any]], name: str | None = None
+    ) -> None:
         """Run ``fn`` in the broker's task group (for sinks; stops with the broker)."""
         if self._tg is None:
             raise RuntimeError("the broker is not running")

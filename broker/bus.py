@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import re
 from collections import deque
@@ -158,7 +159,5 @@ class Bus:
             sub.close()
 
     def _unsubscribe(self, sub: Subscription) -> None:
-        try:
+        with contextlib.suppress(ValueError):
             self._subscriptions.remove(sub)
-        except ValueError:
-            pass

@@ -70,9 +70,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--log-format", choices=["text", "json"], default="text")
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None)
 
-    check = sub.add_parser("check", help="read the credential files now and report (no daemon needed)")
+    check = sub.add_parser(
+        "check", help="read the credential files now and report (no daemon needed)"
+    )
     config_arg(check)
-    check.add_argument("names", nargs="*", metavar="NAME", help="credentials to check (default: all)")
+    check.add_argument(
+        "names", nargs="*", metavar="NAME", help="credentials to check (default: all)"
+    )
     check.add_argument("--json", action="store_true", help="print state documents as JSON")
 
     sub.add_parser("presets", help="list the built-in presets and their files")
@@ -108,7 +112,9 @@ async def _serve(config: Config, path: str) -> None:
                 try:
                     new = await anyio.to_thread.run_sync(load_config, path)
                 except ConfigError as exc:
-                    log.error("reload refused; keeping the running config", extra={"error": str(exc)})
+                    log.error(
+                        "reload refused; keeping the running config", extra={"error": str(exc)}
+                    )
                     continue
                 await broker.reload(new)
 
@@ -121,7 +127,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
     unknown = [n for n in args.names if n not in {c.name for c in config.credentials}]
     if unknown:
         known = ", ".join(c.name for c in config.credentials) or "none"
-        print(f"credbroker: unknown credential {', '.join(unknown)} (known: {known})", file=sys.stderr)
+        print(
+            f"credbroker: unknown credential {', '.join(unknown)} (known: {known})", file=sys.stderr
+        )
         return EXIT_USAGE
     states = check_now(config, args.names)
     if args.json:
@@ -132,7 +140,10 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def check_now(config: Config, names: Sequence[str] = ()) -> list[State]:
-    """Read the files of ``names`` (default all) now and derive their states; no daemon, no writes."""
+    """Read the files of ``names`` (default all) now and derive their states.
+
+    No daemon, no writes: generations are not known here, only status and problems.
+    """
     key = _read_key(config)
     fp = Fingerprinter(key)
     specs = [c for c in config.credentials if not names or c.name in names]
@@ -168,7 +179,9 @@ def print_table(states: Sequence[State], out: TextIO, now: float | None = None) 
         rows.append((s.credential, s.status.value, left, s.fingerprint or "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for i, row in enumerate(rows):
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip(), file=out)
+        print(
+            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip(), file=out
+        )
         if i == 0:
             continue
         for problem in states[i - 1].problems:

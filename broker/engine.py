@@ -132,8 +132,10 @@ class Engine:
 
     async def quiesce(self) -> None:
         """Wait until nothing is queued, evaluating, or waiting out a missing grace period."""
-        while self._pending or self._lock.locked() or any(
-            t.missing_since is not None for t in self._tracked.values()
+        while (
+            self._pending
+            or self._lock.locked()
+            or any(t.missing_since is not None for t in self._tracked.values())
         ):
             progress = self._progress
             await progress.wait()
@@ -144,9 +146,7 @@ class Engine:
             states = {n: t.state for n, t in self._tracked.items() if t.state is not None}
             old_specs = {n: t.spec for n, t in self._tracked.items()}
             self._set_credentials(credentials, states)
-            changed = {
-                n for n, t in self._tracked.items() if old_specs.get(n) != t.spec
-            }
+            changed = {n for n, t in self._tracked.items() if old_specs.get(n) != t.spec}
             for name in changed:
                 self._tracked[name].startup = False
             self.watcher.watch(self._by_path)

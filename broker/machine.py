@@ -211,7 +211,9 @@ def _stage_problems(
     if stage is Stage.VALID:
         return kept
     code = "expired" if stage is Stage.EXPIRED else "expiring"
-    message = "the credential has expired" if stage is Stage.EXPIRED else "the credential expires soon"
+    message = (
+        "the credential has expired" if stage is Stage.EXPIRED else "the credential expires soon"
+    )
     return (Problem(code, message, spec.remedy(code, spec.expiry_file)), *kept)
 
 

@@ -50,7 +50,9 @@ def read_file(role: str, path: str, max_size: int) -> FileRead:
             problem = Problem("file-missing", f"{role} file {path} is a symlink to nothing")
         return FileRead(missing, problem=problem)
     except PermissionError:
-        return FileRead(missing, problem=Problem("file-unreadable", f"permission denied reading {path}"))
+        return FileRead(
+            missing, problem=Problem("file-unreadable", f"permission denied reading {path}")
+        )
     except OSError as exc:
         return FileRead(missing, problem=_open_problem(role, path, exc))
     try:
@@ -102,7 +104,9 @@ def _open_problem(role: str, path: str, exc: OSError) -> Problem:
     if exc.errno == errno.ELOOP:
         return Problem("symlink-loop", f"{path} is a symlink loop")
     if exc.errno == errno.ENOTDIR:
-        return Problem("file-missing", f"{role} file {path} does not exist (a parent is not a directory)")
+        return Problem(
+            "file-missing", f"{role} file {path} does not exist (a parent is not a directory)"
+        )
     if exc.errno in (errno.EACCES, errno.EPERM):
         return Problem("file-unreadable", f"permission denied reading {path}")
     if exc.errno == errno.ENXIO:

@@ -145,7 +145,9 @@ class Store:
             except (ValueError, KeyError, TypeError, AttributeError):
                 # A torn last line is a write cut short by a crash: it was never published.
                 if number != len(lines):
-                    loaded.problems.append(f"journal {self._journal} line {number} is corrupt; skipped")
+                    loaded.problems.append(
+                        f"journal {self._journal} line {number} is corrupt; skipped"
+                    )
                 continue
             loaded.sequence = max(loaded.sequence, sequence)
             for state in states:
@@ -154,8 +156,13 @@ class Store:
         # Fold what was replayed into a fresh snapshot at the next write.
         self._needs_full_write = bool(lines)
 
-    def record(self, changed: Iterable[State], sequence: int, everything: Mapping[str, State]) -> None:
-        """Durably record a batch before it is published. Never raises: errors are kept in ``error``."""
+    def record(
+        self, changed: Iterable[State], sequence: int, everything: Mapping[str, State]
+    ) -> None:
+        """Durably record a batch before it is published.
+
+        Never raises: a failure is kept in ``error`` and the next write is a full snapshot.
+        """
         try:
             if self._needs_full_write or self._journal_lines >= COMPACT_EVERY:
                 self._write_snapshot(everything, sequence)

@@ -14,6 +14,7 @@ write. ``writing`` tells the engine which files a writer has modified and not ye
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -186,15 +187,21 @@ class Watcher:
         if entry is None or entry.watch is None or self._inotify is None:
             return
         self._watch_dirs.pop(entry.watch.wd, None)
-        try:
+        # The kernel may already have dropped it (directory deleted).
+        with contextlib.suppress(OSError, ValueError, KeyError):
             self._inotify.rm_watch(entry.watch)
-        except (OSError, ValueError, KeyError):
-            pass  # the kernel already dropped it (directory deleted)
 
     # -- events ---------------------------------------------------------------------------
 
     def _handle(self, event: InotifyEvent) -> None:
-        log.debug("inotify", extra={"mask": repr(event.mask), "entry": str(event.name), "wd": event.watch.wd if event.watch else None})
+        log.debug(
+            "inotify",
+            extra={
+                "mask": repr(event.mask),
+                "entry": str(event.name),
+                "wd": event.watch.wd if event.watch else None,
+            },
+        )
         mask = event.mask
         if mask & Mask.Q_OVERFLOW:
             log.warning("inotify queue overflowed; re-reading every watched file")

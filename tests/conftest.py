@@ -46,7 +46,9 @@ class SecretRegistry:
         return token
 
     def observe(self, where: str, text: str | bytes) -> None:
-        self.observed.append((where, text.decode("utf-8", "replace") if isinstance(text, bytes) else text))
+        self.observed.append(
+            (where, text.decode("utf-8", "replace") if isinstance(text, bytes) else text)
+        )
 
     def assert_absent(self, text: str | bytes, where: str = "output") -> None:
         haystack = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
@@ -60,7 +62,9 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture(autouse=True)
-def secrets(caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]) -> Iterator[SecretRegistry]:
+def secrets(
+    caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> Iterator[SecretRegistry]:
     """Suite-wide leak guard: logs, stdout/stderr and everything a harness observed."""
     registry = SecretRegistry()
     caplog.set_level(logging.DEBUG, logger="broker")
@@ -88,7 +92,11 @@ def write_atomic(path: Path, data: str | bytes, mode: int = 0o600) -> None:
 
 
 def make_config(tmp_path: Path, credentials: list[dict[str, Any]], **sections: Any) -> Config:
-    broker = {"state_dir": str(tmp_path / "state"), "host_id": "test-host", "resync_interval": "30s"}
+    broker = {
+        "state_dir": str(tmp_path / "state"),
+        "host_id": "test-host",
+        "resync_interval": "30s",
+    }
     broker.update(sections.pop("broker", {}))
     return parse_config({"broker": broker, "credentials": credentials, **sections})
 

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import anyio
 import pytest
 
 from broker import Broker
@@ -27,8 +26,13 @@ async def test_jwt_refreshed_then_expiring_then_expired(
     path = tmp_path / "jwt"
     exp = int(time.time()) + 5
     write_atomic(path, secrets.jwt(sub="svc", exp=exp))
-    cred = {"name": "svc", "files": {"token": str(path)}, "format": "jwt", "expiry": "jwt",
-            "expiring_before": "2s"}
+    cred = {
+        "name": "svc",
+        "files": {"token": str(path)},
+        "format": "jwt",
+        "expiry": "jwt",
+        "expiring_before": "2s",
+    }
     started = time.time()
     async with harness_factory([cred]) as h:
         first = await h.next("svc")
@@ -51,7 +55,9 @@ async def test_jwt_refreshed_then_expiring_then_expired(
         assert started < exp  # the test really watched the moments pass
         await h.fence()
         assert h.types("svc") == [
-            "credentials.refreshed", "credentials.expiring", "credentials.expired"
+            "credentials.refreshed",
+            "credentials.expiring",
+            "credentials.expired",
         ]
 
 
@@ -91,14 +97,19 @@ async def test_far_past_expiry_is_expired_and_absurd_expiry_is_invalid(
             assert h.types(name) == ["credentials.invalid"]
 
 
-async def test_restart_reports_changes_made_while_stopped(tmp_path: Path, secrets: SecretRegistry) -> None:
+async def test_restart_reports_changes_made_while_stopped(
+    tmp_path: Path, secrets: SecretRegistry
+) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
     write_atomic(a, secrets.token())
     write_atomic(b, secrets.token())
-    config = make_config(tmp_path, [
-        {"name": "a", "files": {"token": str(a)}},
-        {"name": "b", "files": {"token": str(b)}},
-    ])
+    config = make_config(
+        tmp_path,
+        [
+            {"name": "a", "files": {"token": str(a)}},
+            {"name": "b", "files": {"token": str(b)}},
+        ],
+    )
 
     async def run_once() -> tuple[list[Any], dict[str, Any]]:
         broker = Broker(config)
@@ -129,7 +140,9 @@ async def test_restart_reports_changes_made_while_stopped(tmp_path: Path, secret
     assert states3["b"] == states1["b"]
 
 
-async def test_corrupt_store_is_reported_and_rebuilt(tmp_path: Path, secrets: SecretRegistry, caplog: pytest.LogCaptureFixture) -> None:
+async def test_corrupt_store_is_reported_and_rebuilt(
+    tmp_path: Path, secrets: SecretRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
     path = tmp_path / "token"
     write_atomic(path, secrets.token())
     config = make_config(tmp_path, [{"name": "svc", "files": {"token": str(path)}}])
@@ -196,7 +209,9 @@ async def test_bad_inputs_are_reported_never_raised(
     expected["loop"] = ("missing", "symlink-loop")
     expected["adir"] = ("invalid", "not-a-file")
     # root reads anything; the unreadable case only means something for other users
-    expected["unreadable"] = ("valid", "insecure-permissions") if os.geteuid() == 0 else ("missing", "file-unreadable")
+    expected["unreadable"] = (
+        ("valid", "insecure-permissions") if os.geteuid() == 0 else ("missing", "file-unreadable")
+    )
     if os.geteuid() == 0:
         os.chmod(unreadable, 0o000)
 
@@ -246,7 +261,7 @@ async def test_slow_subscriber_never_blocks_others_and_stays_bounded(
         stalled = h.broker.subscribe("*", buffer=4)
         fast = h.broker.subscribe("*", credential="two")
         last = {}
-        for i in range(30):
+        for _ in range(30):
             for name, p in paths.items():
                 last[name] = secrets.token()
                 write_atomic(p, last[name])

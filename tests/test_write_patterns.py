@@ -32,7 +32,9 @@ def token_path(tmp_path: Path) -> Path:
     return tmp_path / "creds" / "token"
 
 
-async def start_valid(harness_factory: Any, token_path: Path, secrets: SecretRegistry, **kw: Any) -> Any:
+async def start_valid(
+    harness_factory: Any, token_path: Path, secrets: SecretRegistry, **kw: Any
+) -> Any:
     write_atomic(token_path, secrets.token())
     return harness_factory([cred(token_path)], **kw)
 
@@ -48,7 +50,9 @@ async def assert_one_refresh(h: Harness, expected_content_size: int) -> None:
     assert h.broker.state("svc") == state
 
 
-async def test_first_sight_is_one_refreshed(harness_factory: Any, token_path: Path, secrets: SecretRegistry) -> None:
+async def test_first_sight_is_one_refreshed(
+    harness_factory: Any, token_path: Path, secrets: SecretRegistry
+) -> None:
     async with await start_valid(harness_factory, token_path, secrets) as h:
         await h.fence()
         events = h.of("svc")
@@ -57,7 +61,9 @@ async def test_first_sight_is_one_refreshed(harness_factory: Any, token_path: Pa
         assert events[0].data.reason == "first seen"
 
 
-async def test_atomic_rename(harness_factory: Any, token_path: Path, secrets: SecretRegistry) -> None:
+async def test_atomic_rename(
+    harness_factory: Any, token_path: Path, secrets: SecretRegistry
+) -> None:
     async with await start_valid(harness_factory, token_path, secrets) as h:
         await h.fence()
         h.seen.clear()
@@ -99,7 +105,9 @@ async def test_chunked_writes_through_one_open(
         await assert_one_refresh(h, len(new))
 
 
-async def test_kubernetes_data_symlink_swap(harness_factory: Any, tmp_path: Path, secrets: SecretRegistry) -> None:
+async def test_kubernetes_data_symlink_swap(
+    harness_factory: Any, tmp_path: Path, secrets: SecretRegistry
+) -> None:
     # kubelet's AtomicWriter: files are symlinks through ..data to a timestamped directory;
     # an update writes a new directory and renames a new ..data symlink over the old one.
     sa = tmp_path / "serviceaccount"
@@ -111,7 +119,9 @@ async def test_kubernetes_data_symlink_swap(harness_factory: Any, tmp_path: Path
     os.symlink(old_dir.name, sa / "..data")
     for name in ("token", "namespace"):
         os.symlink(f"..data/{name}", sa / name)
-    creds = [{"name": "svc", "files": {"token": str(sa / "token"), "namespace": str(sa / "namespace")}}]
+    creds = [
+        {"name": "svc", "files": {"token": str(sa / "token"), "namespace": str(sa / "namespace")}}
+    ]
     async with harness_factory(creds) as h:
         await h.fence()
         assert h.types("svc") == [REFRESHED]
@@ -142,7 +152,9 @@ async def test_kubernetes_data_symlink_swap(harness_factory: Any, tmp_path: Path
         assert h.of("svc")[0].data.generation == 3
 
 
-async def test_delete_and_recreate(harness_factory: Any, token_path: Path, secrets: SecretRegistry) -> None:
+async def test_delete_and_recreate(
+    harness_factory: Any, token_path: Path, secrets: SecretRegistry
+) -> None:
     async with await start_valid(harness_factory, token_path, secrets) as h:
         await h.fence()
         h.seen.clear()
@@ -152,7 +164,9 @@ async def test_delete_and_recreate(harness_factory: Any, token_path: Path, secre
         await assert_one_refresh(h, len(new))
 
 
-async def test_delete_is_missing_after_the_grace(harness_factory: Any, token_path: Path, secrets: SecretRegistry) -> None:
+async def test_delete_is_missing_after_the_grace(
+    harness_factory: Any, token_path: Path, secrets: SecretRegistry
+) -> None:
     async with await start_valid(harness_factory, token_path, secrets) as h:
         await h.fence()
         h.seen.clear()
@@ -170,7 +184,9 @@ async def test_delete_is_missing_after_the_grace(harness_factory: Any, token_pat
         assert event.data.generation == 2
 
 
-async def test_directory_that_appears_later(harness_factory: Any, tmp_path: Path, secrets: SecretRegistry) -> None:
+async def test_directory_that_appears_later(
+    harness_factory: Any, tmp_path: Path, secrets: SecretRegistry
+) -> None:
     path = tmp_path / "later" / "a" / "b" / "token"
     async with harness_factory([cred(path)]) as h:
         await h.fence()
@@ -189,7 +205,9 @@ async def test_directory_that_appears_later(harness_factory: Any, tmp_path: Path
         assert event.type == REFRESHED
 
 
-async def test_directory_removed_and_recreated(harness_factory: Any, tmp_path: Path, secrets: SecretRegistry) -> None:
+async def test_directory_removed_and_recreated(
+    harness_factory: Any, tmp_path: Path, secrets: SecretRegistry
+) -> None:
     path = tmp_path / "gone" / "token"
     path.parent.mkdir()
     write_atomic(path, secrets.token())
@@ -220,7 +238,9 @@ async def test_touch_and_identical_rewrite_are_silent(
         assert h.broker.state("svc").generation == 1
 
 
-async def test_resync_finds_a_change_inotify_missed(harness_factory: Any, token_path: Path, secrets: SecretRegistry) -> None:
+async def test_resync_finds_a_change_inotify_missed(
+    harness_factory: Any, token_path: Path, secrets: SecretRegistry
+) -> None:
     write_atomic(token_path, secrets.token())
     async with harness_factory([cred(token_path)], broker={"resync_interval": "0.2s"}) as h:
         await h.fence()

@@ -1,0 +1,98 @@
+"""The durable store: journal + snapshot, torn writes, unwritable directories."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from broker.state import Stage, State, Status
+from broker.store import Store
+
+
+def state(name: str, generation: int, sequence: int) -> State:
+    return State(
+        name,
+        Status.EXPIRING,
+        generation,
+        sequence,
+        f"hmac-sha256:{generation:016x}",
+        expires_at=1234.5678,
+        expiring_at=1200.25,
+        changed_at=1000.0,
+        issued_at=900.0,
+        stage=Stage.EXPIRING,
+    )
+
+
+def test_round_trip_keeps_exact_times_and_stage(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    store.prepare()
+    a1, b1 = state("a", 1, 1), state("b", 1, 2)
+    store.record([a1, b1], 2, {"a": a1, "b": b1})
+    a2 = state("a", 2, 3)
+    store.record([a2], 3, {"a": a2, "b": b1})
+    loaded = Store(tmp_path / "s").load()
+    assert loaded.problems == []
+    assert loaded.sequence == 3
+    assert loaded.states["a"] == a2
+    assert loaded.states["a"].expires_at == 1234.5678
+    assert loaded.states["a"].stage is Stage.EXPIRING
+    assert loaded.states["a"].issued_at == 900.0
+
+
+def test_torn_last_journal_line_is_ignored_silently(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.prepare()
+    a1 = state("a", 1, 1)
+    store.flush({"a": a1}, 1)
+    a2 = state("a", 2, 2)
+    store.record([a2], 2, {"a": a2})
+    with open(tmp_path / "journal.jsonl", "ab") as fh:
+        fh.write(b'{"sequence": 3, "states": [{"credential"')
+    loaded = Store(tmp_path).load()
+    assert loaded.problems == []
+    assert loaded.sequence == 2
+    assert loaded.states["a"].generation == 2
+
+
+def test_corrupt_snapshot_is_set_aside(tmp_path: Path) -> None:
+    (tmp_path / "state.json").write_text('{"sequence": "x"}')
+    loaded = Store(tmp_path).load()
+    assert loaded.states == {}
+    assert "corrupt" in loaded.problems[0]
+    assert not (tmp_path / "state.json").exists()
+    assert len(list(tmp_path.glob("state.json.corrupt-*"))) == 1
+
+
+def test_unwritable_directory_is_reported_then_recovers(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    store.prepare()
+    a1 = state("a", 1, 1)
+    os.chmod(tmp_path / "s", 0o500)
+    os.chmod(tmp_path / "s", 0o500)
+    try:
+        if os.geteuid() == 0:
+            # root ignores modes: make the journal path a directory instead.
+            (tmp_path / "s" / "journal.jsonl").mkdir()
+        store.record([a1], 1, {"a": a1})
+        assert store.error is not None and "cannot write state" in store.error
+    finally:
+        os.chmod(tmp_path / "s", 0o700)
+        if (tmp_path / "s" / "journal.jsonl").is_dir():
+            (tmp_path / "s" / "journal.jsonl").rmdir()
+    a2 = state("a", 2, 2)
+    store.record([a2], 2, {"a": a2})
+    assert store.error is None
+    # The recovery wrote everything, not just the last change.
+    doc = json.loads((tmp_path / "s" / "state.json").read_text())
+    assert doc["sequence"] == 2 and doc["credentials"]["a"]["generation"] == 2
+
+
+def test_key_is_generated_once_0600(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    store.prepare()
+    key = store.load_key()
+    assert len(key) >= 32
+    assert (tmp_path / "s" / "fingerprint.key").stat().st_mode & 0o777 == 0o600
+    assert Store(tmp_path / "s").load_key() == key
