@@ -159,6 +159,9 @@ async def test_delete_and_recreate(
         await h.fence()
         h.seen.clear()
         os.unlink(token_path)
+        # The tool that recreates it takes a moment (part of the pattern, not a wait for
+        # the broker): the deletion has been seen by then and must not be published.
+        await anyio.sleep(0.3)
         new = secrets.token()
         token_path.write_text(new)
         await assert_one_refresh(h, len(new))
@@ -252,3 +255,22 @@ async def test_resync_finds_a_change_inotify_missed(
         event = await h.next("svc")
         assert event.type == REFRESHED
         assert event.data.files[0].size == len(new)
+
+
+async def test_file_open_for_writing_at_start_waits_for_its_close(
+    harness_factory: Any, token_path: Path, secrets: SecretRegistry
+) -> None:
+    # Found by the start-up scan, not by an event: only the open-writer check can tell that
+    # this half-written JSON is not the final content.
+    value = secrets.token()
+    with open(token_path, "w") as writer:
+        writer.write('{"token": "' + value[:5])
+        writer.flush()
+        async with harness_factory([cred(token_path, format="json")]) as h:
+            await h.fence()
+            assert h.types("svc") == []
+            writer.write(value[5:] + '"}')
+            writer.close()
+            await h.fence()
+            assert h.types("svc") == [REFRESHED]
+            assert h.broker.state("svc").status is Status.VALID
