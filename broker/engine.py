@@ -63,8 +63,9 @@ class Tracked:
 
 @dataclass(slots=True)
 class _Pending:
-    scan: bool = False
-    force: bool = False
+    scan: bool = False  # found by looking, not by a writer's close: check for open writers
+    force: bool = False  # read even if a writer seems busy (explicit check, start-up)
+    respec: bool = False  # the credential's settings changed
 
 
 class Engine:
@@ -151,7 +152,7 @@ class Engine:
                 self._tracked[name].startup = False
             self.watcher.watch(self._by_path)
         if changed:
-            await self._evaluate({n: _Pending(scan=True, force=True) for n in changed})
+            await self._evaluate({n: _Pending(scan=True, force=True, respec=True) for n in changed})
         log.info("configuration applied", extra={"credentials": len(self._tracked)})
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -304,7 +305,9 @@ class Engine:
                     continue
                 prev = tracked.state
                 startup = tracked.startup and prev is not None
-                tr = transition(tracked.spec, prev, obs, now, startup=startup)
+                tr = transition(
+                    tracked.spec, prev, obs, now, startup=startup, respec=batch[name].respec
+                )
                 results[name] = (file_reads, tr)
             scanned = [n for n, (_, tr) in results.items() if tr.events and batch[n].scan]
             if scanned:

@@ -89,8 +89,14 @@ def transition(
     now: float,
     *,
     startup: bool = False,
+    respec: bool = False,
 ) -> Transition:
-    """Apply an observation. ``startup`` marks the first read after the broker started."""
+    """Apply an observation.
+
+    ``startup`` marks the first read after the broker started; ``respec`` a read after the
+    credential's settings changed (config reload), which re-derives the lifetime of
+    unchanged content.
+    """
     files = tuple(r.info for r in obs.files)
     if obs.outcome is Status.MISSING:
         base = prev or State(spec.name, Status.MISSING)
@@ -122,14 +128,22 @@ def transition(
         state = replace(state, changed_at=now)
         return Transition(state, ((INVALID, state),))
 
-    if not changed and prev is not None and prev.status in _CONTENT_OK:
-        # Same bytes: keep the lifetime found when they first appeared, so `touch` on a
-        # ttl-based file neither renews nor reschedules anything.
-        quiet = replace(prev, files=files, problems=_stage_problems(spec, obs.problems, prev.stage))
-        return tick(spec, quiet, now)
-
     lifetime = obs.lifetime or Lifetime(None, None)
     expiring = expiring_at(lifetime, spec.expiring_before, spec.expiring_fraction)
+    if not changed and prev is not None and prev.status in _CONTENT_OK:
+        # Same bytes: keep the lifetime found when they first appeared, so `touch` on a
+        # ttl-based file neither renews nor reschedules anything -- unless the settings
+        # that derive it changed.
+        quiet = replace(prev, files=files, problems=_stage_problems(spec, obs.problems, prev.stage))
+        if respec:
+            quiet = replace(
+                quiet,
+                expires_at=lifetime.expires_at,
+                expiring_at=expiring,
+                issued_at=lifetime.issued_at,
+            )
+        return tick(spec, quiet, now)
+
     stage = _stage_at(lifetime.expires_at, expiring, now)
     if prev is None:
         reason = "first seen"

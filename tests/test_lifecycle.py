@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from broker import Broker
@@ -279,3 +281,93 @@ async def test_slow_subscriber_never_blocks_others_and_stays_bounded(
         assert stalled.coalesced >= 60 - 4
         stalled.close()
         fast.close()
+
+
+async def test_reload_adds_removes_and_changes_credentials_keeping_state(
+    tmp_path: Path, secrets: SecretRegistry
+) -> None:
+    a, b, c = (tmp_path / n for n in "abc")
+    now = int(time.time())
+    write_atomic(a, secrets.jwt(exp=now + 3600))
+    write_atomic(b, secrets.token())
+    write_atomic(c, secrets.token())
+    jwt_a = {"name": "a", "files": {"token": str(a)}, "format": "jwt", "expiry": "jwt"}
+    first = make_config(tmp_path, [jwt_a, {"name": "b", "files": {"token": str(b)}}])
+    broker = Broker(first)
+    async with broker.subscribe("*") as events:
+        async with broker:
+            before = broker.state("a")
+            assert before.status is Status.VALID
+            # a: the expiring window widens past now; b: removed; c: added.
+            second = make_config(
+                tmp_path,
+                [{**jwt_a, "expiring_before": "2h"}, {"name": "c", "files": {"token": str(c)}}],
+            )
+            await broker.reload(second)
+            await broker.engine.quiesce()
+            assert broker.engine.names == ["a", "c"]
+            after = broker.state("a")
+            assert after.generation == before.generation
+            assert after.status is Status.EXPIRING
+            assert broker.state("c").status is Status.VALID
+            with pytest.raises(KeyError):
+                broker.state("b")
+            # The removed credential is no longer watched; the added one is.
+            write_atomic(b, secrets.token())
+            write_atomic(c, secrets.token())
+            with anyio.fail_after(5):
+                while (event := await events.get()).subject != "c" or event.data.generation < 2:
+                    pass
+        seen = [(e.subject, e.type) for e in iter(events.get_nowait, None)]
+    assert ("b", "credentials.refreshed") not in seen
+
+
+def test_sighup_reloads_the_daemon(tmp_path: Path, secrets: SecretRegistry) -> None:
+    import signal
+    import subprocess
+
+    token = tmp_path / "token"
+    write_atomic(token, secrets.token())
+    config = tmp_path / "broker.toml"
+    base = f'[broker]\nstate_dir = "{tmp_path / "state"}"\nhost_id = "hup"\n'
+    other = tmp_path / "other"
+    write_atomic(other, secrets.token())
+    base += f'\n[[credentials]]\nname = "other"\nfiles = {{ token = "{other}" }}\n'
+    config.write_text(base)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "broker", "run", "-c", str(config), "--log-format", "json"],
+        cwd=Path(__file__).resolve().parent.parent,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    try:
+
+        def wait_for(message: str) -> dict[str, Any]:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                line = proc.stderr.readline()  # type: ignore[union-attr]
+                assert line, "daemon exited"
+                record: dict[str, Any] = json.loads(line)
+                if record["message"] == message:
+                    return record
+            raise AssertionError(f"no {message!r} in the log")
+
+        wait_for("broker started")
+        config.write_text(
+            base + f'\n[[credentials]]\nname = "svc"\nfiles = {{ token = "{token}" }}\n'
+        )
+        proc.send_signal(signal.SIGHUP)
+        record = wait_for("credentials.refreshed")
+        assert record["credential"] == "svc"
+        # A broken config on reload is refused; the daemon keeps running the old one.
+        config.write_text(base + "\n[[credentials]]\nname = 'BAD NAME'\nfiles = { t = '/x' }\n")
+        proc.send_signal(signal.SIGHUP)
+        record = wait_for("reload refused; keeping the running config")
+        assert "credentials[1].name" in record["error"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
