@@ -1,0 +1,619 @@
+"""The HTTP API of SPEC section 5 (aiohttp), run as a sink inside the broker's task group.
+
+Routes (the OpenAPI document, ``broker/openapi.json``, is served at ``/v1/openapi.json``)::
+
+    GET  /v1/credentials              {"credentials": [state, ...]}
+    GET  /v1/credentials/{name}       state, or 404 unknown-credential
+    POST /v1/credentials/{name}/check forced re-read; publishes any change; returns state
+    GET  /v1/events                   Server-Sent Events, replay from a bounded ring
+    GET  /healthz                     {"status": "ok", "mqtt": "connected"|"disconnected"|"off"}
+    GET  /metrics                     Prometheus exposition
+
+Every error is JSON ``{"error": {"code", "message"}}``; no route ever returns file content.
+
+Event stream: each client gets its own bounded bus subscription, so a client that stops
+reading blocks only its own handler (aiohttp's ``write`` waits for the socket to drain)
+while its mailbox coalesces; the publisher and the other clients never wait for it. The
+API keeps one more subscription of its own that fills a ring of the last ``ring_size``
+events (and counts them for the metrics); ``Last-Event-ID`` / ``?since=N`` replays from it,
+or answers ``event: reset`` when the asked-for id is no longer there, so the client knows
+to re-read the state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hmac
+import importlib.resources
+import logging
+import os
+import re
+import socket
+import stat
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from aiohttp import web
+from anyio.abc import TaskStatus
+
+from broker.bus import Subscription
+from broker.config import ConfigError, HttpSettings
+from broker.events import Event, encode
+from broker.metrics import Metrics, StreamStats
+
+if TYPE_CHECKING:
+    from broker.app import Broker
+
+log = logging.getLogger("broker.http")
+
+#: Events kept for replay (``Last-Event-ID``); older ones answer ``event: reset``.
+RING_SIZE = 4096
+#: Per SSE client: events queued before its mailbox starts coalescing (latest per credential).
+SSE_BUFFER = 256
+#: A comment line is sent on an idle stream this often, so proxies and clients see it alive.
+KEEPALIVE = 15.0
+#: How often an idle stream checks that its client is still connected (aiohttp does not
+#: tell a handler that is not reading or writing).
+LIVENESS_CHECK = 1.0
+#: More concurrent SSE clients than this are refused with 503.
+MAX_SSE_CLIENTS = 1024
+#: On shutdown, how long open streams get to finish before their connections are aborted.
+SHUTDOWN_GRACE = 0.5
+#: Suggested client reconnection delay (the SSE ``retry:`` field), milliseconds.
+RETRY_MS = 2000
+
+_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+_ID_RE = re.compile(r"[0-9]{1,18}")
+_TYPE_MAX = 128
+_JSON = "application/json; charset=utf-8"
+_ERROR_CODES = {
+    400: "bad-request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not-found",
+    405: "method-not-allowed",
+    413: "request-too-large",
+    414: "uri-too-long",
+    431: "headers-too-large",
+    500: "internal-error",
+    503: "unavailable",
+}
+_KEPT_HEADERS = ("Allow", "WWW-Authenticate", "Retry-After")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ApiError(Exception):
+    """An error answer: ``{"error": {"code": code, "message": message}}`` with ``status``."""
+
+    def __init__(
+        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+
+
+def load_openapi() -> bytes:
+    """The OpenAPI 3.1 document of this API (package data ``broker/openapi.json``)."""
+    return importlib.resources.files("broker").joinpath("openapi.json").read_bytes()
+
+
+@dataclass(eq=False, slots=True)
+class _Client:
+    request: web.Request
+    subscription: Subscription
+
+
+class HttpApi:
+    """The HTTP API sink. ``Broker`` creates it when ``[http]`` is configured.
+
+    After ``run`` has started, ``url`` is where it listens (``http://host:port`` or
+    ``unix:/path``) and ``port`` the bound TCP port, so ``listen = "127.0.0.1:0"`` works.
+    """
+
+    name = "http"
+
+    def __init__(
+        self,
+        broker: Broker,
+        *,
+        settings: HttpSettings | None = None,
+        ring_size: int | None = None,
+        sse_buffer: int | None = None,
+        keepalive: float | None = None,
+        max_clients: int | None = None,
+    ) -> None:
+        settings = settings or broker.config.http
+        if settings is None:
+            raise ValueError("the HTTP API needs an [http] section (or settings=)")
+        self._broker = broker
+        self.settings = settings
+        # Module constants are read here, not as default arguments, so a test can shrink them.
+        self._ring: deque[Event] = deque(maxlen=ring_size or RING_SIZE)
+        self._sse_buffer = sse_buffer or SSE_BUFFER
+        self._keepalive = keepalive or KEEPALIVE
+        self._max_clients = max_clients or MAX_SSE_CLIENTS
+        # The ring holds every event with ring_floor < sequence <= ring_head.
+        self._ring_floor = 0
+        self._ring_head = 0
+        self._ring_sub: Subscription | None = None
+        self._ring_lost = 0
+        self._clients: set[_Client] = set()
+        self._clients_gone = anyio.Event()
+        self._coalesced_closed = 0
+        self._closing = False
+        self._token: bytes | None = None
+        self._openapi = load_openapi()
+        self._health_resource: web.AbstractResource | None = None
+        self.metrics = Metrics(broker, self._stream_stats)
+        self.url: str | None = None
+        self.port: int | None = None
+
+    def __repr__(self) -> str:
+        return f"HttpApi(url={self.url!r}, clients={len(self._clients)})"
+
+    @property
+    def sse_clients(self) -> int:
+        """Connected event-stream clients."""
+        return len(self._clients)
+
+    # -- lifespan ---------------------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled; then end every stream and close the listener promptly."""
+        self._token = await anyio.to_thread.run_sync(self._read_token)
+        runner = web.AppRunner(self._make_app(), access_log=None, handle_signals=False,
+                               shutdown_timeout=SHUTDOWN_GRACE)
+        await runner.setup()
+        unix_inode: tuple[int, int] | None = None
+        ring_sub = self._broker.subscribe("*", buffer=self._ring.maxlen or RING_SIZE)
+        self._ring_sub = ring_sub
+        self._ring_floor = self._ring_head = self._broker.engine.sequence
+        try:
+            unix_inode = await self._listen(runner)
+            log.info(
+                "http listening",
+                extra={"url": self.url, "auth": "bearer" if self._token else "none"},
+            )
+            task_status.started()
+            async for event in ring_sub:
+                self._append(event)
+                self._sync_ring()
+            await anyio.sleep_forever()  # the bus closed before us: keep serving state
+        finally:
+            ring_sub.close()
+            with anyio.CancelScope(shield=True), anyio.move_on_after(4 * SHUTDOWN_GRACE + 2):
+                await self._shutdown(runner, unix_inode)
+
+    async def _shutdown(self, runner: web.AppRunner, unix_inode: tuple[int, int] | None) -> None:
+        self._closing = True
+        clients = list(self._clients)
+        # A stream waiting for events ends at once when its subscription closes...
+        for client in clients:
+            client.subscription.close()
+        if self._clients:
+            with anyio.move_on_after(SHUTDOWN_GRACE):
+                await self._clients_gone.wait()
+        # ...one stuck writing to a client that stopped reading is cut off.
+        for client in list(self._clients):
+            transport = client.request.transport
+            if transport is not None:
+                transport.abort()
+        await runner.cleanup()
+        path = self.settings.unix_path
+        if path is not None and unix_inode is not None:
+            # Only remove the socket if it is still the one we created.
+            with contextlib.suppress(OSError):
+                st = os.lstat(path)
+                if (st.st_dev, st.st_ino) == unix_inode:
+                    os.unlink(path)
+        log.info("http stopped", extra={"url": self.url, "streams_closed": len(clients)})
+
+    async def _listen(self, runner: web.AppRunner) -> tuple[int, int] | None:
+        settings = self.settings
+        unix_path = settings.unix_path
+        if unix_path is not None:
+            sock = await anyio.to_thread.run_sync(_bind_unix, unix_path)
+            st = os.stat(unix_path)
+            site: web.BaseSite = web.SockSite(runner, sock)
+            await site.start()
+            self.url = f"unix:{unix_path}"
+            return st.st_dev, st.st_ino
+        host, port = settings.host, settings.port
+        assert host is not None and port is not None
+        site = web.TCPSite(runner, host, port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ConfigError([("http.listen", f"cannot listen on {settings.listen}: "
+                                f"{exc.strerror or exc}")]) from None
+        bound = runner.addresses[0]
+        self.port = int(bound[1])
+        shown = f"[{host}]" if ":" in host else host
+        self.url = f"http://{shown}:{self.port}"
+        return None
+
+    def _read_token(self) -> bytes | None:
+        path = self.settings.token_file
+        if path is None:
+            return None
+        try:
+            raw = path.read_bytes()
+            mode = os.stat(path).st_mode
+        except OSError as exc:
+            raise ConfigError([("http.token_file", f"cannot read {path}: {exc.strerror}")]) from None
+        token = raw.strip()
+        if not token:
+            raise ConfigError([("http.token_file", f"{path} is empty")])
+        if mode & 0o077:
+            log.warning(
+                "token file is readable by other users",
+                extra={"path": str(path), "mode": f"{stat.S_IMODE(mode):04o}",
+                       "remedy": f"chmod 600 {path}"},
+            )
+        return token
+
+    # -- the application --------------------------------------------------------------------
+
+    def _make_app(self) -> web.Application:
+        app = web.Application(
+            middlewares=[self._measure, self._errors, self._authorize],
+            client_max_size=64 * 1024,  # no route takes a body
+        )
+        router = app.router
+        router.add_get("/v1/credentials", self._list, allow_head=False)
+        router.add_get("/v1/credentials/{name}", self._get, allow_head=False)
+        router.add_post("/v1/credentials/{name}/check", self._check)
+        router.add_get("/v1/events", self._events, allow_head=False)
+        router.add_get("/v1/openapi.json", self._openapi_doc, allow_head=False)
+        router.add_get("/metrics", self._metrics, allow_head=False)
+        health = router.add_resource("/healthz")
+        health.add_route("GET", self._health)
+        self._health_resource = health
+        return app
+
+    # -- middlewares (outermost first) -----------------------------------------------------
+
+    async def _measure(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        finally:
+            resource = request.match_info.route.resource
+            route = resource.canonical if resource is not None else "unmatched"
+            elapsed = time.perf_counter() - started
+            self.metrics.observe_request(route, request.method, status, elapsed)
+            log.debug(
+                "http request",
+                extra={"method": request.method, "route": route, "status": status,
+                       "seconds": round(elapsed, 4)},
+            )
+
+    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Turn every failure into a JSON error; a bug is logged, never shown to the client."""
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            return _error(exc.status, exc.code, exc.message, exc.headers)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            headers = {h: exc.headers[h] for h in _KEPT_HEADERS if h in exc.headers}
+            return _error(exc.status, _ERROR_CODES.get(exc.status, f"http-{exc.status}"),
+                          _http_message(exc), headers)
+        except Exception:
+            resource = request.match_info.route.resource
+            log.exception(
+                "http handler failed",
+                extra={"method": request.method,
+                       "route": resource.canonical if resource is not None else "unmatched"},
+            )
+            return _error(500, "internal-error", "internal error; the broker's log has details")
+
+    async def _authorize(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        # Checked before the route is looked at, so an unauthenticated client learns nothing,
+        # not even which paths exist. Health stays open for load balancers and probes.
+        token = self._token
+        if token is not None and request.match_info.route.resource is not self._health_resource:
+            if not _bearer_matches(request.headers.get("Authorization"), token):
+                raise ApiError(
+                    401,
+                    "unauthorized",
+                    'missing or wrong token: send "Authorization: Bearer <token>" with the '
+                    "token from the broker's http.token_file",
+                    {"WWW-Authenticate": 'Bearer realm="credbroker"'},
+                )
+        return await handler(request)
+
+    # -- handlers ---------------------------------------------------------------------------
+
+    async def _list(self, request: web.Request) -> web.Response:
+        return _json({"credentials": [s.to_dict() for s in self._broker.states()]})
+
+    async def _get(self, request: web.Request) -> web.Response:
+        name = self._known(request.match_info["name"])
+        return _json(self._broker.state(name).to_dict())
+
+    async def _check(self, request: web.Request) -> web.Response:
+        name = self._known(request.match_info["name"])
+        state = await self._broker.check(name)
+        return _json(state.to_dict())
+
+    async def _health(self, request: web.Request) -> web.Response:
+        sink = self._broker.sinks.get("mqtt")
+        if sink is None:
+            mqtt = "off"
+        else:
+            mqtt = "connected" if getattr(sink, "state", None) == "connected" else "disconnected"
+        return _json({"status": "ok", "mqtt": mqtt})
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body, content_type = self.metrics.render(request.headers.get("Accept", ""))
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    async def _openapi_doc(self, request: web.Request) -> web.Response:
+        return web.Response(body=self._openapi, headers={"Content-Type": _JSON})
+
+    def _known(self, name: str) -> str:
+        try:
+            self._broker.state(name)
+        except KeyError:
+            known = ", ".join(self._broker.engine.names) or "none"
+            raise ApiError(404, "unknown-credential",
+                           f"unknown credential {_show(name)} (known: {known})") from None
+        return name
+
+    # -- the event stream -------------------------------------------------------------------
+
+    async def _events(self, request: web.Request) -> web.StreamResponse:
+        since = _since(request)
+        credential = request.query.get("credential")
+        if credential is not None:
+            if not _NAME_RE.fullmatch(credential):
+                raise ApiError(400, "invalid-parameter",
+                               "credential: expected a credential name ([a-z0-9][a-z0-9_-]*)")
+            self._known(credential)
+        pattern = request.query.get("type", "*")
+        if not pattern or len(pattern) > _TYPE_MAX or not pattern.isprintable():
+            raise ApiError(400, "invalid-parameter",
+                           f"type: expected an event type or glob of 1 to {_TYPE_MAX} characters, "
+                           "e.g. credentials.* or credentials.expiring")
+        if self._closing:
+            raise ApiError(503, "shutting-down", "the broker is stopping",
+                           {"Retry-After": "2"})
+        if len(self._clients) >= self._max_clients:
+            raise ApiError(503, "too-many-clients",
+                           f"already {len(self._clients)} event streams open; try again later",
+                           {"Retry-After": "10"})
+        sub = self._broker.subscribe(pattern, credential=credential, buffer=self._sse_buffer)
+        client = _Client(request, sub)
+        try:
+            # Subscribed first, then the ring caught up, with no await in between: every
+            # event is either in the ring (published before) or in `sub` (after), never lost.
+            self._sync_ring()
+            replay, last = self._replay(sub, since)
+            response = web.StreamResponse(
+                headers={
+                    "Content-Type": "text/event-stream; charset=utf-8",
+                    "Cache-Control": "no-cache",
+                    "X-Accel-Buffering": "no",  # nginx: do not buffer the stream
+                }
+            )
+            await response.prepare(request)
+            self._clients.add(client)
+            log.debug("event stream opened",
+                      extra={"credential": credential, "type": pattern, "since": since,
+                             "clients": len(self._clients)})
+            try:
+                await response.write(b"retry: %d\n: credbroker events\n\n" % RETRY_MS + replay)
+                await self._pump(request, response, sub, last)
+            except ConnectionError:
+                pass  # the client went away mid-write
+            return response
+        finally:
+            sub.close()
+            self._coalesced_closed += sub.coalesced
+            if client in self._clients:
+                self._clients.discard(client)
+                log.debug("event stream closed", extra={"clients": len(self._clients)})
+                if not self._clients:
+                    self._clients_gone.set()
+                    self._clients_gone = anyio.Event()
+
+    async def _pump(
+        self, request: web.Request, response: web.StreamResponse, sub: Subscription, last: int
+    ) -> None:
+        """Forward ``sub`` to the client until it leaves or the broker stops."""
+        quiet_since = time.monotonic()
+        while True:
+            event = sub.get_nowait()
+            if event is None:
+                if self._closing or _gone(request):
+                    return
+                idle = time.monotonic() - quiet_since
+                if idle >= self._keepalive:
+                    await response.write(b": keep-alive\n\n")
+                    quiet_since = time.monotonic()
+                    continue
+                with anyio.move_on_after(min(LIVENESS_CHECK, self._keepalive - idle)):
+                    try:
+                        event = await sub.get()
+                    except anyio.EndOfStream:
+                        return
+                if event is None:
+                    continue
+            # Whatever else is queued goes out in the same write.
+            frames: list[bytes] = []
+            while event is not None:
+                if event.sequence > last:  # replayed already, or in flight at replay time
+                    frames.append(_frame(event))
+                    last = event.sequence
+                event = sub.get_nowait()
+            if frames:
+                await response.write(b"".join(frames))
+                quiet_since = time.monotonic()
+
+    def _replay(self, sub: Subscription, since: int | None) -> tuple[bytes, int]:
+        """The frames to send first and the last sequence they account for."""
+        # The engine numbers an event before it publishes it: a state read over HTTP can
+        # carry a sequence the ring has not seen yet. That is not from the future.
+        newest = max(self._ring_head, self._broker.engine.sequence)
+        if since is None:
+            return b"", self._ring_head
+        if since < self._ring_floor or since > newest:
+            if since > newest:
+                reason = (f"event {since} is newer than the broker's latest ({newest}): "
+                          "its state was reset; re-read the state")
+            else:
+                reason = (f"events after {since} are no longer kept (the broker keeps the "
+                          f"last {self._ring.maxlen} since it started, from {self._ring_floor}); "
+                          "re-read the state")
+            data = encode({"reason": reason, "requested": since, "oldest": self._ring_floor,
+                           "latest": newest})
+            log.info("event stream reset", extra={"requested": since, "oldest": self._ring_floor,
+                                                  "latest": newest})
+            return b"id: %d\nevent: reset\ndata: %s\n\n" % (newest, data), newest
+        frames = [_frame(e) for e in self._ring if e.sequence > since and sub.matches(e)]
+        return b"".join(frames), max(since, self._ring_head)
+
+    def _append(self, event: Event) -> None:
+        ring = self._ring
+        if len(ring) == ring.maxlen:
+            self._ring_floor = ring[0].sequence
+        ring.append(event)
+        self._ring_head = max(self._ring_head, event.sequence)
+        self.metrics.observe_event(event)
+
+    def _sync_ring(self) -> None:
+        """Move every event the ring's subscription holds into the ring."""
+        sub = self._ring_sub
+        if sub is None:
+            return
+        while (event := sub.get_nowait()) is not None:
+            self._append(event)
+        if sub.coalesced != self._ring_lost:
+            # A burst larger than the ring arrived between two reads and our own mailbox
+            # coalesced some away: the ring has holes, so vouch only for what comes next.
+            self._ring_lost = sub.coalesced
+            self._ring.clear()
+            self._ring_floor = self._ring_head
+            log.warning("event burst overflowed the replay ring; older ids now get a reset")
+
+    def _stream_stats(self) -> StreamStats:
+        live = sum(c.subscription.coalesced for c in self._clients)
+        return StreamStats(clients=len(self._clients), coalesced=self._coalesced_closed + live)
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def _frame(event: Event) -> bytes:
+    payload = event.payload
+    if b"\n" in payload or b"\r" in payload:  # never from our encoder; stay correct anyway
+        payload = b"\ndata: ".join(payload.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+                                   .split(b"\n"))
+    return b"id: %d\nevent: %s\ndata: %s\n\n" % (event.sequence, event.type.encode(), payload)
+
+
+def _since(request: web.Request) -> int | None:
+    # Last-Event-ID wins: a browser's EventSource reconnects with the original URL (and its
+    # ?since=) plus the header, and the header is the more recent position.
+    header = request.headers.get("Last-Event-ID", "").strip()
+    where, raw = ("Last-Event-ID", header) if header else ("since", request.query.get("since"))
+    if raw is None:
+        return None
+    if not _ID_RE.fullmatch(raw):
+        raise ApiError(400, "invalid-parameter",
+                       f"{where}: expected an event id (a whole number >= 0, as sent in id:)")
+    return int(raw)
+
+
+def _gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+def _bearer_matches(header: str | None, token: bytes) -> bool:
+    if header is None:
+        return False
+    scheme, _, value = header.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    # Constant time, so the answer's timing says nothing about how much of a guess was right.
+    return hmac.compare_digest(value.strip().encode("utf-8", "backslashreplace"), token)
+
+
+def _json(doc: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=encode(doc), status=status,
+                        headers={"Content-Type": _JSON, **(headers or {})})
+
+
+def _error(status: int, code: str, message: str,
+           headers: dict[str, str] | None = None) -> web.Response:
+    return _json({"error": {"code": code, "message": message}}, status, headers)
+
+
+def _http_message(exc: web.HTTPException) -> str:
+    if exc.status == 404:
+        return "no such route; the API is described at /v1/openapi.json"
+    if exc.status == 405:
+        return f"method not allowed; allowed: {exc.headers.get('Allow', 'none')}"
+    return exc.reason
+
+
+def _show(value: str, limit: int = 64) -> str:
+    shown = value if len(value) <= limit else value[:limit] + "…"
+    return encode(shown).decode()
+
+
+def _bind_unix(path: Path) -> socket.socket:
+    """A listening unix socket at ``path``, created 0600 (never wider, not even briefly)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise ConfigError([("http.listen", f"cannot use {path}: {exc.strerror}")]) from None
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ConfigError([("http.listen", f"{path} exists and is not a socket; "
+                                "refusing to replace it")])
+        if _unix_in_use(path):
+            raise ConfigError([("http.listen", f"another process is listening on {path}")])
+        os.unlink(path)  # a stale socket left by a crash
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        # Linux gives the socket file the mode of the socket's inode at bind time, so this
+        # closes the window in which a chmod after bind would leave it group/world-usable.
+        os.fchmod(sock.fileno(), 0o600)
+        sock.bind(str(path))
+        os.chmod(path, 0o600)
+        sock.listen(128)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError([("http.listen", f"cannot listen on {path}: {exc.strerror}")]) from None
+    return sock
+
+
+def _unix_in_use(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError as exc:
+        return exc.errno not in (errno.ECONNREFUSED, errno.ENOENT)
+    finally:
+        probe.close()
+    return True

@@ -1,0 +1,203 @@
+"""Prometheus metrics of one broker, served by the HTTP API at ``/metrics``.
+
+Every ``Metrics`` owns its own ``CollectorRegistry``: nothing is registered in
+prometheus-client's global default registry, so several brokers (tests, embedding) in one
+process never share or collide on a metric. Counters of things that happen (events, HTTP
+requests) are incremented by the HTTP API; everything that *is* (credential status, time
+left, watcher, MQTT, SSE clients) is read live from the broker at scrape time by a custom
+collector, so the engine and the MQTT publisher need no metrics code of their own.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import choose_encoder
+
+from broker.events import Event
+from broker.state import Status
+
+if TYPE_CHECKING:
+    from broker.app import Broker
+
+#: HTTP methods kept as a label value; anything else a client sends is counted as "other"
+#: (a label must never take arbitrary client input: that is unbounded cardinality).
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+@dataclass(frozen=True, slots=True)
+class StreamStats:
+    """What the HTTP API knows about its Server-Sent Events clients, read at scrape time."""
+
+    clients: int
+    coalesced: int
+
+
+class Metrics:
+    """The metrics of one broker and its HTTP API, in a registry of their own.
+
+    ``stream_stats`` is called at every scrape for the SSE gauges.
+    """
+
+    def __init__(self, broker: Broker, stream_stats: Callable[[], StreamStats]) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self._events = Counter(
+            "credbroker_events",
+            "Events published, by type and credential.",
+            ["type", "credential"],
+            registry=self.registry,
+        )
+        self._requests = Counter(
+            "credbroker_http_requests",
+            "HTTP requests answered, by route template, method and status code.",
+            ["route", "method", "code"],
+            registry=self.registry,
+        )
+        self._latency = Histogram(
+            "credbroker_http_request_duration_seconds",
+            "Time to answer an HTTP request (for /v1/events: the life of the stream).",
+            ["route"],
+            buckets=(0.001, 0.005, 0.025, 0.1, 0.5, 2.5, 10.0, 60.0, 600.0),
+            registry=self.registry,
+        )
+        self.registry.register(_LiveCollector(broker, stream_stats))
+
+    def observe_event(self, event: Event) -> None:
+        """Count one published event."""
+        self._events.labels(event.type, event.subject).inc()
+
+    def observe_request(self, route: str, method: str, code: int, seconds: float) -> None:
+        """Count one answered request; ``route`` is the route template, never the raw path."""
+        method = method if method in KNOWN_METHODS else "other"
+        self._requests.labels(route, method, str(code)).inc()
+        self._latency.labels(route).observe(seconds)
+
+    def render(self, accept: str = "") -> tuple[bytes, str]:
+        """The exposition (Prometheus text, or OpenMetrics when ``accept`` asks for it)."""
+        encoder, content_type = choose_encoder(accept)
+        body: bytes = encoder(self.registry)
+        return body, str(content_type)
+
+
+class _LiveCollector:
+    """Reads the broker's current values at scrape time (a prometheus-client collector)."""
+
+    def __init__(self, broker: Broker, stream_stats: Callable[[], StreamStats]) -> None:
+        self._broker = broker
+        self._stream_stats = stream_stats
+
+    def collect(self) -> Iterator[Any]:
+        yield from self._credentials()
+        yield from self._engine()
+        yield from self._mqtt()
+        stats = self._stream_stats()
+        yield _gauge("credbroker_sse_clients", "Connected Server-Sent Events clients.",
+                     stats.clients)
+        yield _counter(
+            "credbroker_sse_coalesced_events",
+            "Events a slow SSE client never received because newer ones replaced them.",
+            stats.coalesced,
+        )
+
+    def _credentials(self) -> Iterator[Any]:
+        now = time.time()
+        status = GaugeMetricFamily(
+            "credbroker_credential_status",
+            "1 for the credential's current status, 0 for the others.",
+            labels=["credential", "status"],
+        )
+        left = GaugeMetricFamily(
+            "credbroker_credential_expiry_seconds",
+            "Seconds until the credential expires (negative once expired); absent when unknown.",
+            labels=["credential"],
+        )
+        generation = GaugeMetricFamily(
+            "credbroker_credential_generation",
+            "Content generation of the credential (+1 on every change).",
+            labels=["credential"],
+        )
+        problems = GaugeMetricFamily(
+            "credbroker_credential_problems",
+            "Problems the broker reports for the credential.",
+            labels=["credential"],
+        )
+        for state in self._broker.states():
+            name = state.credential
+            for value in Status:
+                status.add_metric([name, value.value], 1.0 if state.status is value else 0.0)
+            if state.expires_at is not None:
+                left.add_metric([name], state.expires_at - now)
+            generation.add_metric([name], state.generation)
+            problems.add_metric([name], len(state.problems))
+        yield from (status, left, generation, problems)
+
+    def _engine(self) -> Iterator[Any]:
+        engine = self._broker.engine
+        watcher = engine.watcher
+        paths = {str(p) for name in engine.names for p in engine.spec(name).files.values()}
+        polled = len(paths & watcher.polled)
+        files = GaugeMetricFamily(
+            "credbroker_watched_files",
+            "Credential files, by how changes to them are noticed.",
+            labels=["method"],
+        )
+        files.add_metric(["inotify"], len(paths) - polled)
+        files.add_metric(["polling"], polled)
+        yield files
+        yield _gauge("credbroker_inotify_watches", "Directories watched with inotify.",
+                     watcher.watch_count)
+        errors = getattr(watcher, "errors", None)
+        if isinstance(errors, int):  # only once the watcher counts them
+            yield _counter("credbroker_watcher_errors", "Errors seen by the file watcher.", errors)
+        yield _gauge(
+            "credbroker_resync_duration_seconds",
+            "How long the last resync (re-stat of every file) took.",
+            engine.last_resync_seconds,
+        )
+        yield _gauge("credbroker_event_sequence", "The broker-wide event sequence number.",
+                     engine.sequence)
+        yield _gauge(
+            "credbroker_state_store_healthy",
+            "1 while state is persisted to state_dir, 0 when running from memory.",
+            1.0 if self._broker.store.error is None else 0.0,
+        )
+
+    def _mqtt(self) -> Iterator[Any]:
+        sink = self._broker.sinks.get("mqtt")
+        yield _gauge("credbroker_mqtt_enabled", "1 when an [mqtt] section is configured.",
+                     0.0 if sink is None else 1.0)
+        if sink is None:
+            return
+        # The publisher is another component: read what it offers, never assume its shape.
+        yield _gauge("credbroker_mqtt_connected", "1 while connected to the MQTT server.",
+                     1.0 if getattr(sink, "state", None) == "connected" else 0.0)
+        yield _gauge("credbroker_mqtt_buffered", "Events waiting for the MQTT server.",
+                     _number(getattr(sink, "buffered", 0)))
+        for attr, help_text in (
+            ("connects", "Successful connections to the MQTT server."),
+            ("published", "Messages published to the MQTT server."),
+            ("publish_failures", "Publishes that failed."),
+        ):
+            yield _counter(f"credbroker_mqtt_{attr}", help_text, _number(getattr(sink, attr, 0)))
+
+
+def _number(value: object) -> float:
+    if isinstance(value, int | float):
+        return float(value)
+    try:
+        return float(len(value))  # type: ignore[arg-type]  # a buffer given as a collection
+    except TypeError:
+        return 0.0
+
+
+def _gauge(name: str, help_text: str, value: float) -> Any:
+    return GaugeMetricFamily(name, help_text, value=value)
+
+
+def _counter(name: str, help_text: str, value: float) -> Any:
+    return CounterMetricFamily(name, help_text, value=value)
