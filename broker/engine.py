@@ -44,6 +44,8 @@ MAX_SLEEP = 30.0
 FULL_REHASH_EVERY = 10
 #: Paths the kernel would not watch are polled this often (capped by resync_interval).
 POLL_INTERVAL = 2.0
+#: External findings that make unchanged content invalid.
+REJECTING_CODES = frozenset({"rejected-by-validator"})
 
 
 @dataclass(slots=True)
@@ -66,6 +68,7 @@ class _Pending:
     scan: bool = False  # found by looking, not by a writer's close: check for open writers
     force: bool = False  # read even if a writer seems busy (explicit check, start-up)
     respec: bool = False  # the credential's settings changed
+    announce: str | None = None  # also publish this event type with the resulting state
 
 
 class Engine:
@@ -94,6 +97,9 @@ class Engine:
         self._tracked: dict[str, Tracked] = {}
         self._by_path: dict[str, set[str]] = {}
         self._pending: dict[str, _Pending] = {}
+        # Findings from outside the files (validator, refresh runner): name -> source ->
+        # (fingerprint the finding is about, or None for "whatever the content", problem).
+        self._external: dict[str, dict[str, tuple[str | None, Problem]]] = {}
         self._wake = anyio.Event()
         self._reschedule = anyio.Event()
         # (when, name, kind) with lazy deletion: an entry counts only while it matches
@@ -130,6 +136,58 @@ class Engine:
             raise KeyError(name)
         await self._evaluate({name: _Pending(scan=True, force=True)})
         return self.state(name)
+
+    async def set_problem(
+        self,
+        name: str,
+        source: str,
+        problem: Problem | None,
+        *,
+        fingerprint: str | None = None,
+        announce: str | None = None,
+    ) -> State:
+        """Attach (``problem``) or clear (``None``) a finding from outside the files.
+
+        ``source`` names the finder ("validate", "refresh"); each has one slot. A problem
+        coded ``rejected-by-validator`` makes unchanged content ``invalid``; others are
+        reported without changing the status. ``fingerprint`` ties the finding to one
+        version of the content: once the content changes, the finding is dropped.
+        ``announce`` publishes an event of that type (``credentials.refresh_failed``) with
+        the resulting state. Returns the state after the re-read.
+        """
+        if name not in self._tracked:
+            raise KeyError(name)
+        slots = self._external.setdefault(name, {})
+        if problem is None:
+            slots.pop(source, None)
+        else:
+            slots[source] = (fingerprint, problem)
+        await self._evaluate({name: _Pending(force=True, announce=announce)})
+        return self.state(name)
+
+    def _with_external(self, name: str, spec: CredentialSettings, obs: Observation) -> Observation:
+        slots = self._external.get(name)
+        if not slots or obs.outcome is Status.MISSING:
+            return obs
+        for source, (fingerprint, _) in list(slots.items()):
+            if fingerprint is not None and fingerprint != obs.fingerprint:
+                del slots[source]  # about content that is gone
+        found = [
+            p if p.remedy else replace(p, remedy=spec.remedy(p.code, spec.expiry_file))
+            for _, p in slots.values()
+        ]
+        if not found:
+            return obs
+        rejected = [p for p in found if p.code in REJECTING_CODES]
+        others = [p for p in found if p.code not in REJECTING_CODES]
+        if rejected and obs.outcome is Status.VALID:
+            return replace(
+                obs,
+                outcome=Status.INVALID,
+                problems=(*rejected, *obs.problems, *others),
+                lifetime=None,
+            )
+        return replace(obs, problems=(*obs.problems, *rejected, *others))
 
     async def quiesce(self) -> None:
         """Wait until nothing is queued, evaluating, or waiting out a missing grace period."""
@@ -199,11 +257,9 @@ class Engine:
             names |= self._by_path.get(path, set())
         self._mark(names, scan=scan)
 
-    def _mark(self, names: Iterable[str], *, scan: bool, force: bool = False) -> None:
+    def _mark(self, names: Iterable[str], *, scan: bool) -> None:
         for name in names:
-            pending = self._pending.setdefault(name, _Pending())
-            pending.scan |= scan
-            pending.force |= force
+            self._pending.setdefault(name, _Pending()).scan |= scan
         self._wake.set()
 
     # -- loops ------------------------------------------------------------------------------
@@ -301,6 +357,7 @@ class Engine:
                     self.watcher.polled,
                     self.resync_interval,
                 )
+                obs = self._with_external(name, tracked.spec, obs)
                 if self._hold_missing(tracked, obs, now):
                     continue
                 prev = tracked.state
@@ -308,6 +365,8 @@ class Engine:
                 tr = transition(
                     tracked.spec, prev, obs, now, startup=startup, respec=batch[name].respec
                 )
+                if batch[name].announce:
+                    tr = replace(tr, events=(*tr.events, (batch[name].announce, tr.state)))
                 results[name] = (file_reads, tr)
             scanned = [n for n, (_, tr) in results.items() if tr.events and batch[n].scan]
             if scanned:

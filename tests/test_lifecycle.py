@@ -371,3 +371,48 @@ def test_sighup_reloads_the_daemon(tmp_path: Path, secrets: SecretRegistry) -> N
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+async def test_external_findings_reject_and_announce(
+    harness_factory: Any, tmp_path: Path, secrets: SecretRegistry
+) -> None:
+    from broker.state import Problem
+
+    path = tmp_path / "token"
+    write_atomic(path, secrets.token())
+    async with harness_factory([{"name": "svc", "files": {"token": str(path)}}]) as h:
+        await h.fence()
+        h.seen.clear()
+        engine = h.broker.engine
+        fp = h.broker.state("svc").fingerprint
+        rejected = Problem("rejected-by-validator", "the API answered 401")
+        state = await engine.set_problem("svc", "validate", rejected, fingerprint=fp)
+        assert state.status is Status.INVALID
+        assert state.generation == 1
+        assert state.problems[0].code == "rejected-by-validator"
+        # Unreachable is advice, not a verdict: the status stays.
+        await engine.set_problem("svc", "validate", None)
+        unreachable = Problem("validator-unreachable", "timed out", "retry later")
+        state = await engine.set_problem("svc", "validate", unreachable)
+        assert state.status is Status.VALID
+        assert [p.code for p in state.problems][-1] == "validator-unreachable"
+        failed = Problem("refresh-failed", "exit code 1")
+        state = await engine.set_problem(
+            "svc", "refresh", failed, announce="credentials.refresh_failed"
+        )
+        await h.fence()
+        assert h.types("svc") == [
+            "credentials.invalid",
+            "credentials.refreshed",
+            "credentials.refresh_failed",
+        ]
+        assert "refresh-failed" in [p.code for p in h.of("svc")[-1].data.problems]
+        # A rejection is about one version of the content: new content drops it.
+        await engine.set_problem("svc", "validate", rejected, fingerprint=fp)
+        assert h.broker.state("svc").status is Status.INVALID
+        assert (await h.next("svc")).type == "credentials.invalid"
+        write_atomic(path, secrets.token())
+        event = await h.next("svc")
+        assert event.type == "credentials.refreshed"
+        assert event.data.generation == 2
+        assert "rejected-by-validator" not in [p.code for p in event.data.problems]
