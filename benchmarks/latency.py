@@ -120,14 +120,20 @@ async def run(changes: int) -> dict[str, Any]:
 def table(results: dict[str, Any]) -> str:
     lines = ["| path | n | p50 ms | p99 ms | max ms |", "|---|---:|---:|---:|---:|"]
     for name, row in results["rows"].items():
-        lines.append(f"| {name} | {row['n']} | {row['p50_ms']} | {row['p99_ms']} | {row['max_ms']} |")
+        lines.append(
+            f"| {name} | {row['n']} | {row['p50_ms']} | {row['p99_ms']} | {row['max_ms']} |"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--changes", type=int, default=200)
-    parser.add_argument("--smoke", action="store_true", help="a few changes, to keep the script from rotting")
+    parser.add_argument(
+        "--smoke", action="store_true", help="a few changes, to keep the script from rotting"
+    )
     parser.add_argument("--json", action="store_true", help="also print the JSON document")
     args = parser.parse_args(argv)
     results = anyio.run(run, 10 if args.smoke else args.changes)
