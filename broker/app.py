@@ -100,10 +100,16 @@ class Broker:
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         try:
-            await self._tg.start(self._engine.run)
+            # Sinks are made (and subscribe) before the engine's first read, so that the
+            # first-sight events reach them too; they start serving once the engine has a
+            # state for every credential.
+            chosen: dict[str, Sink] = {}
             for factory in self._sink_factories():
                 sink = factory(self)
-                self.sinks[sink.name] = sink
+                chosen[sink.name] = sink  # a caller's sink replaces the built-in of its name
+            self.sinks.update(chosen)
+            await self._tg.start(self._engine.run)
+            for sink in chosen.values():
                 await self._tg.start(sink.run)
         except BaseException:
             self._tg.cancel_scope.cancel()
@@ -152,8 +158,17 @@ class Broker:
         return self.store.load(), key
 
     def _sink_factories(self) -> list[SinkFactory]:
-        # Imported here so that an embedded broker without MQTT or HTTP never loads them.
+        # Imported here so that an embedded broker without them never loads these modules.
         factories: list[SinkFactory] = []
+        credentials = self._config.credentials
+        if any(c.refresh is not None for c in credentials):
+            from broker.refresh import Refresher
+
+            factories.append(Refresher)
+        if any(c.validate_ is not None for c in credentials):
+            from broker.validate import Validator
+
+            factories.append(Validator)
         if self._config.mqtt is not None:
             from broker.mqtt import MqttPublisher
 

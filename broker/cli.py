@@ -1,4 +1,4 @@
-"""The ``credbroker`` command line: ``run``, ``check``, ``presets``."""
+"""The ``credbroker`` command line: ``run``, ``check``, ``presets``, ``status``, ``events``."""
 
 from __future__ import annotations
 
@@ -9,20 +9,20 @@ import secrets
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TextIO
 
 import anyio
 
-from broker import logs
+from broker import logs, remote
 from broker.app import Broker
-from broker.config import Config, ConfigError, load_config
+from broker.config import Config, ConfigError, CredentialSettings, load_config
 from broker.durations import format_duration
 from broker.engine import annotate_polling
 from broker.fingerprint import Fingerprinter
-from broker.machine import observe, transition
+from broker.machine import Observation, observe, transition
 from broker.presets import PRESETS
-from broker.reader import read_file
+from broker.reader import read_credential
 from broker.state import State, Status
 from broker.store import KEY_FILE
 from broker.watcher import Watcher
@@ -40,7 +40,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    handler = {"run": _cmd_run, "check": _cmd_check, "presets": _cmd_presets}[args.command]
+    handler = {
+        "run": _cmd_run,
+        "check": _cmd_check,
+        "presets": _cmd_presets,
+        "status": remote.cmd_status,
+        "events": remote.cmd_events,
+    }[args.command]
     try:
         return handler(args)
     except ConfigError as exc:
@@ -80,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="print state documents as JSON")
 
     sub.add_parser("presets", help="list the built-in presets and their files")
+    remote.add_parsers(sub)  # status, events: clients of a running daemon's HTTP API
     return parser
 
 
@@ -143,21 +150,50 @@ def check_now(config: Config, names: Sequence[str] = ()) -> list[State]:
     """Read the files of ``names`` (default all) now and derive their states.
 
     No daemon, no writes: generations are not known here, only status and problems.
+    Credentials with ``validate`` settings are validated (one request each, concurrently);
+    a ``refresh-failed`` problem the daemon last reported for the same content is shown.
     """
+    from broker import validate
+    from broker.refresh import persisted_refresh_problems
+
     key = _read_key(config)
     fp = Fingerprinter(key)
     specs = [c for c in config.credentials if not names or c.name in names]
     now = time.time()
-    states: list[State] = []
+    # A failing refresh is only known to the daemon: show what it last reported about the
+    # content that is there now.
+    refresh_failed = (
+        persisted_refresh_problems(config.broker.state_dir)
+        if any(spec.refresh is not None for spec in specs)
+        else {}
+    )
+    observed: list[tuple[CredentialSettings, Observation, State]] = []
+    to_validate: list[tuple[int, CredentialSettings, dict[str, bytes]]] = []
     with Watcher(lambda paths, scan: None) as watcher:
-        watcher.watch(str(p) for spec in specs for p in spec.files.values())
+        watcher.watch(str(p) for spec in specs for p in spec.watched_paths)
         for spec in specs:
-            reads = [read_file(role, str(path), spec.max_size) for role, path in spec.files.items()]
+            read = read_credential(spec)  # patterns expanded; the fallback when it applies
+            reads = read.reads
             obs = annotate_polling(
-                observe(spec, reads, fp), watcher.polled, config.broker.resync_interval
+                observe(read.spec, reads, fp, note=read.note),
+                watcher.polled,
+                config.broker.resync_interval,
             )
-            states.append(transition(spec, None, obs, now).state)
-    return states
+            found = refresh_failed.get(spec.name)
+            if spec.refresh is not None and found is not None and found[0] == obs.fingerprint:
+                obs = validate.apply_findings(obs, [found[1]])
+            state = transition(read.spec, None, obs, now).state
+            if spec.validate_ is not None and validate.worth_validating(state):
+                to_validate.append((len(observed), spec, validate.header_contents(reads)))
+            observed.append((read.spec, obs, state))
+    if to_validate:
+        verdicts = anyio.run(validate.validate_many, [(s, c) for _, s, c in to_validate])
+        for (index, _, _), verdict in zip(to_validate, verdicts, strict=True):
+            if verdict is not None and verdict.problem is not None:
+                used, obs, _ = observed[index]
+                obs = validate.apply_findings(obs, [verdict.problem])
+                observed[index] = (used, obs, transition(used, None, obs, now).state)
+    return [state for _, _, state in observed]
 
 
 def _read_key(config: Config) -> bytes:
@@ -194,9 +230,60 @@ def print_table(states: Sequence[State], out: TextIO, now: float | None = None) 
 
 
 def _cmd_presets(args: argparse.Namespace) -> int:
-    for preset in PRESETS.values():
+    """Every preset, as data: what it reads, how, and what it takes."""
+    for index, preset in enumerate(PRESETS.values()):
+        if index:
+            print()
         print(f"{preset.name}: {preset.description}")
-        print(f"  format {preset.format}, expiry {preset.expiry}")
-        for role, path in preset.files.items():
-            print(f"  {role:<10} {path}")
+        rows = [("files", line) for line in _preset_files(preset.files)]
+        fmt = preset.format
+        if preset.select:
+            fmt += f"; only what select = \"{preset.select}\" names counts"
+        rows.append(("format", fmt))
+        expiry = ", else ".join(preset.expiry_sources)
+        if len(preset.files) > 1:
+            expiry += f" (from {preset.expiry_file or next(iter(preset.files))})"
+        rows.append(("expiry", expiry))
+        if preset.expiry_sources != ("none",):
+            rows.append(("expiring", _preset_window(preset.expiring_before,
+                                                    preset.expiring_fraction)))
+        if preset.key_file:
+            rows.append(("key check", f"{preset.key_file} must hold the certificate's key"))
+        if preset.parameters:
+            rows.append(("parameters", ", ".join(
+                f'{name} = "{default}"' for name, default in preset.parameters.items()
+            )))
+        if preset.fallback:
+            fallback = preset.fallback
+            sources = (fallback.expiry,) if isinstance(fallback.expiry, str) else fallback.expiry
+            rows.append(("fallback", f"while the expiry file is absent: {fallback.format}, "
+                         f"expiry {', else '.join(sources)}"))
+            rows.extend(("", line) for line in _preset_files(fallback.files))
+        if preset.refresh:
+            rows.append(("refresh", " ".join(str(a) for a in preset.refresh.get("command", ()))))
+        if preset.notes:
+            rows.append(("note", preset.notes))
+        previous = None
+        for label, text in rows:
+            shown = "" if label == previous else label + ":" if label else ""
+            previous = label or previous
+            print(f"  {shown:<12}{text}")
     return EXIT_OK
+
+
+def _preset_files(files: Mapping[str, str]) -> list[str]:
+    width = max(len(role) for role in files)
+    return [
+        f"{role:<{width}}  {path or f'(required: set files.{role})'}"
+        for role, path in files.items()
+    ]
+
+
+def _preset_window(before: str | None, fraction: float | None) -> str:
+    share = f"{(fraction if fraction is not None else 0.8):.0%}"
+    if fraction is not None and abs(fraction - 2 / 3) < 1e-9:
+        share = "2/3"
+    return (
+        f"{before or '15m'} before expiry, or at {share} of the lifetime where the issue "
+        "time is known, whichever comes first"
+    )

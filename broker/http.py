@@ -71,6 +71,7 @@ RETRY_MS = 2000
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 _ID_RE = re.compile(r"[0-9]{1,18}")
 _TYPE_MAX = 128
+_TYPE_RE = re.compile(rf"[\x20-\x7e]{{1,{_TYPE_MAX}}}")
 _JSON = "application/json; charset=utf-8"
 _ERROR_CODES = {
     400: "bad-request",
@@ -84,6 +85,7 @@ _ERROR_CODES = {
     500: "internal-error",
     503: "unavailable",
 }
+_QUERY_PARAMETERS = {"/v1/events": frozenset({"since", "credential", "type"})}
 _KEPT_HEADERS = ("Allow", "WWW-Authenticate", "Retry-After")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -142,10 +144,11 @@ class HttpApi:
         self._sse_buffer = sse_buffer or SSE_BUFFER
         self._keepalive = keepalive or KEEPALIVE
         self._max_clients = max_clients or MAX_SSE_CLIENTS
+        # Subscribed here rather than in run(): a broker that creates its sinks before it
+        # starts the engine gets the first-sight events into the ring and the counters too.
+        self._ring_sub = broker.subscribe("*", buffer=self._ring.maxlen or RING_SIZE)
         # The ring holds every event with ring_floor < sequence <= ring_head.
-        self._ring_floor = 0
-        self._ring_head = 0
-        self._ring_sub: Subscription | None = None
+        self._ring_floor = self._ring_head = broker.engine.sequence
         self._ring_lost = 0
         self._clients: set[_Client] = set()
         self._clients_gone = anyio.Event()
@@ -170,15 +173,14 @@ class HttpApi:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled; then end every stream and close the listener promptly."""
-        self._token = await anyio.to_thread.run_sync(self._read_token)
-        runner = web.AppRunner(self._make_app(), access_log=None, handle_signals=False,
-                               shutdown_timeout=SHUTDOWN_GRACE)
-        await runner.setup()
+        ring_sub = self._ring_sub
+        runner: web.AppRunner | None = None
         unix_inode: tuple[int, int] | None = None
-        ring_sub = self._broker.subscribe("*", buffer=self._ring.maxlen or RING_SIZE)
-        self._ring_sub = ring_sub
-        self._ring_floor = self._ring_head = self._broker.engine.sequence
         try:
+            self._token = await anyio.to_thread.run_sync(self._read_token)
+            runner = web.AppRunner(self._make_app(), access_log=None, handle_signals=False,
+                                   shutdown_timeout=SHUTDOWN_GRACE)
+            await runner.setup()
             unix_inode = await self._listen(runner)
             log.info(
                 "http listening",
@@ -191,8 +193,9 @@ class HttpApi:
             await anyio.sleep_forever()  # the bus closed before us: keep serving state
         finally:
             ring_sub.close()
-            with anyio.CancelScope(shield=True), anyio.move_on_after(4 * SHUTDOWN_GRACE + 2):
-                await self._shutdown(runner, unix_inode)
+            if runner is not None:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(4 * SHUTDOWN_GRACE + 2):
+                    await self._shutdown(runner, unix_inode)
 
     async def _shutdown(self, runner: web.AppRunner, unix_inode: tuple[int, int] | None) -> None:
         self._closing = True
@@ -250,7 +253,8 @@ class HttpApi:
             raw = path.read_bytes()
             mode = os.stat(path).st_mode
         except OSError as exc:
-            raise ConfigError([("http.token_file", f"cannot read {path}: {exc.strerror}")]) from None
+            message = f"cannot read {path}: {exc.strerror}"
+            raise ConfigError([("http.token_file", message)]) from None
         token = raw.strip()
         if not token:
             raise ConfigError([("http.token_file", f"{path} is empty")])
@@ -266,7 +270,7 @@ class HttpApi:
 
     def _make_app(self) -> web.Application:
         app = web.Application(
-            middlewares=[self._measure, self._errors, self._authorize],
+            middlewares=[self._measure, self._errors, self._authorize, self._check_query],
             client_max_size=64 * 1024,  # no route takes a body
         )
         router = app.router
@@ -283,6 +287,7 @@ class HttpApi:
 
     # -- middlewares (outermost first) -----------------------------------------------------
 
+    @web.middleware
     async def _measure(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()
         status = 500
@@ -301,6 +306,7 @@ class HttpApi:
                        "seconds": round(elapsed, 4)},
             )
 
+    @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Turn every failure into a JSON error; a bug is logged, never shown to the client."""
         try:
@@ -322,19 +328,39 @@ class HttpApi:
             )
             return _error(500, "internal-error", "internal error; the broker's log has details")
 
+    @web.middleware
     async def _authorize(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         # Checked before the route is looked at, so an unauthenticated client learns nothing,
         # not even which paths exist. Health stays open for load balancers and probes.
         token = self._token
-        if token is not None and request.match_info.route.resource is not self._health_resource:
-            if not _bearer_matches(request.headers.get("Authorization"), token):
-                raise ApiError(
-                    401,
-                    "unauthorized",
-                    'missing or wrong token: send "Authorization: Bearer <token>" with the '
-                    "token from the broker's http.token_file",
-                    {"WWW-Authenticate": 'Bearer realm="credbroker"'},
-                )
+        if (
+            token is not None
+            and request.match_info.route.resource is not self._health_resource
+            and not _bearer_matches(request.headers.get("Authorization"), token)
+        ):
+            raise ApiError(
+                401,
+                "unauthorized",
+                'missing or wrong token: send "Authorization: Bearer <token>" with the '
+                "token from the broker's http.token_file",
+                {"WWW-Authenticate": 'Bearer realm="credbroker"'},
+            )
+        return await handler(request)
+
+    @web.middleware
+    async def _check_query(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        # Unknown or repeated parameters are refused rather than ignored: a typo such as
+        # ?credentail=x must not silently stream every credential's events.
+        resource = request.match_info.route.resource
+        if resource is not None:
+            allowed = _QUERY_PARAMETERS.get(resource.canonical, frozenset())
+            for key in request.query:
+                if key not in allowed:
+                    known = ", ".join(sorted(allowed)) or "none"
+                    raise ApiError(400, "invalid-parameter",
+                                   f"unknown query parameter {_show(key)} (known: {known})")
+                if len(request.query.getall(key)) > 1:
+                    raise ApiError(400, "invalid-parameter", f"{key}: given more than once")
         return await handler(request)
 
     # -- handlers ---------------------------------------------------------------------------
@@ -386,7 +412,7 @@ class HttpApi:
                                "credential: expected a credential name ([a-z0-9][a-z0-9_-]*)")
             self._known(credential)
         pattern = request.query.get("type", "*")
-        if not pattern or len(pattern) > _TYPE_MAX or not pattern.isprintable():
+        if not _TYPE_RE.fullmatch(pattern):
             raise ApiError(400, "invalid-parameter",
                            f"type: expected an event type or glob of 1 to {_TYPE_MAX} characters, "
                            "e.g. credentials.* or credentials.expiring")
@@ -411,12 +437,13 @@ class HttpApi:
                     "X-Accel-Buffering": "no",  # nginx: do not buffer the stream
                 }
             )
-            await response.prepare(request)
+            # Registered before the headers go out: a client that has them is counted.
             self._clients.add(client)
             log.debug("event stream opened",
                       extra={"credential": credential, "type": pattern, "since": since,
                              "clients": len(self._clients)})
             try:
+                await response.prepare(request)
                 await response.write(b"retry: %d\n: credbroker events\n\n" % RETRY_MS + replay)
                 await self._pump(request, response, sub, last)
             except ConnectionError:
@@ -499,8 +526,6 @@ class HttpApi:
     def _sync_ring(self) -> None:
         """Move every event the ring's subscription holds into the ring."""
         sub = self._ring_sub
-        if sub is None:
-            return
         while (event := sub.get_nowait()) is not None:
             self._append(event)
         if sub.coalesced != self._ring_lost:
