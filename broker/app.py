@@ -6,7 +6,7 @@ import logging
 import secrets
 from collections.abc import Callable, Coroutine
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
@@ -34,6 +34,11 @@ class Sink(Protocol):
 
 
 SinkFactory = Callable[["Broker"], Sink]
+
+
+@runtime_checkable
+class _Validating(Sink, Protocol):
+    async def validate_now(self, name: str) -> State: ...
 
 
 class Broker:
@@ -199,8 +204,14 @@ class Broker:
         return self.engine.states()
 
     async def check(self, name: str) -> State:
-        """Re-read ``name``'s files now (no cache), publish any change, return the state."""
-        return await self.engine.check(name)
+        """Re-read ``name``'s files now (no cache), ask its validator if it has one, publish
+        any change, and return the state (what ``sky check`` needs, and HTTP's POST check).
+        """
+        state = await self.engine.check(name)
+        validator = self.sinks.get("validate")
+        if isinstance(validator, _Validating):
+            state = await validator.validate_now(name)
+        return state
 
     def subscribe(
         self,
