@@ -8,26 +8,39 @@ password) into a message.
 
 Decisions worth knowing:
 
-- Paths: ``~`` (from ``env["HOME"]``), ``~user``, ``$VAR`` and ``${VAR}`` expand; ``$$`` is a
-  literal ``$``. An unset or empty variable is an error. Relative paths are taken against the
-  config file's directory (the cwd when there is no file). Symlinks are *not* resolved: the
-  watcher must see e.g. the Kubernetes ``..data`` swap at the path as written.
+- Paths: ``~`` (from ``env["HOME"]``), ``~user``, ``$VAR`` and ``${VAR}`` expand; so does
+  ``${VAR:-default}`` (``default`` when VAR is unset or empty; it may hold ``~`` and ``${...}``
+  itself); ``$$`` is a literal ``$``. Otherwise an unset or empty variable is an error.
+  Relative paths are taken against the config file's directory (the cwd when there is no
+  file). Symlinks are *not* resolved: the watcher must see e.g. the Kubernetes ``..data`` swap
+  at the path as written.
+- A path whose last component holds ``*``, ``?`` or ``[`` is a pattern: the role is the set of
+  files matching it, found at read time (the directory part must be a plain path).
+- ``expiry`` is one source or an array of sources tried in order: a source that finds no
+  field (``no-expiry``) hands over to the next. ``select`` cuts the expiry file down to the
+  part that belongs to this credential (``ini-section:<name>``) before anything else looks at
+  it. ``key_file`` names the role whose private key must belong to the certificate.
+  ``fallback`` is a second set of files used while the expiry file is absent.
 - Presets: the preset's values come first and every key the user writes overrides them.
   ``files`` and ``remedies`` merge per key (the user can re-point or add roles, but not remove
-  one); ``name`` defaults to the preset's name.
+  one); ``name`` defaults to the preset's name. A preset's parameters (``profile``) are keys
+  of the credential table, accepted only with that preset; ``{profile}`` in its expiry
+  sources, selector, remedies and refresh command becomes the value.
 - ``remedies`` may be written in TOML too: keys are problem codes, or ``"<code>:<role>"`` for
-  one role; values are templates with ``{path}`` and ``{role}``.
+  one role; values are templates with ``{path}``, ``{path:<role>}`` and ``{role}``.
 - At least one ``[[credentials]]`` table is required.
 """
 
 from __future__ import annotations
 
 import difflib
+import fnmatch
 import ipaddress
 import json
 import os
 import pwd
 import re
+import shlex
 import socket
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
@@ -54,18 +67,30 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from broker.durations import parse_duration, parse_size
 from broker.expiry import ExpirySource, parse_expiry_source
-from broker.presets import PRESETS, PROBLEM_CODES, Preset, default_remedy, fill_remedy
+from broker.formats import Selector, parse_selector
+from broker.presets import (
+    PRESETS,
+    PROBLEM_CODES,
+    Preset,
+    PresetFallback,
+    default_remedy,
+    fill_remedy,
+)
 
 __all__ = [
     "BrokerSettings",
     "Config",
     "ConfigError",
     "CredentialSettings",
+    "FallbackSettings",
     "HttpSettings",
     "MqttSettings",
     "RefreshSettings",
     "ValidateSettings",
     "default_host_id",
+    "expand_template",
+    "glob_matches",
+    "is_glob",
     "load_config",
     "parse_config",
 ]
@@ -84,8 +109,6 @@ _NAME_MAX = 64
 _HOSTNAME_RE = re.compile(r"[a-z0-9_][a-z0-9_.-]*")
 _HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _PLACEHOLDER_RE = re.compile(r"\{([^{}]*)\}")
-# $$ | ${NAME} | $NAME | a "${" that is not a well-formed ${NAME}
-_VAR_RE = re.compile(r"\$(?:(\$)|\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*)|(\{))")
 _CTX_KEY = "credbroker"
 
 
@@ -158,30 +181,13 @@ class _LoadContext:
     base_dir: Path | None  # None: the cwd, looked up only if a relative path needs it
     seen_names: set[str] = field(default_factory=set)
 
-    def home(self, text: str) -> str:
-        home = self.env.get("HOME")
-        if not home:
-            raise ValueError(f'cannot expand "~" in {_show(text)}: HOME is not set')
-        return home
-
     def expand(self, text: str) -> Path:
         """``~``, ``$VARS``, then relative-to-base. Raises ValueError with a user message."""
         if not text:
             raise ValueError("the path is empty")
         if "\0" in text:
             raise ValueError("the path contains a NUL character")
-        prefix, rest = "", text
-        if text.startswith("~"):
-            head, sep, tail = text[1:].partition("/")
-            if head:
-                try:
-                    prefix = pwd.getpwnam(head).pw_dir
-                except KeyError:
-                    raise ValueError(f'cannot expand "~{head}": no such user') from None
-            else:
-                prefix = self.home(text)
-            rest = sep + tail
-        expanded = prefix + self._expand_vars(rest)
+        expanded = expand_template(text, self.env)
         if not expanded or "\0" in expanded:
             raise ValueError(f"{_show(text)} expands to an empty or invalid path")
         path = Path(expanded)
@@ -193,22 +199,157 @@ class _LoadContext:
             path = base / path
         return path
 
-    def _expand_vars(self, text: str) -> str:
-        def substitute(match: re.Match[str]) -> str:
-            dollar, braced, bare, broken = match.groups()
-            if dollar:
-                return "$"
-            if broken:
-                raise ValueError('malformed "${...}"; write ${NAME} (or $$ for a literal $)')
-            name = braced or bare
-            value = self.env.get(name)
-            if value is None:
-                raise ValueError(f"environment variable ${name} is not set")
-            if not value:
-                raise ValueError(f"environment variable ${name} is empty")
-            return value
 
-        return _VAR_RE.sub(substitute, text)
+# --------------------------------------------------------------------------------------------
+# Path templates: ~, $VAR, ${VAR}, ${VAR:-default}, $$
+
+
+@dataclass(frozen=True, slots=True)
+class _Tilde:
+    user: str  # "" = HOME
+
+
+@dataclass(frozen=True, slots=True)
+class _Var:
+    name: str
+    default: tuple[_Node, ...] | None  # ${NAME:-default}; None for $NAME / ${NAME}
+
+
+_Node = str | _Tilde | _Var
+_NAME_AT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_MALFORMED = 'malformed "${...}"; write ${NAME} or ${NAME:-default} (or $$ for a literal $)'
+
+
+def expand_template(text: str, env: Mapping[str, str]) -> str:
+    """Expand a path template the way a POSIX shell expands a word, on a small grammar.
+
+    - ``~`` or ``~user`` at the start of the text, or at the start of a ``:-`` default:
+      ``env["HOME"]`` or that user's home directory;
+    - ``$NAME`` and ``${NAME}``: the variable, which must be set and non-empty;
+    - ``${NAME:-default}``: the variable if set and non-empty, else ``default``, itself a
+      template (``~`` and ``${...}`` expand in it). As in the shell, a default that is not
+      needed is not evaluated: an unset variable there is no error;
+    - ``$$``: a literal ``$``; any other ``$`` not followed by a name stays as it is.
+
+    Values of variables are used literally (no ``~`` or ``$`` expansion inside them), as a
+    shell does. Raises ``ValueError`` with a message naming the problem.
+    """
+    nodes, end = _parse_template(text, 0, nested=False)
+    assert end == len(text)
+    return _evaluate(nodes, env, text)
+
+
+def _parse_template(text: str, pos: int, *, nested: bool) -> tuple[tuple[_Node, ...], int]:
+    """Parse from ``pos`` to the end (or, ``nested``, to the ``}`` that closes a default)."""
+    nodes: list[_Node] = []
+    literal: list[str] = []
+
+    def flush() -> None:
+        if literal:
+            nodes.append("".join(literal))
+            literal.clear()
+
+    if text.startswith("~", pos):
+        end = pos + 1
+        while end < len(text) and text[end] != "/" and not (nested and text[end] == "}"):
+            end += 1
+        nodes.append(_Tilde(text[pos + 1 : end]))
+        pos = end
+    while pos < len(text):
+        char = text[pos]
+        if nested and char == "}":
+            break
+        if char != "$":
+            literal.append(char)
+            pos += 1
+            continue
+        following = text[pos + 1 : pos + 2]
+        if following == "$":
+            literal.append("$")
+            pos += 2
+            continue
+        if following == "{":
+            match = _NAME_AT.match(text, pos + 2)
+            if match is None:
+                raise ValueError(_MALFORMED)
+            after = match.end()
+            if text.startswith("}", after):
+                flush()
+                nodes.append(_Var(match.group(), None))
+                pos = after + 1
+                continue
+            if text.startswith(":-", after):
+                default, close = _parse_template(text, after + 2, nested=True)
+                if close >= len(text):
+                    raise ValueError(f'unclosed "${{{match.group()}:-..."; add the closing "}}"')
+                flush()
+                nodes.append(_Var(match.group(), default))
+                pos = close + 1
+                continue
+            raise ValueError(_MALFORMED)
+        match = _NAME_AT.match(text, pos + 1)
+        if match is None:
+            literal.append("$")  # "$" before something that is no name: a literal "$"
+            pos += 1
+            continue
+        flush()
+        nodes.append(_Var(match.group(), None))
+        pos = match.end()
+    flush()
+    return tuple(nodes), pos
+
+
+def _evaluate(nodes: tuple[_Node, ...], env: Mapping[str, str], text: str) -> str:
+    out: list[str] = []
+    for node in nodes:
+        if isinstance(node, str):
+            out.append(node)
+        elif isinstance(node, _Tilde):
+            if "$" in node.user or "{" in node.user:
+                raise ValueError(f'cannot expand "~{node.user}": no such user')
+            if node.user:
+                try:
+                    out.append(pwd.getpwnam(node.user).pw_dir)
+                except KeyError:
+                    raise ValueError(f'cannot expand "~{node.user}": no such user') from None
+            else:
+                home = env.get("HOME")
+                if not home:
+                    raise ValueError(f'cannot expand "~" in {_show(text)}: HOME is not set')
+                out.append(home)
+        else:
+            value = env.get(node.name)
+            if value:
+                out.append(value)
+            elif node.default is not None:
+                out.append(_evaluate(node.default, env, text))
+            elif value is None:
+                raise ValueError(f"environment variable ${node.name} is not set")
+            else:
+                raise ValueError(f"environment variable ${node.name} is empty")
+    return "".join(out)
+
+
+# --------------------------------------------------------------------------------------------
+# Glob roles: a path whose last component is a pattern is the set of files matching it
+
+_GLOB_CHARS = frozenset("*?[")
+
+
+def is_glob(path: str | PurePath) -> bool:
+    """True when the last component of ``path`` holds ``*``, ``?`` or ``[``."""
+    return not _GLOB_CHARS.isdisjoint(os.path.basename(str(path)))
+
+
+def glob_matches(name: str, pattern: str) -> bool:
+    """Whether file ``name`` matches the last-component ``pattern``, as the shell's glob says.
+
+    As in the shell, a name starting with ``.`` matches only a pattern starting with ``.``:
+    that keeps the hidden temporary files of atomic writers (``.token.tmp-1234``) out.
+    """
+    if name.startswith(".") and not pattern.startswith("."):
+        return False
+    return fnmatch.fnmatchcase(name, pattern)
 
 
 def _ctx(info: ValidationInfo) -> _LoadContext:
@@ -316,17 +457,82 @@ def _status_code(value: Any) -> int:
     return value
 
 
+_EXPIRY_EXPECTED = "jwt, json:<path>, ini:<section>.<key>, pem, ttl:<duration>, none"
+# Sources that always answer (never "no-expiry"): nothing after one of them could be reached.
+_FINAL_SOURCES = frozenset({"none", "ttl", "pem"})
+
+
 def _expiry(value: Any) -> ExpirySource:
     if isinstance(value, ExpirySource):
         return value
     if not isinstance(value, str):
-        raise ValueError(
-            'expected a string: jwt, json:<path>, ini:<section>.<key>, pem, ttl:<duration>, none'
-        )
+        raise ValueError(f"expected a string: {_EXPIRY_EXPECTED}")
     source = parse_expiry_source(value)  # its ValueError message is shown verbatim
     if source.kind == "ttl" and source.ttl > _MAX_DURATION:
         raise ValueError(f"source {_show(value)}: the duration is too long (at most 3650d)")
     return source
+
+
+def _expiry_sources(value: Any) -> tuple[ExpirySource, ...]:
+    """``expiry = "jwt"`` or ``expiry = ["ini:p.a", "ini:p.b", "none"]`` (tried in order)."""
+    if isinstance(value, str | ExpirySource):
+        return (_expiry(value),)
+    if not isinstance(value, list | tuple):
+        raise ValueError(
+            f"expected a string ({_EXPIRY_EXPECTED}) or an array of them, tried in order"
+        )
+    if not value:
+        raise ValueError("must not be empty")
+    sources: list[ExpirySource] = []
+    problems: list[tuple[tuple[str | int, ...], str]] = []
+    for index, item in enumerate(value):
+        try:
+            sources.append(_expiry(item))
+        except ValueError as exc:
+            problems.append(((index,), str(exc)))
+    if problems:
+        raise _errors_at(problems)
+    for index, source in enumerate(sources[:-1]):
+        if source.kind in _FINAL_SOURCES:
+            raise _errors_at([(
+                (index + 1,),
+                f"unreachable: source {_show(str(source))} always answers, so nothing after "
+                "it is ever tried; put it last",
+            )])
+    return tuple(sources)
+
+
+def _serialize_expiry(sources: tuple[ExpirySource, ...]) -> str | list[str]:
+    texts = [str(source) for source in sources]
+    return texts[0] if len(texts) == 1 else texts
+
+
+def _selector(value: Any) -> Selector:
+    if isinstance(value, Selector):
+        return value
+    if not isinstance(value, str):
+        raise ValueError('expected a string such as "ini-section:default"')
+    return parse_selector(value)
+
+
+_PARAMETER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@+-]*")
+_PARAMETER_MAX = 128
+
+
+def _parameter(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("expected a string")
+    if len(value) > _PARAMETER_MAX or not _PARAMETER_RE.fullmatch(value):
+        raise ValueError(
+            f"invalid value {_show(value)}: use letters, digits and _ . @ + -, starting with a "
+            "letter or digit"
+        )
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class _UserWroteParameters:
+    """Stands in for a ``parameters`` table written in the config: not a key users may set."""
 
 
 def _check_ident(value: str, what: str) -> str:
@@ -433,8 +639,14 @@ Duration = Annotated[float, BeforeValidator(_duration)]
 PositiveDuration = Annotated[float, BeforeValidator(_positive_duration)]
 # Plain: never accept ExpirySource's dataclass fields as a TOML table; dump back as text.
 ExpiryField = Annotated[
-    ExpirySource, PlainValidator(_expiry), PlainSerializer(str, return_type=str)
+    tuple[ExpirySource, ...],
+    PlainValidator(_expiry_sources),
+    PlainSerializer(_serialize_expiry, return_type=str | list[str]),
 ]
+SelectorField = Annotated[
+    Selector, PlainValidator(_selector), PlainSerializer(str, return_type=str)
+]
+ParameterValue = Annotated[str, PlainValidator(_parameter)]
 StrictBoolField = Annotated[bool, BeforeValidator(_strict_bool)]
 # Checked as a dict key so a bad role name is reported even when its path is bad too.
 RoleName = Annotated[str, AfterValidator(lambda value: _check_ident(value, "role name"))]
@@ -695,37 +907,206 @@ def _preset_values(preset: Preset) -> dict[str, Any]:
             for role, template in preset.files.items()
         },
         "format": preset.format,
-        "expiry": preset.expiry,
+        "expiry": _expiry_value(preset.expiry),
         "remedies": dict(preset.remedies),
     }
-    optional = {
+    optional: dict[str, Any] = {
         "expiry_file": preset.expiry_file,
+        "select": preset.select,
+        "key_file": preset.key_file,
         "expiring_before": preset.expiring_before,
         "expiring_fraction": preset.expiring_fraction,
+        "refresh": dict(preset.refresh) if preset.refresh is not None else None,
+        "fallback": _fallback_values(preset.fallback) if preset.fallback is not None else None,
     }
     values.update({key: value for key, value in optional.items() if value is not None})
     return values
+
+
+def _fallback_values(fallback: PresetFallback) -> dict[str, Any]:
+    values: dict[str, Any] = {
+        "files": dict(fallback.files),
+        "format": fallback.format,
+        "expiry": _expiry_value(fallback.expiry),
+    }
+    if fallback.expiry_file is not None:
+        values["expiry_file"] = fallback.expiry_file
+    if fallback.remedies:
+        values["remedies"] = dict(fallback.remedies)
+    return values
+
+
+def _expiry_value(expiry: str | tuple[str, ...]) -> str | list[str]:
+    return expiry if isinstance(expiry, str) else list(expiry)
+
+
+def _substitute(value: Any, parameters: Mapping[str, str], *, quote: bool = False) -> Any:
+    """``{name}`` -> the parameter's value in a string, or in each string of a list."""
+    if isinstance(value, str):
+        for name, replacement in parameters.items():
+            value = value.replace(f"{{{name}}}", shlex.quote(replacement) if quote else replacement)
+        return value
+    if isinstance(value, list | tuple):
+        return [_substitute(item, parameters, quote=quote) for item in value]
+    return value
+
+
+def _fill_parameters(data: dict[str, Any], preset: Preset) -> None:
+    """Take the preset's parameters out of ``data`` and put their values into its templates:
+    the expiry sources, the selector, the remedies (shell-quoted), the refresh command's
+    arguments and the fallback's expiry and selector. Paths are left alone.
+    """
+    parameters: dict[str, Any] = {
+        name: data.pop(name, default) for name, default in preset.parameters.items()
+    }
+    if not parameters:
+        return
+    data["parameters"] = parameters
+    usable: dict[str, str] = {}
+    for name, value in parameters.items():
+        try:
+            usable[name] = _parameter(value)
+        except ValueError:
+            return  # reported at the parameter's key; leave the templates alone
+    for key in ("expiry", "select"):
+        if key in data:
+            data[key] = _substitute(data[key], usable)
+    if isinstance(data.get("remedies"), Mapping):
+        data["remedies"] = {
+            code: _substitute(text, usable, quote=True) for code, text in data["remedies"].items()
+        }
+    refresh = data.get("refresh")
+    if isinstance(refresh, Mapping) and isinstance(refresh.get("command"), list | tuple):
+        data["refresh"] = {**refresh, "command": _substitute(refresh["command"], usable)}
+    fallback = data.get("fallback")
+    if isinstance(fallback, Mapping):
+        data["fallback"] = {
+            key: _substitute(value, usable) if key in ("expiry", "select") else value
+            for key, value in fallback.items()
+        }
+
+
+def _default_expiry_file(data: dict[str, Any]) -> None:
+    files = data.get("files")
+    if "expiry_file" not in data and isinstance(files, Mapping) and files:
+        first = next(iter(files))
+        if isinstance(first, str):
+            data["expiry_file"] = first
 
 
 # Keys whose tables merge per entry over the preset's instead of replacing it.
 _MERGED_KEYS = ("files", "remedies")
 
 
-class CredentialSettings(_Model):
+class _FileSet(_Model):
+    """What a set of files holds and how to read it: shared by a credential and its fallback."""
+
+    files: dict[RoleName, ExpandedPath]
+    format: Literal["text", "jwt", "json", "pem", "ini"] = "text"
+    # `expiry` in TOML: one source, or several tried in order. `.expiry` is the first.
+    expiry_sources: ExpiryField = Field(default=(ExpirySource("none"),), alias="expiry")
+    expiry_file: str = ""  # filled with the first role before validation when not written
+    select: SelectorField | None = None
+    key_file: str | None = None
+    remedies: Mapping[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_expiry_file(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            data = dict(data)
+            _default_expiry_file(data)
+        return data
+
+    @property
+    def expiry(self) -> ExpirySource:
+        """The first (often the only) expiry source."""
+        return self.expiry_sources[0]
+
+    @field_validator("files")
+    @classmethod
+    def _check_files(cls, value: dict[str, Path]) -> dict[str, Path]:
+        if not value:
+            raise ValueError('at least one file is needed: files = { token = "/path/to/file" }')
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        first_role: dict[Path, str] = {}
+        for role, path in value.items():
+            if any(not _GLOB_CHARS.isdisjoint(part) for part in path.parent.parts):
+                problems.append(((role,), "only the file name may be a pattern (*, ? or [); "
+                                 "the directory part must be a plain path"))
+            elif path in first_role:
+                problems.append(((role,), f"same file as role {_show(first_role[path])}"))
+            first_role.setdefault(path, role)
+        if problems:
+            raise _errors_at(problems)
+        return value
+
+    @field_validator("expiry_file")
+    @classmethod
+    def _check_expiry_file(cls, value: str, info: ValidationInfo) -> str:
+        _must_be_role(value, info)
+        return value
+
+    @field_validator("key_file")
+    @classmethod
+    def _check_key_file(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        _must_be_role(value, info)
+        files = info.data.get("files")
+        expiry_file = info.data.get("expiry_file")
+        if value == expiry_file:
+            raise ValueError("must name the role of the private key, not the expiry_file "
+                             "(the certificate)")
+        if info.data.get("format", "pem") != "pem":
+            raise ValueError('checks a key against a certificate: needs format = "pem"')
+        if isinstance(files, dict) and any(
+            is_glob(files[role]) for role in (value, expiry_file) if role in files
+        ):
+            raise ValueError("the key and the certificate must each be one file, not a pattern")
+        return value
+
+    @field_validator("remedies")
+    @classmethod
+    def _check_remedies(cls, value: Mapping[str, str], info: ValidationInfo) -> Mapping[str, str]:
+        roles = _roles(info)
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        for key, text in value.items():
+            code, colon, role = key.partition(":")
+            if code not in PROBLEM_CODES:
+                problems.append(((key,), f"unknown problem code {_show(code)}"
+                                 f"{_did_you_mean(code, PROBLEM_CODES)}"))
+            elif colon and roles is not None and role not in roles:
+                problems.append(((key,), f"{_show(role)} is not a role of this credential; "
+                                 f"roles: {', '.join(roles)}"))
+            elif not text.strip():
+                problems.append(((key,), "the remedy text is empty"))
+        if problems:
+            raise _errors_at(problems)
+        return dict(value)
+
+
+class FallbackSettings(_FileSet):
+    """``fallback = {...}``: files to use instead while the expiry file is absent.
+
+    Same keys as a credential's files, format, expiry, expiry_file, select, key_file and
+    remedies; everything else (name, expiring window, max_size) is the credential's.
+    """
+
+
+class CredentialSettings(_FileSet):
     """One ``[[credentials]]`` table, with its preset (if any) already applied."""
 
     name: str
     preset: str | None = None
-    files: dict[RoleName, ExpandedPath]
-    format: Literal["text", "jwt", "json", "pem", "ini"] = "text"
-    expiry: ExpiryField = ExpirySource("none")
-    expiry_file: str = ""  # filled with the first role before validation when not written
+    # A preset's parameters (`profile = "dev"`), written as keys of the credential's table.
+    parameters: Mapping[str, ParameterValue] = Field(default_factory=dict)
     expiring_before: Duration = 900.0
     expiring_fraction: Annotated[float, BeforeValidator(_fraction)] = 0.8
     max_size: Annotated[int, BeforeValidator(_size)] = DEFAULT_MAX_SIZE
     refresh: RefreshSettings | None = None
     validate_: ValidateSettings | None = Field(default=None, alias="validate")
-    remedies: Mapping[str, str] = Field(default_factory=dict)
+    fallback: FallbackSettings | None = None
 
     # HOME at load time, so remedies can show paths the way the preset and the user wrote them.
     _home: str | None = PrivateAttr(default=None)
@@ -736,6 +1117,7 @@ class CredentialSettings(_Model):
         if not isinstance(data, Mapping):
             return data  # pydantic reports "expected a table"
         data = dict(data)
+        wrote_parameters = "parameters" in data
         preset = PRESETS.get(data["preset"]) if isinstance(data.get("preset"), str) else None
         if preset is not None:
             merged = _preset_values(preset)
@@ -745,12 +1127,18 @@ class CredentialSettings(_Model):
                 else:
                     merged[key] = value
             data = merged
-        files = data.get("files")
-        if "expiry_file" not in data and isinstance(files, Mapping) and files:
-            first = next(iter(files))
-            if isinstance(first, str):
-                data["expiry_file"] = first
+            _fill_parameters(data, preset)
+        if wrote_parameters:
+            data["parameters"] = _UserWroteParameters()
+        _default_expiry_file(data)
         return data
+
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _no_parameters_table(cls, value: Any) -> Any:
+        if isinstance(value, _UserWroteParameters):
+            raise ValueError(_unknown_key(("credentials", 0, "parameters")))
+        return value
 
     @field_validator("name")
     @classmethod
@@ -774,27 +1162,6 @@ class CredentialSettings(_Model):
             )
         return value
 
-    @field_validator("files")
-    @classmethod
-    def _check_files(cls, value: dict[str, Path]) -> dict[str, Path]:
-        if not value:
-            raise ValueError('at least one file is needed: files = { token = "/path/to/file" }')
-        problems: list[tuple[tuple[str | int, ...], str]] = []
-        first_role: dict[Path, str] = {}
-        for role, path in value.items():
-            if path in first_role:
-                problems.append(((role,), f"same file as role {_show(first_role[path])}"))
-            first_role.setdefault(path, role)
-        if problems:
-            raise _errors_at(problems)
-        return value
-
-    @field_validator("expiry_file")
-    @classmethod
-    def _check_expiry_file(cls, value: str, info: ValidationInfo) -> str:
-        _must_be_role(value, info)
-        return value
-
     @field_validator("refresh")
     @classmethod
     def _check_refresh(
@@ -803,6 +1170,7 @@ class CredentialSettings(_Model):
         if value is not None and value.output is not None:
             try:
                 _must_be_role(value.output, info)
+                _must_be_one_file(value.output, info, "the command's output is written to it")
             except ValueError as exc:
                 raise _errors_at([(("output",), str(exc))]) from None
         return value
@@ -824,44 +1192,62 @@ class CredentialSettings(_Model):
                 f"placeholder {{{unknown[0]}}} does not name a role of this credential; "
                 f"roles: {', '.join(roles)}",
             )])
+        try:
+            for placeholder in value.placeholders:
+                _must_be_one_file(placeholder, info, "its content fills the header")
+        except ValueError as exc:
+            raise _errors_at([(("header",), str(exc))]) from None
         return value
-
-    @field_validator("remedies")
-    @classmethod
-    def _check_remedies(cls, value: Mapping[str, str], info: ValidationInfo) -> Mapping[str, str]:
-        roles = _roles(info)
-        problems: list[tuple[tuple[str | int, ...], str]] = []
-        for key, text in value.items():
-            code, colon, role = key.partition(":")
-            if code not in PROBLEM_CODES:
-                problems.append(((key,), f"unknown problem code {_show(code)}"
-                                 f"{_did_you_mean(code, PROBLEM_CODES)}"))
-            elif colon and roles is not None and role not in roles:
-                problems.append(((key,), f"{_show(role)} is not a role of this credential; "
-                                 f"roles: {', '.join(roles)}"))
-            elif not text.strip():
-                problems.append(((key,), "the remedy text is empty"))
-        if problems:
-            raise _errors_at(problems)
-        return dict(value)
 
     @model_validator(mode="after")
     def _remember_home(self, info: ValidationInfo) -> Self:
         self._home = _ctx(info).env.get("HOME") or None
         return self
 
+    @property
+    def watched_paths(self) -> tuple[Path, ...]:
+        """Every path whose changes matter: the files, then the fallback's (patterns as such)."""
+        paths = list(self.files.values())
+        if self.fallback is not None:
+            paths.extend(self.fallback.files.values())
+        return tuple(dict.fromkeys(paths))
+
+    def alternative(self) -> CredentialSettings | None:
+        """The settings to read the credential by while its expiry file is absent, or ``None``.
+
+        The fallback's files, format, expiry, selector, key check and (added) remedies, with
+        everything else of this credential. Not validated again: each part already was.
+        """
+        fallback = self.fallback
+        if fallback is None:
+            return None
+        return self.model_copy(
+            update={
+                "files": dict(fallback.files),
+                "format": fallback.format,
+                "expiry_sources": fallback.expiry_sources,
+                "expiry_file": fallback.expiry_file,
+                "select": fallback.select,
+                "key_file": fallback.key_file,
+                "remedies": {**self.remedies, **fallback.remedies},
+                "fallback": None,
+            }
+        )
+
     def remedy(self, code: str, role: str) -> str | None:
         """The remedy text for problem ``code`` on file ``role``, or ``None`` if there is none.
 
         Looks up ``"<code>:<role>"``, then ``code`` in this credential's remedies (preset and
         config), then :func:`broker.presets.default_remedy`. ``{path}`` is the role's file (the
-        expiry file's for an unknown role), shown with ``~`` for HOME and shell-quoted.
+        expiry file's for an unknown role), ``{path:<role>}`` another role's, each shown with
+        ``~`` for HOME and shell-quoted.
         """
         path = self.files.get(role) or self.files.get(self.expiry_file)
         shown = self._display(path) if path is not None else ""
         template = self.remedies.get(f"{code}:{role}") or self.remedies.get(code)
         if template is not None:
-            return fill_remedy(template, shown, role)
+            paths = {other: self._display(p) for other, p in self.files.items()}
+            return fill_remedy(template, shown, role, paths)
         return default_remedy(code, shown, role)
 
     def _display(self, path: Path) -> str:
@@ -884,6 +1270,13 @@ def _must_be_role(value: str, info: ValidationInfo) -> None:
         raise ValueError(
             f"{_show(value)} is not a role of this credential; roles: {', '.join(roles)}"
         )
+
+
+def _must_be_one_file(role: str, info: ValidationInfo, why: str) -> None:
+    files = info.data.get("files")
+    if isinstance(files, dict) and role in files and is_glob(files[role]):
+        raise ValueError(f"role {_show(role)} is a pattern (a set of files), but {why}; "
+                         "name one file")
 
 
 class Config(_Model):
@@ -964,12 +1357,15 @@ def _model_at(loc: tuple[str | int, ...]) -> type[BaseModel] | None:
             return RefreshSettings
         case ("credentials", int(), "validate"):
             return ValidateSettings
+        case ("credentials", int(), "fallback"):
+            return FallbackSettings
     return None
 
 
 def _known_keys(model: type[BaseModel]) -> list[str]:
     keys = [info.alias or name for name, info in model.model_fields.items()]
-    return [k for k in keys if not (model is Config and k == "source_path")]
+    hidden = {"source_path"} if model is Config else {"parameters"}
+    return [k for k in keys if k not in hidden]
 
 
 def _unknown_key(loc: tuple[str | int, ...]) -> str:
@@ -982,6 +1378,9 @@ def _unknown_key(loc: tuple[str | int, ...]) -> str:
         return forbidden
     message = f"unknown key {_show(key)}"
     model = _model_at(parent)
+    takers = sorted(name for name, preset in PRESETS.items() if key in preset.parameters)
+    if model is CredentialSettings and takers:
+        return f"{message}: {_show(key)} is a parameter of preset {', '.join(takers)} only"
     if model is not None:
         hint = _did_you_mean(key, _known_keys(model))
         if not hint and model is Config and key in _SECTION_OF_TOP_KEY:
@@ -1055,6 +1454,8 @@ def _convert(exc: ValidationError) -> list[tuple[str, str]]:
             continue
         if loc and loc[-1] == "[key]":  # pydantic's marker for "the key itself is wrong"
             loc = loc[:-1]
+        if len(loc) == 4 and loc[0] == "credentials" and loc[2] == "parameters":
+            loc = (*loc[:2], loc[3])  # a preset's parameter is written as a credential key
         entry = (_format_loc(loc), _message(error, loc))
         if entry not in errors:
             errors.append(entry)

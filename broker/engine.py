@@ -23,7 +23,7 @@ from broker.config import CredentialSettings
 from broker.events import Event, make_event
 from broker.fingerprint import Fingerprinter
 from broker.machine import Observation, Transition, next_deadline, observe, tick, transition
-from broker.reader import FileRead, Signature, read_file, stat_signature
+from broker.reader import CredentialRead, Signature, read_credential, stat_signature
 from broker.state import Problem, State, Status
 from broker.store import Store
 from broker.watcher import Watcher
@@ -57,10 +57,13 @@ class Tracked:
     signatures: dict[str, Signature | None] = field(default_factory=dict)
     missing_since: float | None = None
     startup: bool = True
+    #: The settings the last read answered to (the fallback's while it is in use).
+    active: CredentialSettings | None = None
 
     @property
     def paths(self) -> list[str]:
-        return [str(p) for p in self.spec.files.values()]
+        """Every watched path: the files (patterns as such), then the fallback's."""
+        return [str(p) for p in self.spec.watched_paths]
 
 
 @dataclass(slots=True)
@@ -240,6 +243,8 @@ class Engine:
         for spec in credentials:
             old = self._tracked.get(spec.name)
             if old is not None:
+                if old.spec != spec:
+                    old.active = None
                 old.spec = spec
                 tracked[spec.name] = old
             else:
@@ -347,34 +352,39 @@ class Engine:
             specs = {n: self._tracked[n].spec for n in batch if n in self._tracked}
             reads = await anyio.to_thread.run_sync(_read_all, specs)
             now = self._clock()
-            results: dict[str, tuple[tuple[FileRead, ...] | None, Transition]] = {}
-            for name, file_reads in reads.items():
+            results: dict[str, tuple[CredentialRead | None, Transition]] = {}
+            for name, read in reads.items():
                 tracked = self._tracked[name]
                 if not batch[name].force and any(p in self.watcher.writing for p in tracked.paths):
                     continue  # a writer has it open; its close-write brings us back
+                spec = read.spec  # the fallback's settings while it is in use
                 obs = annotate_polling(
-                    observe(tracked.spec, file_reads, self._fp),
+                    observe(spec, read.reads, self._fp, note=read.note),
                     self.watcher.polled,
                     self.resync_interval,
                 )
-                obs = self._with_external(name, tracked.spec, obs)
-                if self._hold_missing(tracked, obs, now):
+                obs = self._with_external(name, spec, obs)
+                # Leaving the files for the fallback means the expiry file vanished: that waits
+                # out the grace too, so delete + recreate stays one event.
+                to_fallback = read.note is not None and tracked.active is tracked.spec
+                if self._hold_missing(tracked, obs, now, to_fallback=to_fallback):
                     continue
                 prev = tracked.state
                 startup = tracked.startup and prev is not None
-                tr = transition(
-                    tracked.spec, prev, obs, now, startup=startup, respec=batch[name].respec
-                )
-                if batch[name].announce:
-                    tr = replace(tr, events=(*tr.events, (batch[name].announce, tr.state)))
-                results[name] = (file_reads, tr)
+                tr = transition(spec, prev, obs, now, startup=startup, respec=batch[name].respec)
+                announce = batch[name].announce
+                if announce:
+                    tr = replace(tr, events=(*tr.events, (announce, tr.state)))
+                results[name] = (read, tr)
             scanned = [n for n, (_, tr) in results.items() if tr.events and batch[n].scan]
             if scanned:
+                # The files actually read: a pattern's matches, the fallback's when in use.
+                read_paths = {n: [r.info.path for r in reads[n].reads] for n in scanned}
                 busy = await anyio.to_thread.run_sync(
-                    open_for_writing, [p for n in scanned for p in self._tracked[n].paths]
+                    open_for_writing, [p for n in scanned for p in read_paths[n]]
                 )
                 for name in scanned:
-                    if any(p in busy for p in self._tracked[name].paths):
+                    if any(p in busy for p in read_paths[name]):
                         # Found by a scan while a writer holds it: its close-write (or, for
                         # a polled path, the next poll) brings it back complete.
                         log.debug("file open for writing; waiting", extra={"credential": name})
@@ -386,10 +396,12 @@ class Engine:
         self._progress.set()
         self._progress = anyio.Event()
 
-    def _hold_missing(self, tracked: Tracked, obs: Observation, now: float) -> bool:
+    def _hold_missing(
+        self, tracked: Tracked, obs: Observation, now: float, *, to_fallback: bool = False
+    ) -> bool:
         """Delay a disappearance by MISSING_GRACE, in case the file is being recreated."""
         prev = tracked.state
-        if obs.outcome is not Status.MISSING:
+        if obs.outcome is not Status.MISSING and not to_fallback:
             tracked.missing_since = None
             return False
         if tracked.startup or prev is None or prev.status is Status.MISSING:
@@ -406,25 +418,27 @@ class Engine:
 
     async def _tick(self, names: set[str], now: float) -> None:
         async with self._lock:
-            results: dict[str, tuple[tuple[FileRead, ...] | None, Transition]] = {}
+            results: dict[str, tuple[CredentialRead | None, Transition]] = {}
             for name in names:
                 tracked = self._tracked.get(name)
                 if tracked is not None and tracked.state is not None:
-                    results[name] = (None, tick(tracked.spec, tracked.state, now))
+                    spec = tracked.active or tracked.spec
+                    results[name] = (None, tick(spec, tracked.state, now))
             await self._commit(results)
         self._progressed()
 
     async def _commit(
-        self, results: Mapping[str, tuple[tuple[FileRead, ...] | None, Transition]]
+        self, results: Mapping[str, tuple[CredentialRead | None, Transition]]
     ) -> None:
         """Number, persist, then publish. Caller holds the lock."""
         events: list[tuple[str, State]] = []
         changed: list[State] = []
         now = self._clock()
-        for name, (reads, tr) in results.items():
+        for name, (read, tr) in results.items():
             tracked = self._tracked[name]
-            if reads is not None:
-                tracked.signatures = {r.info.path: r.signature for r in reads}
+            if read is not None:
+                tracked.signatures = dict(read.signatures)
+                tracked.active = read.spec
             state = tr.state
             for event_type, event_state in tr.events:
                 self.sequence += 1
@@ -473,11 +487,8 @@ def annotate_polling(obs: Observation, polled: set[str], resync_interval: float)
     return replace(obs, problems=(*obs.problems, problem))
 
 
-def _read_all(specs: Mapping[str, CredentialSettings]) -> dict[str, tuple[FileRead, ...]]:
-    return {
-        name: tuple(read_file(role, str(path), spec.max_size) for role, path in spec.files.items())
-        for name, spec in specs.items()
-    }
+def _read_all(specs: Mapping[str, CredentialSettings]) -> dict[str, CredentialRead]:
+    return {name: read_credential(spec) for name, spec in specs.items()}
 
 
 def _log_event(event: Event) -> None:

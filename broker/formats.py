@@ -5,6 +5,10 @@ says what is wrong and where, but never repeats any part of the content, because
 is a secret (SPEC section 3, rule 4). That is also why exception text from ``json``,
 ``base64``, ``configparser`` and ``cryptography`` is never passed on: those libraries quote
 their input.
+
+Also here, because they are parsers too: *selectors* (``select = "ini-section:<name>"``), which
+cut the part of a file that belongs to one credential out of a file shared by several, and
+:func:`check_key_pair`, which tells whether a private key belongs to a certificate.
 """
 
 from __future__ import annotations
@@ -12,11 +16,14 @@ from __future__ import annotations
 import base64
 import binascii
 import configparser
+import io
 import json
 import re
-from typing import NoReturn
+from dataclasses import dataclass
+from typing import Literal, NoReturn
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 FORMATS: tuple[str, ...] = ("text", "jwt", "json", "pem", "ini")
 
@@ -141,6 +148,94 @@ def load_ini(data: bytes) -> configparser.ConfigParser:
     if not parser.sections() and not parser.defaults():
         raise ContentError("malformed-ini", "INI file has no [section]")
     return parser
+
+
+SelectorKind = Literal["ini-section"]
+_SELECTOR_KINDS: tuple[SelectorKind, ...] = ("ini-section",)
+
+
+@dataclass(frozen=True, slots=True)
+class Selector:
+    """A parsed ``select = "..."`` setting; ``str()`` gives back its text."""
+
+    kind: SelectorKind
+    arg: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.arg}"
+
+
+def parse_selector(text: str) -> Selector:
+    """Parse ``ini-section:<section>``. Raises ``ValueError`` with a message for the config key."""
+    kind, colon, arg = text.partition(":")
+    if kind not in _SELECTOR_KINDS or not colon:
+        raise ValueError(
+            f"unknown selector {json.dumps(text, ensure_ascii=False)}; expected ini-section:<name>"
+        )
+    if not arg or arg != arg.strip() or any(c in arg for c in "[]\r\n\0"):
+        raise ValueError(
+            'selector "ini-section" needs a section name (no brackets, line breaks or '
+            'surrounding spaces), e.g. "ini-section:default"'
+        )
+    return Selector("ini-section", arg)
+
+
+def apply_selector(selector: Selector, data: bytes) -> bytes:
+    """The part of ``data`` that ``selector`` names, in a canonical form.
+
+    ``ini-section:<name>``: the section's keys and values (``[DEFAULT]`` values included, as
+    every INI reader applies them), re-written as INI text in file order. Editing any other
+    section leaves the result unchanged, byte for byte. A section that is not there raises
+    ``ContentError("section-missing")``.
+
+    The result holds secrets like ``data`` does: keep it no longer than the read it came from.
+    """
+    parser = load_ini(data)
+    section = selector.arg
+    if section == parser.default_section:
+        items = dict(parser.defaults())
+    elif parser.has_section(section):
+        items = dict(parser.items(section))
+    else:
+        raise ContentError("section-missing", f"INI section [{section}] is missing")
+    out = configparser.ConfigParser(interpolation=None)
+    out.read_dict({section: items})
+    buffer = io.StringIO()
+    out.write(buffer, space_around_delimiters=True)
+    return buffer.getvalue().encode()
+
+
+def check_key_pair(cert_pem: bytes, key_pem: bytes) -> None:
+    """Raise :class:`ContentError` unless ``key_pem``'s private key belongs to the first
+    certificate of ``cert_pem``.
+
+    Codes: ``malformed-key`` (no PEM private key can be read), ``key-mismatch``. A key that
+    is encrypted cannot be checked without its passphrase, which the broker never holds: it
+    passes. No message says anything about the key beyond that.
+    """
+    certificate = load_certificates(cert_pem)[0]
+    if not key_pem.strip():
+        raise ContentError("empty", "private key file is empty")
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except TypeError:
+        return  # encrypted: nothing to compare without the passphrase
+    # Whatever cryptography raises, its text may describe the key; never pass it on.
+    except Exception:
+        raise ContentError("malformed-key", "no readable PEM private key found") from None
+    try:
+        ours = key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        theirs = certificate.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    except Exception:
+        raise ContentError(
+            "malformed-key", "the key's or the certificate's public key cannot be read"
+        ) from None
+    if ours != theirs:
+        raise ContentError("key-mismatch", "the private key does not belong to the certificate")
 
 
 def _decode_text(data: bytes, what: str, *, allow_bom: bool = False) -> str:

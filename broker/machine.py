@@ -6,13 +6,15 @@ events to publish, still without sequence numbers (the engine owns that counter)
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from broker.config import CredentialSettings
+from broker.config import CredentialSettings, is_glob
 from broker.expiry import Lifetime, expiring_at, read_lifetime
 from broker.fingerprint import Fingerprinter
-from broker.formats import ContentError, check_format
+from broker.formats import ContentError, apply_selector, check_format, check_key_pair
 from broker.reader import FileRead
 from broker.state import Problem, Stage, State, Status
 
@@ -25,7 +27,8 @@ REFRESH_FAILED = "credentials.refresh_failed"
 EVENT_TYPES = (REFRESHED, EXPIRING, EXPIRED, INVALID, MISSING, REFRESH_FAILED)
 
 # A file that cannot be opened makes the credential missing; one that opens but is wrong, invalid.
-_MISSING_CODES = frozenset({"file-missing", "file-unreadable", "symlink-loop"})
+# A selector naming a section the file lacks is "missing" too: the credential is not there.
+_MISSING_CODES = frozenset({"file-missing", "file-unreadable", "symlink-loop", "section-missing"})
 _STAGE_CODES = frozenset({"expiring", "expired"})
 _CONTENT_OK = frozenset({Status.VALID, Status.EXPIRING, Status.EXPIRED})
 
@@ -39,6 +42,7 @@ class Observation:
     fingerprint: str | None
     problems: tuple[Problem, ...]
     lifetime: Lifetime | None = None
+    note: str | None = None  # added to the reason of a new state (e.g. "using the fallback")
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,8 +53,21 @@ class Transition:
     events: tuple[tuple[str, State], ...] = ()
 
 
-def observe(spec: CredentialSettings, reads: Sequence[FileRead], fp: Fingerprinter) -> Observation:
-    """Reduce the reads of a credential's files to an outcome, a fingerprint and problems."""
+def observe(
+    spec: CredentialSettings,
+    reads: Sequence[FileRead],
+    fp: Fingerprinter,
+    *,
+    note: str | None = None,
+) -> Observation:
+    """Reduce the reads of a credential's files to an outcome, a fingerprint and problems.
+
+    In order: a file that is not there makes the credential missing; ``select`` cuts each
+    expiry-file read down to its part (a section that is not there: missing); the fingerprint
+    covers what is left; then format, expiry (``spec.expiry_sources`` in turn, the soonest
+    among a pattern role's files) and the ``key_file`` pair check, any failure invalid.
+    ``note`` says which files are in use, for the state's reason.
+    """
     reads = tuple(reads)
     missing = [
         (r.info.role, r.problem)
@@ -58,28 +75,120 @@ def observe(spec: CredentialSettings, reads: Sequence[FileRead], fp: Fingerprint
         if r.problem is not None and r.problem.code in _MISSING_CODES
     ]
     if missing:
-        return Observation(reads, Status.MISSING, None, _with_remedies(spec, missing))
+        return Observation(reads, Status.MISSING, None, _with_remedies(spec, missing), note=note)
 
-    fingerprint = fp.fingerprint((r.info.role, _fingerprint_input(r)) for r in reads)
-    invalid = [(r.info.role, r.problem) for r in reads if r.problem is not None]
+    # The selected bytes live only in this call, like the content they come from.
+    contents: list[bytes | None] = []
+    invalid: list[tuple[str, Problem]] = []
+    for r in reads:
+        data = r.content
+        if data is not None and spec.select is not None and r.info.role == spec.expiry_file:
+            try:
+                data = apply_selector(spec.select, data)
+            except ContentError as exc:
+                problem = (r.info.role, _content_problem(r, exc))
+                if exc.code in _MISSING_CODES:
+                    problems = _with_remedies(spec, [problem])
+                    return Observation(reads, Status.MISSING, None, problems, note=note)
+                invalid.append(problem)
+        contents.append(data)
+
+    fingerprint = fp.fingerprint(
+        (_fingerprint_label(spec, r), _fingerprint_input(r, data))
+        for r, data in zip(reads, contents, strict=True)
+    )
+    invalid = [*((r.info.role, r.problem) for r in reads if r.problem is not None), *invalid]
     lifetime: Lifetime | None = None
     if not invalid:
-        for r in reads:
-            content = r.content or b""
+        expiry_reads: list[tuple[FileRead, bytes]] = []
+        for r, data in zip(reads, contents, strict=True):
+            content = data or b""
             try:
                 if r.info.role == spec.expiry_file:
                     check_format(spec.format, content)
-                    lifetime = read_lifetime(spec.expiry, content, r.info.mtime or 0.0)
+                    expiry_reads.append((r, content))
                 elif not content.strip():
                     raise ContentError("empty", "file is empty")
             except ContentError as exc:
-                message = f"{r.info.role} file {r.info.path}: {exc.message}"
-                invalid.append((r.info.role, Problem(exc.code, message)))
+                invalid.append((r.info.role, _content_problem(r, exc)))
+        if not invalid:
+            try:
+                lifetime = _lifetime(spec, expiry_reads)
+            except _ReadError as exc:
+                invalid.append((exc.read.info.role, _content_problem(exc.read, exc.error)))
+        if not invalid and spec.key_file is not None:
+            invalid.extend(_key_pair_problems(spec, reads, contents, expiry_reads))
     warnings = [(r.info.role, _insecure(r)) for r in reads if _is_insecure(r)]
     if invalid:
         problems = _with_remedies(spec, [*invalid, *warnings])
-        return Observation(reads, Status.INVALID, fingerprint, problems)
-    return Observation(reads, Status.VALID, fingerprint, _with_remedies(spec, warnings), lifetime)
+        return Observation(reads, Status.INVALID, fingerprint, problems, note=note)
+    return Observation(
+        reads, Status.VALID, fingerprint, _with_remedies(spec, warnings), lifetime, note
+    )
+
+
+class _ReadError(Exception):
+    def __init__(self, read: FileRead, error: ContentError) -> None:
+        super().__init__(error.message)
+        self.read = read
+        self.error = error
+
+
+def _lifetime(
+    spec: CredentialSettings, expiry_reads: Sequence[tuple[FileRead, bytes]]
+) -> Lifetime | None:
+    """The lifetime from the first source that finds one.
+
+    A source that finds no field in any file (``no-expiry``) hands over to the next. Among
+    the files of a pattern role, the soonest expiry wins: the credential is only as good as
+    its soonest-expiring piece (an AWS SSO cache holds tokens that live hours next to client
+    registrations that live 90 days; the token is what runs out).
+    """
+    if not expiry_reads:
+        return None
+    last: _ReadError | None = None
+    for source in spec.expiry_sources:
+        found: list[Lifetime] = []
+        for read, content in expiry_reads:
+            try:
+                found.append(read_lifetime(source, content, read.info.mtime or 0.0))
+            except ContentError as exc:
+                if exc.code != "no-expiry":
+                    raise _ReadError(read, exc) from None
+                last = _ReadError(read, exc)
+        if found:
+            return min(found, key=lambda lt: math.inf if lt.expires_at is None else lt.expires_at)
+    assert last is not None  # every source found nothing, in at least one file
+    raise last
+
+
+def _key_pair_problems(
+    spec: CredentialSettings,
+    reads: Sequence[FileRead],
+    contents: Sequence[bytes | None],
+    expiry_reads: Sequence[tuple[FileRead, bytes]],
+) -> list[tuple[str, Problem]]:
+    keys = [
+        (r, data)
+        for r, data in zip(reads, contents, strict=True)
+        if r.info.role == spec.key_file
+    ]
+    if not keys or not expiry_reads:
+        return []
+    (key_read, key), (cert_read, cert) = keys[0], expiry_reads[0]
+    try:
+        check_key_pair(cert, key or b"")
+    except ContentError as exc:
+        message = (
+            f"{key_read.info.role} file {key_read.info.path} and {cert_read.info.role} file "
+            f"{cert_read.info.path}: {exc.message}"
+        )
+        return [(key_read.info.role, Problem(exc.code, message))]
+    return []
+
+
+def _content_problem(read: FileRead, exc: ContentError) -> Problem:
+    return Problem(exc.code, f"{read.info.role} file {read.info.path}: {exc.message}")
 
 
 def transition(
@@ -103,7 +212,7 @@ def transition(
         state = replace(base, status=Status.MISSING, files=files, problems=obs.problems)
         if prev is not None and prev.status is Status.MISSING:
             return Transition(replace(state, reason=prev.reason))
-        state = replace(state, changed_at=now, reason=obs.problems[0].message)
+        state = replace(state, changed_at=now, reason=_noted(obs.problems[0].message, obs))
         return Transition(state, ((MISSING, state),))
 
     generation = prev.generation if prev is not None else 0
@@ -121,7 +230,7 @@ def transition(
             changed_at=prev.changed_at if prev else None,
             files=files,
             problems=obs.problems,
-            reason=obs.problems[0].message,
+            reason=_noted(obs.problems[0].message, obs),
         )
         if not changed and prev is not None and prev.status is Status.INVALID:
             return Transition(replace(state, reason=prev.reason))
@@ -153,6 +262,7 @@ def transition(
         reason = "content changed while the broker was stopped"
     else:
         reason = "content changed"
+    reason = _noted(reason, obs)
     state = State(
         credential=spec.name,
         status=stage.status,
@@ -214,6 +324,10 @@ def _stage_at(expires_at: float | None, expiring: float | None, now: float) -> S
     return Stage.VALID
 
 
+def _noted(reason: str, obs: Observation) -> str:
+    return f"{reason}; {obs.note}" if obs.note else reason
+
+
 def _stage_reason(stage: Stage) -> str:
     return "expired" if stage is Stage.EXPIRED else "inside the expiring window"
 
@@ -231,9 +345,17 @@ def _stage_problems(
     return (Problem(code, message, spec.remedy(code, spec.expiry_file)), *kept)
 
 
-def _fingerprint_input(read: FileRead) -> bytes | None:
-    if read.content is not None:
-        return read.content
+def _fingerprint_label(spec: CredentialSettings, read: FileRead) -> str:
+    """The role; for a pattern role's file, also its name (a rename is a change too)."""
+    path = spec.files.get(read.info.role)
+    if path is not None and is_glob(path) and read.info.present:
+        return f"{read.info.role}/{os.path.basename(read.info.path)}"
+    return read.info.role
+
+
+def _fingerprint_input(read: FileRead, content: bytes | None) -> bytes | None:
+    if content is not None:
+        return content
     if read.signature is not None and read.problem is not None:
         # Unread (too large, not a file): identify the version by its inode metadata, so that
         # a different oversized file still counts as a change.

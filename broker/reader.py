@@ -1,16 +1,28 @@
-"""Reading credential files from disk into snapshots: the only place content bytes enter."""
+"""Reading credential files from disk into snapshots: the only place content bytes enter.
+
+:func:`read_credential` reads everything one credential needs: each role's file, each file
+matching a pattern role (``~/.aws/sso/cache/*.json``), and the fallback's files instead when
+the expiry file is absent. :func:`stat_signature` is the cheap probe the resync compares
+against what the last read saw.
+"""
 
 from __future__ import annotations
 
 import errno
 import os
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from broker.config import CredentialSettings, glob_matches, is_glob
 from broker.state import FileInfo, Problem
 
 # (st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns, st_mode): any difference means "re-read".
-Signature = tuple[int, int, int, int, int, int]
+FileSignature = tuple[int, int, int, int, int, int]
+# A pattern's: (name, signature) of every matching file, sorted by name.
+GlobSignature = tuple[tuple[str, FileSignature], ...]
+Signature = FileSignature | GlobSignature
 
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOCTTY | os.O_CLOEXEC | os.O_NONBLOCK
 
@@ -20,22 +32,128 @@ class FileRead:
     """What one read of one file found. ``content`` is held only until it is fingerprinted."""
 
     info: FileInfo
-    signature: Signature | None = None
+    signature: FileSignature | None = None
     content: bytes | None = field(default=None, repr=False)
     problem: Problem | None = None
     is_symlink: bool = False
 
 
-def signature_of(st: os.stat_result) -> Signature:
+@dataclass(frozen=True, slots=True)
+class CredentialRead:
+    """One read of everything a credential needs."""
+
+    #: The settings ``reads`` answer to: the credential's own, or ``alternative()`` when its
+    #: fallback is in use.
+    spec: CredentialSettings
+    #: One per role, in role order; a pattern role has one per matching file, sorted by path
+    #: (or a single ``present: false`` entry at the pattern when nothing matches).
+    reads: tuple[FileRead, ...]
+    #: Every watched path (patterns as such) -> what :func:`stat_signature` gave for it when
+    #: it was read, for the resync to compare against.
+    signatures: Mapping[str, Signature | None]
+    #: Why the fallback is in use (for the state's ``reason``); ``None`` when it is not.
+    note: str | None = None
+
+
+def signature_of(st: os.stat_result) -> FileSignature:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode)
 
 
 def stat_signature(path: str) -> Signature | None:
-    """The cheap resync probe: a signature, or ``None`` when the path is not readable as a file."""
+    """The cheap resync probe: a signature, or ``None`` when the path is not readable as a file.
+
+    For a pattern: the sorted (name, signature) of every matching file, ``None`` when none
+    matches; a file appearing, vanishing or changing changes it.
+    """
+    if is_glob(path):
+        matches = tuple(
+            (os.path.basename(match), signature)
+            for match in glob_paths(path)
+            if (signature := _file_signature(match)) is not None
+        )
+        return matches or None
+    return _file_signature(path)
+
+
+def _file_signature(path: str) -> FileSignature | None:
     try:
         return signature_of(os.stat(path))
     except (OSError, ValueError):
         return None
+
+
+def glob_paths(pattern: str) -> list[str]:
+    """The paths matching ``pattern`` (a pattern in its last component only), sorted."""
+    directory, name_pattern = os.path.split(pattern)
+    try:
+        names = os.listdir(directory or ".")
+    except (OSError, ValueError):
+        return []
+    return sorted(os.path.join(directory, n) for n in names if glob_matches(n, name_pattern))
+
+
+def read_credential(spec: CredentialSettings) -> CredentialRead:
+    """Read every file of ``spec`` now, never raising.
+
+    With a ``fallback``: when the expiry file is absent and the fallback's expiry file exists,
+    the fallback's files are read and used instead (its settings in ``spec`` of the result).
+    """
+    reads, signatures = read_files(spec.files, spec.max_size)
+    alternative = spec.alternative()
+    if alternative is None:
+        return CredentialRead(spec, reads, signatures)
+    unused = [str(p) for p in alternative.files.values() if str(p) not in signatures]
+    if _absent(reads, spec.expiry_file):
+        alt_reads, alt_signatures = read_files(alternative.files, alternative.max_size)
+        if not _absent(alt_reads, alternative.expiry_file):
+            for path in (str(p) for p in spec.files.values()):
+                alt_signatures.setdefault(path, signatures[path])
+            primary = spec.files[spec.expiry_file]
+            used = alternative.files[alternative.expiry_file]
+            note = (
+                f"{spec.expiry_file} file {primary} is absent; using the fallback "
+                f"{alternative.expiry_file} file {used}"
+            )
+            return CredentialRead(alternative, alt_reads, alt_signatures, note)
+        signatures.update((p, alt_signatures[p]) for p in unused)
+        return CredentialRead(spec, reads, signatures)
+    signatures.update((p, stat_signature(p)) for p in unused)
+    return CredentialRead(spec, reads, signatures)
+
+
+def read_files(
+    files: Mapping[str, Path], max_size: int
+) -> tuple[tuple[FileRead, ...], dict[str, Signature | None]]:
+    """Read each role's file (every match of a pattern role), with each path's signature."""
+    reads: list[FileRead] = []
+    signatures: dict[str, Signature | None] = {}
+    for role, path in files.items():
+        text = str(path)
+        if not is_glob(text):
+            read = read_file(role, text, max_size)
+            reads.append(read)
+            signatures[text] = read.signature
+            continue
+        # Probe first: a change between the probe and the reads makes the next resync look
+        # again, never the other way round.
+        signatures[text] = stat_signature(text)
+        found = [read_file(role, match, max_size) for match in glob_paths(text)]
+        # A file that vanished between listing and opening is simply no longer in the set.
+        found = [r for r in found if not (r.problem and r.problem.code == "file-missing")]
+        if not found:
+            missing = FileInfo(role=role, path=text, present=False)
+            problem = Problem("file-missing", f"no {role} file matches {text}")
+            found = [FileRead(missing, problem=problem)]
+        reads.extend(found)
+    return tuple(reads), signatures
+
+
+def _absent(reads: tuple[FileRead, ...], role: str) -> bool:
+    """Every read of ``role`` found no file there (absent, not merely unreadable)."""
+    mine = [r for r in reads if r.info.role == role]
+    return bool(mine) and all(
+        r.problem is not None and r.problem.code == "file-missing" for r in mine
+    )
 
 
 def read_file(role: str, path: str, max_size: int) -> FileRead:

@@ -10,6 +10,11 @@ The watcher only says "these paths may have changed". Whether they did is decide
 content hash in the engine. What the watcher adds is *when* to look: after a writer
 closes the file (close-write) or a new version is moved in, never in the middle of a
 write. ``writing`` tells the engine which files a writer has modified and not yet closed.
+
+A path whose last component is a pattern (``~/.aws/sso/cache/*.json``) stands for every file
+matching it: its directory is watched, and any such event on a matching name (one created,
+closed after writing, moved in, deleted or moved away) is reported as a change of the
+pattern itself, the path the engine knows.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from types import TracebackType
 
 from asyncinotify import Event as InotifyEvent
 from asyncinotify import Inotify, Mask, Watch
+
+from broker.config import glob_matches, is_glob
 
 log = logging.getLogger("broker.watcher")
 
@@ -53,6 +60,7 @@ class _Kind(Enum):
     DIRECT = "direct"  # the file's own name in its directory
     LINK = "link"  # any name change in a directory the file's symlink resolves through
     PENDING = "pending"  # the next missing path component under the nearest existing ancestor
+    GLOB = "glob"  # any name matching a pattern in the file's directory
 
 
 @dataclass(slots=True)
@@ -61,9 +69,18 @@ class _Dir:
     direct: dict[str, set[str]] = field(default_factory=dict)
     pending: dict[str, set[str]] = field(default_factory=dict)
     links: set[str] = field(default_factory=set)
+    globs: dict[str, set[str]] = field(default_factory=dict)  # name pattern -> pattern paths
 
     def empty(self) -> bool:
-        return not (self.direct or self.pending or self.links)
+        return not (self.direct or self.pending or self.links or self.globs)
+
+    def named(self, name: str) -> set[str]:
+        """The watched paths that ``name`` in this directory is (or matches)."""
+        found = set(self.direct.get(name, ()))
+        for pattern, paths in self.globs.items():
+            if glob_matches(name, pattern):
+                found |= paths
+        return found
 
 
 _Entry = tuple[str, str, _Kind]
@@ -231,7 +248,7 @@ class Watcher:
             for path in pending:
                 self._replan(path)
             scanned |= pending
-        direct = set(entry.direct.get(name, ()))
+        direct = entry.named(name)
         if direct:
             if mask & Mask.MODIFY:
                 self.writing |= direct
@@ -259,7 +276,7 @@ class Watcher:
         # Moved away or deleted: what was watched there now lives (or not) somewhere else.
         self._unwatch(directory)
         affected: set[str] = set(entry.links)
-        for group in (entry.direct, entry.pending):
+        for group in (entry.direct, entry.pending, entry.globs):
             for paths in group.values():
                 affected |= paths
         self._dirs.pop(directory, None)
@@ -271,6 +288,8 @@ class Watcher:
 
 
 def _index(entry: _Dir, kind: _Kind) -> dict[str, set[str]]:
+    if kind is _Kind.GLOB:
+        return entry.globs
     return entry.direct if kind is _Kind.DIRECT else entry.pending
 
 
@@ -294,6 +313,9 @@ def _plan(path: str) -> frozenset[_Entry]:
         ancestor, child = up, os.path.basename(ancestor)
     if ancestor != parent:
         return frozenset({(ancestor, child, _Kind.PENDING)})
+    if is_glob(path):
+        # Matches are taken as they are; a symlinked match's target directory is not watched.
+        return frozenset({(parent, name, _Kind.GLOB)})
     entries: set[_Entry] = {(parent, name, _Kind.DIRECT)}
     if os.path.islink(path):
         entries.add((parent, "", _Kind.LINK))

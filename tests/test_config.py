@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import string
 from pathlib import Path
 from typing import Any
@@ -14,10 +15,14 @@ from broker.config import (
     Config,
     ConfigError,
     CredentialSettings,
+    expand_template,
+    glob_matches,
+    is_glob,
     load_config,
     parse_config,
 )
-from broker.expiry import ExpirySource
+from broker.expiry import ExpirySource, parse_expiry_source
+from broker.formats import Selector
 from broker.presets import PRESETS, PROBLEM_CODES, default_remedy
 
 SPEC_EXAMPLE = """
@@ -213,7 +218,8 @@ def test_kubernetes_preset(env: dict[str, str]) -> None:
     assert k8s.files == {"token": base / "token", "ca": base / "ca.crt",
                          "namespace": base / "namespace"}
     assert (k8s.format, k8s.expiry, k8s.expiry_file) == ("jwt", ExpirySource("jwt"), "token")
-    assert (k8s.expiring_before, k8s.expiring_fraction) == (600.0, 0.8)
+    # After the kubelet's own rotation at 80% (and its volume sync), before the end.
+    assert (k8s.expiring_before, k8s.expiring_fraction) == (60.0, 0.9)
 
 
 def test_tls_preset_needs_paths(env: dict[str, str]) -> None:
@@ -355,7 +361,7 @@ def test_bad_expiry_source_message_is_verbatim(tmp_path: Path, env: dict[str, st
         (cred(name="a" * 65), "name", "longer than 64"),
         (cred(name=7), "name", "expected a string"),
         (cred(preset="nebuis"), "preset", 'unknown preset "nebuis" (did you mean "nebius"?); '
-                                          "known presets: kubernetes, nebius, tls"),
+         "known presets: aws, aws-sso, gcp, gcp-token, kubernetes, nebius, tls"),
         (cred(files={}), "files", "at least one file"),
         (cred(files="/x"), "files", "expected a table"),
         (cred(files={"t": "/x", "u": "/x"}), "files.u", 'same file as role "t"'),
@@ -613,6 +619,7 @@ _KEYS = st.sampled_from([
     "expiry_file", "expiring_before", "expiring_fraction", "max_size", "refresh", "validate",
     "remedies", "url", "listen", "token_file", "password", "command", "output", "header",
     "expect", "host_id", "state_dir", "resync_interval", "log_level", "token", "on", "timeout",
+    "select", "key_file", "fallback", "profile", "parameters",
 ]) | st.text(string.ascii_lowercase + "_-.:", max_size=8)
 
 _SCALARS = (
@@ -623,7 +630,8 @@ _SCALARS = (
     | st.text(max_size=12)
     | st.sampled_from(["nebius", "tls", "kubernetes", "jwt", "ttl:1h", "~/x", "$HOME/x", "30s",
                        "mqtt://127.0.0.1", "0.0.0.0:1", "unix:/s", "https://a", "token",
-                       "X: {token}", "expired"])
+                       "X: {token}", "expired", "aws", "aws-sso", "gcp", "ini-section:x",
+                       "/d/*.json", "${X:-~/y}", "${X:-", "dev"])
     | st.datetimes()
 )
 _VALUES = st.recursive(
@@ -660,3 +668,293 @@ def test_random_files_raise_only_config_error(text: str, tmp_path_factory: Any) 
     except ConfigError as exc:
         error = exc
     assert error is None or error.errors
+
+
+# ---------------------------------------------------------------------------------------------
+# ${VAR:-default}: examples, then a property against a reference evaluator
+
+
+@pytest.mark.parametrize(
+    ("template", "expected"),
+    [
+        ("${AWS:-~/.aws/credentials}", "/home/u/.aws/credentials"),
+        ("${SET:-~/.aws/credentials}", "/set/file"),
+        ("${EMPTY:-/fallback}", "/fallback"),  # empty counts as unset, as with :- in sh
+        ("${GAC:-${CSC:-~/.config/gcloud}/adc.json}", "/home/u/.config/gcloud/adc.json"),
+        ("${GAC:-${SET:-~/.config/gcloud}/adc.json}", "/set/file/adc.json"),
+        ("${SET:-${UNSET}}", "/set/file"),  # an unneeded default is not evaluated
+        ("${UNSET:-}x", "x"),
+        ("${UNSET:-~}", "/home/u"),
+        ("/a/${UNSET:-b~c}/d", "/a/b~c/d"),  # ~ expands only at the start of a word
+        ("${UNSET:-$$}", "$"),
+        ("$SET/x", "/set/file/x"),
+        ("a$/b$", "a$/b$"),
+        ("~", "/home/u"),
+    ],
+)
+def test_expand_template_examples(template: str, expected: str) -> None:
+    env = {"HOME": "/home/u", "SET": "/set/file", "EMPTY": ""}
+    assert expand_template(template, env) == expected
+
+
+@pytest.mark.parametrize(
+    ("template", "fragment"),
+    [
+        ("${UNSET:-${ALSO}}", "$ALSO is not set"),
+        ("${EMPTY}", "$EMPTY is empty"),
+        ("${UNSET:-/x", 'unclosed "${UNSET:-..."'),
+        ("${UNSET-x}", 'malformed "${...}"'),
+        ("${:-x}", 'malformed "${...}"'),
+        ("${UNSET:-~nosuchuser-xyz/x}", "no such user"),
+    ],
+)
+def test_expand_template_errors(template: str, fragment: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        expand_template(template, {"HOME": "/home/u", "EMPTY": ""})
+
+
+def test_expand_template_without_home() -> None:
+    with pytest.raises(ValueError, match="HOME is not set"):
+        expand_template("${UNSET:-~/x}", {})
+    assert expand_template("${SET:-~/x}", {"SET": "/s"}) == "/s"
+
+
+_NAMES = st.sampled_from(["A", "B", "C", "SET_1", "EMPTY", "UNSET"])
+_LITERAL = st.text("abcxyz/._-~ ", max_size=5)
+
+
+@st.composite
+def _template(draw: st.DrawFn, depth: int = 0) -> tuple[str, list[object]]:
+    """A random template and the same thing as a tree for the reference evaluator."""
+    parts: list[object] = []
+    text = ""
+    for _ in range(draw(st.integers(0, 3))):
+        kind = draw(st.sampled_from(["lit", "var", "braced", "default", "dollar"]))
+        if kind == "lit":
+            literal = draw(_LITERAL)
+            if text.endswith("$") or (not text and literal.startswith("~")):
+                literal = "q" + literal
+            text += literal
+            parts.append(literal)
+        elif kind == "dollar":
+            text += "$$"
+            parts.append("$")
+        elif kind in ("var", "braced"):
+            name = draw(_NAMES.filter(lambda n: n in {"A", "B", "C", "SET_1"}))
+            braced = kind == "braced" or draw(st.booleans())
+            text += f"${{{name}}}" if braced else f"${name}"
+            if not braced:
+                text += "/"  # a bare $NAME needs a non-name character after it
+            parts.append(("var", name))
+            if not braced:
+                parts.append("/")
+        elif depth < 2:
+            name = draw(_NAMES)
+            inner_text, inner = draw(_template(depth + 1))
+            if inner_text.startswith("~"):
+                inner_text, inner = "q" + inner_text, ["q", *inner]
+            text += f"${{{name}:-{inner_text}}}"
+            parts.append(("default", name, inner))
+    return text, parts
+
+
+def _reference(parts: list[object], env: dict[str, str]) -> str:
+    out = ""
+    for part in parts:
+        if isinstance(part, str):
+            out += part
+        elif part[0] == "var":
+            out += env[str(part[1])]
+        else:
+            value = env.get(str(part[1]))
+            out += value if value else _reference(part[2], env)  # type: ignore[arg-type]
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(template=_template(), values=st.lists(st.text("abc/_.", min_size=1, max_size=6),
+                                              min_size=4, max_size=4))
+def test_expand_template_matches_a_reference(
+    template: tuple[str, list[object]], values: list[str]
+) -> None:
+    text, parts = template
+    env = dict(zip(["A", "B", "C", "SET_1"], values, strict=True)) | {"EMPTY": ""}
+    assert expand_template(text, env) == _reference(parts, env)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text("${}:-~/$ABab_x", max_size=24))
+def test_expand_template_answers_or_raises_value_error(text: str) -> None:
+    env = {"HOME": "/home/u", "A": "/a", "EMPTY": ""}
+    try:
+        result = expand_template(text, env)
+    except ValueError as exc:
+        message = str(exc)
+        assert message
+        return
+    if "$" not in text and not text.startswith("~"):
+        assert result == text  # nothing to expand: unchanged
+
+
+def test_presets_paths_follow_the_environment(env: dict[str, str], home: Path) -> None:
+    def files(preset: str, **extra: str) -> dict[str, Path]:
+        (spec,) = parse_config({"credentials": [{"preset": preset}]}, env={**env, **extra}
+                               ).credentials
+        return dict(spec.files)
+
+    assert files("aws") == {"credentials": home / ".aws/credentials"}
+    assert files("aws", AWS_SHARED_CREDENTIALS_FILE="/etc/aws/creds") == {
+        "credentials": Path("/etc/aws/creds")
+    }
+    adc = "application_default_credentials.json"
+    assert files("gcp") == {"credentials": home / ".config/gcloud" / adc}
+    assert files("gcp", CLOUDSDK_CONFIG="/cfg") == {"credentials": Path("/cfg") / adc}
+    assert files("gcp", CLOUDSDK_CONFIG="/cfg", GOOGLE_APPLICATION_CREDENTIALS="/sa.json") == {
+        "credentials": Path("/sa.json")
+    }
+    assert files("aws-sso") == {"cache": home / ".aws/sso/cache/*.json"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Expiry fallbacks, parameters, selectors, patterns, fallbacks, key_file
+
+
+def test_expiry_list_and_string(env: dict[str, str]) -> None:
+    (one, many) = parse_config({"credentials": [
+        cred("one", expiry="jwt"),
+        cred("many", format="json", expiry=["json:a.b", "json:c", "none"]),
+    ]}, env=env).credentials
+    assert one.expiry_sources == (ExpirySource("jwt"),) and one.expiry == ExpirySource("jwt")
+    assert many.expiry_sources == tuple(
+        parse_expiry_source(t) for t in ("json:a.b", "json:c", "none")
+    )
+    assert many.expiry == ExpirySource("json", ("a", "b"))
+    assert many.model_dump(by_alias=True)["expiry"] == ["json:a.b", "json:c", "none"]
+
+
+def test_aws_profile_parameter(env: dict[str, str], home: Path) -> None:
+    (default, dev) = parse_config({"credentials": [
+        {"preset": "aws"}, {"preset": "aws", "name": "dev", "profile": "dev.eu"},
+    ]}, env=env).credentials
+    assert default.parameters == {"profile": "default"}
+    assert default.select == Selector("ini-section", "default")
+    assert [str(s) for s in dev.expiry_sources] == [
+        "ini:dev.eu.x_security_token_expires", "ini:dev.eu.aws_expiration", "none"
+    ]
+    assert dev.select == Selector("ini-section", "dev.eu")
+    assert dev.parameters == {"profile": "dev.eu"}
+    remedy = dev.remedy("section-missing", "credentials")
+    assert remedy is not None and "aws configure --profile dev.eu" in remedy
+    assert "{profile}" not in (dev.remedy("expired", "credentials") or "{profile}")
+
+
+def test_fallback_settings(env: dict[str, str], home: Path) -> None:
+    (neb,) = parse_config({"credentials": [{"preset": "nebius"}]}, env=env).credentials
+    assert neb.fallback is not None
+    assert neb.watched_paths == (
+        home / ".nebius/NEBIUS_IAM_TOKEN.txt",
+        home / ".nebius/NEBIUS_TENANT_ID.txt",
+        home / ".nebius/credentials.json",
+    )
+    alt = neb.alternative()
+    assert alt is not None and alt.fallback is None and alt.name == "nebius"
+    assert alt.files == {"credentials": home / ".nebius/credentials.json",
+                         "tenant_id": home / ".nebius/NEBIUS_TENANT_ID.txt"}
+    assert (alt.format, alt.expiry, alt.expiry_file) == ("json", ExpirySource("none"),
+                                                         "credentials")
+    # The credential's remedies still apply to the roles both share.
+    assert "tenant" in (alt.remedy("file-missing", "tenant_id") or "")
+    # Any credential may have one, written in TOML.
+    (own,) = parse_config({"credentials": [cred(fallback={
+        "files": {"sa": "~/sa.json"}, "format": "json", "expiry": ["json:exp", "none"],
+    })]}, env=env).credentials
+    assert own.fallback is not None and own.fallback.files == {"sa": home / "sa.json"}
+    assert own.fallback.expiry_file == "sa"
+    assert (no := parse_config({"credentials": [cred()]}, env=env).credentials[0]).fallback is None
+    assert no.alternative() is None
+
+
+def test_glob_roles(env: dict[str, str], home: Path) -> None:
+    assert is_glob("/a/*.json") and is_glob("/a/b?") and is_glob("/a/[ab]")
+    assert not is_glob("/a*/b") and not is_glob("/a/b.json")
+    assert glob_matches("x.json", "*.json") and not glob_matches(".x.json", "*.json")
+    assert glob_matches(".x.json", ".*.json") and not glob_matches("x.json.tmp", "*.json")
+    (spec,) = parse_config({"credentials": [cred(files={"cache": "~/c/*.json"},
+                                                   format="json")]}, env=env).credentials
+    assert spec.files == {"cache": home / "c/*.json"}
+
+
+@pytest.mark.parametrize(
+    ("credential", "path", "message"),
+    [
+        (cred(expiry=[]), "expiry", "must not be empty"),
+        (cred(expiry=["jwt", "jwtt"]), "expiry[1]", 'unknown source "jwtt"'),
+        (cred(expiry=["none", "jwt"]), "expiry[1]", "unreachable"),
+        (cred(expiry=["ttl:1h", "jwt"]), "expiry[1]", "unreachable"),
+        (cred(expiry=[3]), "expiry[0]", "expected a string"),
+        (cred(expiry={"a": 1}), "expiry", "or an array of them"),
+        (cred(select="ini-section:"), "select", "needs a section name"),
+        (cred(select=["x"]), "select", "expected a string"),
+        (cred(files={"t": "/a/*/t"}), "files.t", "only the file name may be a pattern"),
+        (cred(files={"t": "/d/*.json"}, refresh={"command": ["x"], "output": "t"}),
+         "refresh.output", "is a pattern"),
+        (cred(files={"t": "/d/*.json"}, validate={"url": "https://a", "header": "A: {t}"}),
+         "validate.header", "is a pattern"),
+        (cred(files={"c": "/c", "k": "/k"}, format="pem", key_file="x"), "key_file",
+         '"x" is not a role'),
+        (cred(files={"c": "/c", "k": "/k"}, format="pem", key_file="c"), "key_file",
+         "not the expiry_file"),
+        (cred(files={"c": "/c", "k": "/k"}, key_file="k"), "key_file", 'needs format = "pem"'),
+        (cred(files={"c": "/d/*.pem", "k": "/k"}, format="pem", key_file="k"), "key_file",
+         "not a pattern"),
+        (cred(profile="dev"), "profile", '"profile" is a parameter of preset aws only'),
+        (cred(parameters={"profile": "dev"}), "parameters", 'unknown key "parameters"'),
+        ({"preset": "aws", "profile": "has space"}, "profile", 'invalid value "has space"'),
+        ({"preset": "aws", "profile": 3}, "profile", "expected a string"),
+        ({"preset": "aws", "parameters": {}}, "parameters", 'unknown key "parameters"'),
+        (cred(fallback={"files": {}}), "fallback.files", "at least one file"),
+        (cred(fallback={"files": {"a": "/a"}, "fromat": "x"}), "fallback.fromat",
+         '(did you mean "format"?)'),
+        (cred(fallback={"files": {"a": "/a"}, "expiry_file": "b"}), "fallback.expiry_file",
+         '"b" is not a role'),
+        (cred(fallback="/a"), "fallback", "expected a table"),
+    ],
+)
+def test_new_key_errors(
+    credential: dict[str, Any], path: str, message: str, env: dict[str, str]
+) -> None:
+    errors = errors_of({"credentials": [cred("first"), credential]}, env)
+    assert message in errors[f"credentials[1].{path}"], errors
+    assert len(errors) == 1, errors
+
+
+def test_a_new_preset_is_only_data(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    # Everything a preset can say, for a made-up cloud: no code knows its name.
+    import broker.config as config_module
+    from broker.presets import Preset, PresetFallback
+
+    made_up = Preset(
+        name="acme",
+        description="Acme Cloud",
+        files={"creds": "${ACME_CREDS:-~/.acme/creds.ini}", "cache": "~/.acme/cache/*.json"},
+        format="ini",
+        select="ini-section:{region}",
+        expiry=("ini:{region}.expires", "none"),
+        parameters={"region": "eu"},
+        fallback=PresetFallback(files={"sa": "~/.acme/sa.json"}, format="json"),
+        refresh={"command": ["acme", "login", "--region", "{region}"]},
+        remedies={"section-missing": "acme login --region {region}"},
+    )
+    monkeypatch.setattr(config_module, "PRESETS", {**PRESETS, "acme": made_up})
+    (spec,) = parse_config({"credentials": [{"preset": "acme", "region": "us-2"}]},
+                           env=env).credentials
+    home = Path(env["HOME"])
+    assert spec.files == {"creds": home / ".acme/creds.ini", "cache": home / ".acme/cache/*.json"}
+    assert spec.select == Selector("ini-section", "us-2")
+    assert [str(s) for s in spec.expiry_sources] == ["ini:us-2.expires", "none"]
+    assert spec.refresh is not None
+    assert spec.refresh.command == ("acme", "login", "--region", "us-2")
+    assert spec.fallback is not None and spec.fallback.files == {"sa": home / ".acme/sa.json"}
+    assert spec.remedy("section-missing", "creds") == "acme login --region us-2"
+    errors = errors_of({"credentials": [{"preset": "aws", "region": "x"}]}, env)
+    assert 'parameter of preset acme only' in errors["credentials[0].region"]

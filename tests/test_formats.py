@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -20,11 +21,15 @@ from hypothesis import strategies as st
 from broker.formats import (
     FORMATS,
     ContentError,
+    Selector,
+    apply_selector,
     check_format,
+    check_key_pair,
     decode_jwt_claims,
     load_certificates,
     load_ini,
     load_json_object,
+    parse_selector,
 )
 
 SECRET = "s3cr3t-Zq9xVw7Kp2"
@@ -491,3 +496,145 @@ def test_errors_never_quote_a_random_secret(secret: str) -> None:
     for fn, data in samples:
         err = content_error(fn, data)
         assert_no_secret(err, secret)
+
+
+# --- selectors: one section of a shared INI file ---------------------------------------------
+
+
+def test_selector_parses_and_prints_back() -> None:
+    selector = parse_selector("ini-section:profile dev.eu")
+    assert selector == Selector("ini-section", "profile dev.eu")
+    assert str(selector) == "ini-section:profile dev.eu"
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("ini:default", "unknown selector"),
+        ("ini-section", "unknown selector"),
+        ("ini-section:", "needs a section name"),
+        ("ini-section:[x]", "needs a section name"),
+        ("ini-section: x", "needs a section name"),
+        ("json:a.b", "unknown selector"),
+    ],
+)
+def test_selector_bad(text: str, fragment: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        parse_selector(text)
+
+
+def test_selector_keeps_only_the_section() -> None:
+    selected = apply_selector(parse_selector("ini-section:profile dev.eu"), AWS_CREDENTIALS)
+    parser = load_ini(selected)
+    assert parser.sections() == ["profile dev.eu"]
+    assert parser.get("profile dev.eu", "aws_expiration") == "2026-11-25T19:00:00Z"
+    assert b"AKIAEXAMPLE2" in selected and b"x_security_token_expires" not in selected
+    # Canonical: the same section reads the same, however the file around it looks.
+    reordered = AWS_CREDENTIALS.split(b"\n\n")
+    rewritten = b"# comment\n" + reordered[1] + b"\n\n" + reordered[0].replace(b" = ", b"=")
+    assert apply_selector(parse_selector("ini-section:profile dev.eu"), rewritten) == selected
+
+
+def test_selector_missing_section_and_bad_ini() -> None:
+    err = content_error(partial(apply_selector, parse_selector("ini-section:prod")),
+                        AWS_CREDENTIALS)
+    assert err.code == "section-missing"
+    assert "[prod]" in err.message
+    assert_no_secret(err)
+    err = content_error(partial(apply_selector, parse_selector("ini-section:x")), b"k = v\n")
+    assert err.code == "malformed-ini"
+    err = content_error(partial(apply_selector, parse_selector("ini-section:x")), b"  \n")
+    assert err.code == "empty"
+
+
+def test_selector_includes_defaults_like_every_ini_reader() -> None:
+    data = b"[DEFAULT]\nregion = eu\n[a]\nk = 1\n[b]\nk = 2\n"
+    selected = load_ini(apply_selector(parse_selector("ini-section:a"), data))
+    assert dict(selected.items("a")) == {"region": "eu", "k": "1"}
+    assert dict(load_ini(apply_selector(parse_selector("ini-section:DEFAULT"), data))
+                .defaults()) == {"region": "eu"}
+
+
+_INI_NAME = st.text("abcdefgh0123456789_-", min_size=1, max_size=8)
+_INI_VALUE = st.text("abcdefghijklmnopqrstuvwxyzABC0123456789%+/=:._-", min_size=1, max_size=20)
+_SECTIONS = st.dictionaries(
+    _INI_NAME, st.dictionaries(_INI_NAME, _INI_VALUE, min_size=1, max_size=4),
+    min_size=2, max_size=5,
+)
+
+
+def _render(sections: dict[str, dict[str, str]]) -> bytes:
+    return "".join(
+        f"[{name}]\n" + "".join(f"{k} = {v}\n" for k, v in items.items()) + "\n"
+        for name, items in sections.items()
+    ).encode()
+
+
+@settings(max_examples=200, deadline=None)
+@given(sections=_SECTIONS, data=st.data())
+def test_selection_ignores_every_other_section(
+    sections: dict[str, dict[str, str]], data: st.DataObject
+) -> None:
+    chosen, other = data.draw(st.permutations(sorted(sections)))[:2]
+    selector = Selector("ini-section", chosen)
+    before = apply_selector(selector, _render(sections))
+    # Any edit of another section (or its removal, or a new one) changes nothing selected...
+    edited = dict(sections)
+    edited[other] = data.draw(st.dictionaries(_INI_NAME, _INI_VALUE, min_size=1, max_size=4))
+    assert apply_selector(selector, _render(edited)) == before
+    del edited[other]
+    assert apply_selector(selector, _render(edited)) == before
+    # ...and any edit of the chosen one changes it.
+    changed = dict(sections)
+    changed[chosen] = {**sections[chosen], "zz_new_key": "x"}
+    assert apply_selector(selector, _render(changed)) != before
+    assert dict(load_ini(before).items(chosen)) == {
+        k.lower(): v for k, v in sections[chosen].items()
+    }
+
+
+# --- key / certificate pair ------------------------------------------------------------------
+
+
+def test_key_pair_matches(certs: CertFiles) -> None:
+    check_key_pair(certs.leaf_pem + certs.ca_pem, certs.key_pem)  # the leaf comes first
+    traditional = serialization.load_pem_private_key(certs.key_pem, None).private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+    check_key_pair(certs.leaf_pem, b"leading text\n" + traditional)
+
+
+def test_key_pair_mismatch_and_bad_keys(certs: CertFiles) -> None:
+    other = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    err = content_error(partial(check_key_pair, certs.leaf_pem), other)
+    assert err.code == "key-mismatch"
+    # The CA's certificate with the leaf's key: also a mismatch.
+    assert content_error(partial(check_key_pair, certs.ca_pem), certs.key_pem).code == (
+        "key-mismatch"
+    )
+    body = certs.key_pem.decode().splitlines()[1]
+    for bad in (b"not a key", certs.leaf_pem, certs.key_pem[:-60], SECRET.encode()):
+        err = content_error(partial(check_key_pair, certs.leaf_pem), bad)
+        assert err.code == "malformed-key"
+        assert_no_secret(err)
+        assert_no_secret(err, body)
+    assert content_error(partial(check_key_pair, certs.leaf_pem), b" \n").code == "empty"
+    assert content_error(partial(check_key_pair, b"junk"), certs.key_pem).code == (
+        "no-certificate"
+    )
+
+
+def test_encrypted_key_cannot_be_checked_and_passes(certs: CertFiles) -> None:
+    key = serialization.load_pem_private_key(certs.key_pem, None)
+    encrypted = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"passphrase"),
+    )
+    check_key_pair(certs.leaf_pem, encrypted)

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from broker.config import CredentialSettings, parse_config
 from broker.expiry import Lifetime
+from broker.fingerprint import Fingerprinter
 from broker.machine import (
     EXPIRED,
     EXPIRING,
@@ -17,6 +18,7 @@ from broker.machine import (
     REFRESHED,
     Observation,
     next_deadline,
+    observe,
     tick,
     transition,
 )
@@ -226,3 +228,106 @@ def test_expiring_at_is_reached_before_expiry(expires: float, issued: float, now
         assert s.stage is Stage.EXPIRING
     else:
         assert s.stage is Stage.VALID
+
+
+# ---------------------------------------------------------------------------------------------
+# observe(): selectors, expiry fallbacks, pattern roles, the key pair check, the fallback note
+
+FP = Fingerprinter(b"k" * 32)
+
+
+def spec_of(**table: object) -> CredentialSettings:
+    return parse_config(
+        {"broker": {"state_dir": "/tmp/unused", "host_id": "t"},
+         "credentials": [{"name": "svc", **table}]},
+        env={"HOME": "/home/u"},
+    ).credentials[0]
+
+
+def read(role: str, path: str, content: bytes, mtime: float = 0.0) -> FileRead:
+    return FileRead(FileInfo(role, path, True, len(content), mtime, 0o600), content=content)
+
+
+AWS = spec_of(preset="aws", profile="dev", files={"credentials": "/h/creds"})
+
+
+def aws_file(dev: str, other: str = "aws_access_key_id = A1") -> bytes:
+    return f"[default]\n{other}\n\n[dev]\n{dev}\n".encode()
+
+
+def test_selector_fingerprints_only_the_profile() -> None:
+    dev = "aws_session_token = s1\nx_security_token_expires = 2026-11-25T18:00:00Z"
+    obs = observe(AWS, [read("credentials", "/h/creds", aws_file(dev))], FP)
+    assert obs.outcome is Status.VALID
+    assert obs.lifetime == Lifetime(None, 1795629600.0)
+    other = observe(AWS, [read("credentials", "/h/creds", aws_file(dev, "k = other"))], FP)
+    assert other.fingerprint == obs.fingerprint
+    renewed = dev.replace("s1", "s2").replace("18:00", "19:00")
+    changed = observe(AWS, [read("credentials", "/h/creds", aws_file(renewed))], FP)
+    assert changed.fingerprint != obs.fingerprint
+    assert changed.lifetime == Lifetime(None, 1795633200.0)
+
+
+def test_expiry_sources_fall_through_in_order() -> None:
+    with_second = observe(AWS, [read("credentials", "/h/creds",
+                                     aws_file("aws_expiration = 2026-11-25T18:00:00Z"))], FP)
+    assert with_second.lifetime == Lifetime(None, 1795629600.0)
+    static = observe(AWS, [read("credentials", "/h/creds", aws_file("aws_secret = x"))], FP)
+    assert static.outcome is Status.VALID and static.lifetime == Lifetime(None, None)
+    bad = observe(AWS, [read("credentials", "/h/creds",
+                             aws_file("x_security_token_expires = soon"))], FP)
+    assert bad.outcome is Status.INVALID  # a field that is there but wrong does not fall through
+    assert [p.code for p in bad.problems] == ["bad-expiry"]
+    strict = spec_of(files={"t": "/t"}, format="json", expiry=["json:a", "json:b"])
+    obs = observe(strict, [read("t", "/t", b'{"c": 1}')], FP)
+    assert [p.code for p in obs.problems] == ["no-expiry"]
+
+
+def test_missing_section_is_missing_with_the_profile_remedy() -> None:
+    obs = observe(AWS, [read("credentials", "/h/creds", b"[default]\nk = v\n")], FP)
+    assert obs.outcome is Status.MISSING
+    (problem,) = obs.problems
+    assert problem.code == "section-missing"
+    assert "[dev]" in problem.message
+    assert problem.remedy is not None and "aws configure --profile dev" in problem.remedy
+    broken = observe(AWS, [read("credentials", "/h/creds", b"no section\n")], FP)
+    assert broken.outcome is Status.INVALID
+    assert [p.code for p in broken.problems] == ["malformed-ini"]
+    assert broken.fingerprint is not None
+
+
+SSO = spec_of(files={"cache": "/h/cache/*.json"}, format="json", expiry="json:expiresAt")
+
+
+def test_pattern_role_takes_the_soonest_expiry_and_names_count() -> None:
+    token = read("cache", "/h/cache/a.json", b'{"expiresAt": "2026-11-25T18:00:00Z"}')
+    registration = read("cache", "/h/cache/b.json", b'{"expiresAt": "2027-02-23T18:00:00Z"}')
+    other = read("cache", "/h/cache/c.json", b'{"startUrl": "x"}')  # no field: skipped
+    obs = observe(SSO, [token, registration, other], FP)
+    assert obs.outcome is Status.VALID
+    assert obs.lifetime == Lifetime(None, 1795629600.0)
+    renamed = read("cache", "/h/cache/z.json", token.content or b"")
+    assert observe(SSO, [renamed, registration, other], FP).fingerprint != obs.fingerprint
+    none = observe(SSO, [other], FP)
+    assert [p.code for p in none.problems] == ["no-expiry"]
+    broken = read("cache", "/h/cache/d.json", b"{")
+    assert observe(SSO, [token, broken], FP).problems[0].message.startswith(
+        "cache file /h/cache/d.json:"
+    )
+
+
+def test_key_pair_check_is_generic() -> None:
+    tls = spec_of(preset="tls", files={"cert": "/t/c.pem", "key": "/t/k.pem"})
+    cert = read("cert", "/t/c.pem", b"not a certificate")
+    key = read("key", "/t/k.pem", b"not a key")
+    obs = observe(tls, [cert, key], FP)
+    assert [p.code for p in obs.problems] == ["no-certificate"]  # the cert is checked first
+
+
+def test_note_goes_into_the_reason() -> None:
+    obs = valid("a", expires=1000)
+    noted = Observation(obs.files, obs.outcome, obs.fingerprint, (), obs.lifetime, "using x")
+    assert transition(SPEC, None, noted, now=0).state.reason == "first seen; using x"
+    gone = Observation(FILES, Status.MISSING, None, (Problem("file-missing", "gone"),),
+                       note="using y")
+    assert transition(SPEC, None, gone, now=0).state.reason == "gone; using y"
