@@ -231,5 +231,9 @@ class Broker:
         for section in ("mqtt", "http"):
             if getattr(config, section) != getattr(self._config, section):
                 log.warning(f"[{section}] changed; restart the broker to apply it")
+        for key, sink in (("refresh", "refresh"), ("validate_", "validate")):
+            wanted = any(getattr(c, key) is not None for c in config.credentials)
+            if wanted and sink not in self.sinks:
+                log.warning(f"the first `{sink}` setting needs a restart of the broker to run")
         self._config = config
         await self.engine.reconfigure(config.credentials)

@@ -54,6 +54,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `credbroker check --json | head`: the reader left; say nothing more.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -238,26 +242,37 @@ def _cmd_presets(args: argparse.Namespace) -> int:
         rows = [("files", line) for line in _preset_files(preset.files)]
         fmt = preset.format
         if preset.select:
-            fmt += f"; only what select = \"{preset.select}\" names counts"
+            fmt += f'; only what select = "{preset.select}" names counts'
         rows.append(("format", fmt))
         expiry = ", else ".join(preset.expiry_sources)
         if len(preset.files) > 1:
             expiry += f" (from {preset.expiry_file or next(iter(preset.files))})"
         rows.append(("expiry", expiry))
         if preset.expiry_sources != ("none",):
-            rows.append(("expiring", _preset_window(preset.expiring_before,
-                                                    preset.expiring_fraction)))
+            rows.append(
+                ("expiring", _preset_window(preset.expiring_before, preset.expiring_fraction))
+            )
         if preset.key_file:
             rows.append(("key check", f"{preset.key_file} must hold the certificate's key"))
         if preset.parameters:
-            rows.append(("parameters", ", ".join(
-                f'{name} = "{default}"' for name, default in preset.parameters.items()
-            )))
+            rows.append(
+                (
+                    "parameters",
+                    ", ".join(
+                        f'{name} = "{default}"' for name, default in preset.parameters.items()
+                    ),
+                )
+            )
         if preset.fallback:
             fallback = preset.fallback
             sources = (fallback.expiry,) if isinstance(fallback.expiry, str) else fallback.expiry
-            rows.append(("fallback", f"while the expiry file is absent: {fallback.format}, "
-                         f"expiry {', else '.join(sources)}"))
+            rows.append(
+                (
+                    "fallback",
+                    f"while the expiry file is absent: {fallback.format}, "
+                    f"expiry {', else '.join(sources)}",
+                )
+            )
             rows.extend(("", line) for line in _preset_files(fallback.files))
         if preset.refresh:
             rows.append(("refresh", " ".join(str(a) for a in preset.refresh.get("command", ()))))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import heapq
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -71,7 +72,7 @@ class _Pending:
     scan: bool = False  # found by looking, not by a writer's close: check for open writers
     force: bool = False  # read even if a writer seems busy (explicit check, start-up)
     respec: bool = False  # the credential's settings changed
-    announce: str | None = None  # also publish this event type with the resulting state
+    announce: tuple[str, str] | None = None  # also publish (event type, reason) with the state
 
 
 class Engine:
@@ -165,7 +166,8 @@ class Engine:
             slots.pop(source, None)
         else:
             slots[source] = (fingerprint, problem)
-        await self._evaluate({name: _Pending(force=True, announce=announce)})
+        said = (announce, problem.message if problem else "") if announce else None
+        await self._evaluate({name: _Pending(force=True, announce=said)})
         return self.state(name)
 
     def _with_external(self, name: str, spec: CredentialSettings, obs: Observation) -> Observation:
@@ -191,6 +193,13 @@ class Engine:
                 lifetime=None,
             )
         return replace(obs, problems=(*obs.problems, *rejected, *others))
+
+    def poke(self) -> None:
+        """Look at the clock again now: after a resume from suspend or a clock step.
+
+        Without a poke the scheduler notices within MAX_SLEEP anyway.
+        """
+        self._reschedule.set()
 
     async def quiesce(self) -> None:
         """Wait until nothing is queued, evaluating, or waiting out a missing grace period."""
@@ -279,6 +288,9 @@ class Engine:
 
     async def _schedule_loop(self) -> None:
         while True:
+            # A fresh event before looking, so a poke or a new deadline that arrives
+            # during this pass wakes the next wait instead of being lost.
+            self._reschedule = anyio.Event()
             now = self._clock()
             due: set[str] = set()
             regrace: set[str] = set()
@@ -296,7 +308,6 @@ class Engine:
             delay = MAX_SLEEP
             if self._deadlines:
                 delay = min(delay, max(0.0, self._deadlines[0][0] - now))
-            self._reschedule = anyio.Event()
             with anyio.move_on_after(delay):
                 await self._reschedule.wait()
 
@@ -373,8 +384,9 @@ class Engine:
                 startup = tracked.startup and prev is not None
                 tr = transition(spec, prev, obs, now, startup=startup, respec=batch[name].respec)
                 announce = batch[name].announce
-                if announce:
-                    tr = replace(tr, events=(*tr.events, (announce, tr.state)))
+                if announce is not None:
+                    said = replace(tr.state, reason=announce[1] or tr.state.reason)
+                    tr = replace(tr, events=(*tr.events, (announce[0], said)))
                 results[name] = (read, tr)
             scanned = [n for n, (_, tr) in results.items() if tr.events and batch[n].scan]
             if scanned:
@@ -439,23 +451,32 @@ class Engine:
             if read is not None:
                 tracked.signatures = dict(read.signatures)
                 tracked.active = read.spec
-            state = tr.state
+            before, state = tracked.state, tr.state
             for event_type, event_state in tr.events:
                 self.sequence += 1
                 events.append((event_type, replace(event_state, sequence=self.sequence)))
                 state = replace(state, sequence=self.sequence)
             tracked.state = state
-            if tr.events:
+            # Problems can change without an event (a refresh that now works, a validator
+            # reachable again): persist those too, so `credbroker check` never reads stale ones.
+            if tr.events or (before is not None and before.problems != state.problems):
                 changed.append(state)
             self._push_deadline(name, state)
-        if not events:
+        if not changed:
             return
-        everything = {n: t.state for n, t in self._tracked.items() if t.state is not None}
-        await anyio.to_thread.run_sync(self._store.record, changed, self.sequence, everything)
-        for event_type, state in events:
-            event = make_event(event_type, state, source=self._source, now=now)
-            _log_event(event)
-            self._bus.publish(event)
+        # The numbers are taken: a caller cancelled now (an HTTP client gone) must not
+        # leave them recorded but unpublished.
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(
+                self._store.record, changed, self.sequence, self._everything
+            )
+            for event_type, state in events:
+                event = make_event(event_type, state, source=self._source, now=now)
+                _log_event(event)
+                self._bus.publish(event)
+
+    def _everything(self) -> dict[str, State]:
+        return {n: t.state for n, t in self._tracked.items() if t.state is not None}
 
     def _push_deadline(self, name: str, state: State | None) -> None:
         deadline = next_deadline(state) if state is not None else None
@@ -469,13 +490,15 @@ class Engine:
 
     def flush(self) -> None:
         """Write a full snapshot of the store (clean shutdown; blocking)."""
-        everything = {n: t.state for n, t in self._tracked.items() if t.state is not None}
-        self._store.flush(everything, self.sequence)
+        self._store.flush(self._everything(), self.sequence)
 
 
 def annotate_polling(obs: Observation, polled: set[str], resync_interval: float) -> Observation:
     """Add a ``watch-polling`` problem when inotify could not be had for some of the files."""
-    paths = [r.info.path for r in obs.files if r.info.path in polled]
+    # Polling is per directory (a watch is per directory), and a pattern role's files are
+    # its matches, not the pattern that was watched: compare directories.
+    polled_dirs = {os.path.dirname(p) for p in polled}
+    paths = [r.info.path for r in obs.files if os.path.dirname(r.info.path) in polled_dirs]
     if not paths:
         return obs
     problem = Problem(

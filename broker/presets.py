@@ -57,6 +57,9 @@ PROBLEM_CODES: frozenset[str] = frozenset(
         "expired",
         "watch-polling",
         "validator-unreachable",  # SPEC section 2, validate
+        "validator-unexpected-status",  # the validator answered neither expect nor 401/403
+        "rejected-by-validator",  # 401/403 from the validator: the content is invalid
+        "refresh-failed",  # the refresh command failed; retried with backoff
     }
 )
 
@@ -173,8 +176,8 @@ PRESETS: Mapping[str, Preset] = MappingProxyType(
                 "file-missing:tenant_id": _NEBIUS_TENANT,
                 "empty:tenant_id": _NEBIUS_TENANT,
             },
-            notes="Renew automatically: refresh = { command = [\"nebius\", \"iam\", "
-            "\"get-access-token\"], output = \"token\" }",
+            notes='Renew automatically: refresh = { command = ["nebius", "iam", '
+            '"get-access-token"], output = "token" }',
         ),
         "aws": Preset(
             name="aws",
@@ -337,7 +340,7 @@ _DEFAULT_REMEDIES: Mapping[str, str] = MappingProxyType(
         "key-mismatch": "{path} holds a private key that does not belong to the certificate; "
         "install the key that was issued with it (or re-issue both)",
         "no-expiry": "{path} has no expiry where the config's `expiry` says; fix `expiry` "
-        "or use expiry = \"none\"",
+        'or use expiry = "none"',
         "bad-expiry": "the expiry in {path} is not a time; check the config's `expiry` setting",
         "expiry-out-of-range": "the expiry in {path} is implausible; check the issuer and the "
         "config's `expiry` setting",
@@ -348,6 +351,10 @@ _DEFAULT_REMEDIES: Mapping[str, str] = MappingProxyType(
         "fs.inotify.max_user_watches / max_user_instances (sysctl)",
         "validator-unreachable": "check network access to the credential's validate url; "
         "the status stays as it was until a check gets an answer",
+        "validator-unexpected-status": "check the validate url and its expect codes; "
+        "the status stays as it was",
+        "rejected-by-validator": "the API refused the credential in {path}: renew it",
+        "refresh-failed": "run the credential's refresh command by hand to see why it fails",
     }
 )
 
@@ -361,9 +368,7 @@ def display_path(path: str) -> str:
     return shlex.quote(path) if path else path
 
 
-def fill_remedy(
-    template: str, path: str, role: str, paths: Mapping[str, str] | None = None
-) -> str:
+def fill_remedy(template: str, path: str, role: str, paths: Mapping[str, str] | None = None) -> str:
     """Fill ``{path}``, ``{path:<role>}`` (from ``paths``, role -> path) and ``{role}``.
 
     Plain replacement rather than ``str.format``: remedy texts are free prose (a user may

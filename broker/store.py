@@ -13,7 +13,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -157,15 +157,19 @@ class Store:
         self._needs_full_write = bool(lines)
 
     def record(
-        self, changed: Iterable[State], sequence: int, everything: Mapping[str, State]
+        self,
+        changed: Iterable[State],
+        sequence: int,
+        everything: Callable[[], Mapping[str, State]],
     ) -> None:
         """Durably record a batch before it is published.
 
+        ``everything`` is called only when a full snapshot is due (it is O(credentials)).
         Never raises: a failure is kept in ``error`` and the next write is a full snapshot.
         """
         try:
             if self._needs_full_write or self._journal_lines >= COMPACT_EVERY:
-                self._write_snapshot(everything, sequence)
+                self._write_snapshot(everything(), sequence)
             else:
                 line = encode({"sequence": sequence, "states": [_encode_state(s) for s in changed]})
                 with open(self._journal, "ab") as fh:

@@ -99,6 +99,8 @@ class Watcher:
         self.writing: set[str] = set()
         #: Paths the kernel would not watch (limit reached, no permission): poll them.
         self.polled: set[str] = set()
+        #: Watch failures and event-handling errors, for metrics.
+        self.errors = 0
 
     def __enter__(self) -> Watcher:
         self._inotify = Inotify()
@@ -135,6 +137,7 @@ class Watcher:
                 self._handle(event)
             except Exception:
                 # A bug here must not stop the daemon: the resync safety net still runs.
+                self.errors += 1
                 log.exception("inotify event handling failed")
 
     # -- planning -------------------------------------------------------------------------
@@ -185,6 +188,7 @@ class Watcher:
         try:
             entry.watch = self._inotify.add_watch(directory, _DIR_MASK)
         except OSError as exc:
+            self.errors += 1
             if exc.errno == errno.ENOSPC:
                 log.warning(
                     "inotify watch limit reached; polling instead",

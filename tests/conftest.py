@@ -162,10 +162,12 @@ def harness_factory(tmp_path: Path, secrets: SecretRegistry) -> Any:
     write_atomic(fence_path, "initial")
 
     @asynccontextmanager
-    async def start(credentials: list[dict[str, Any]], **sections: Any) -> AsyncIterator[Harness]:
+    async def start(
+        credentials: list[dict[str, Any]], *, clock: Any = None, **sections: Any
+    ) -> AsyncIterator[Harness]:
         creds = [*credentials, {"name": "fence", "files": {"token": str(fence_path)}}]
         config = make_config(tmp_path, creds, **sections)
-        broker = Broker(config)
+        broker = Broker(config, clock=clock)
         # Subscribing before start sees the first-sight events too.
         async with broker.subscribe("*") as events:
             async with broker:

@@ -416,3 +416,50 @@ async def test_external_findings_reject_and_announce(
         assert event.type == "credentials.refreshed"
         assert event.data.generation == 2
         assert "rejected-by-validator" not in [p.code for p in event.data.problems]
+
+
+class SteppedClock:
+    """A wall clock the test steps by hand, forward and back."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_wall_clock_jumps_neither_miss_nor_repeat_a_stage(
+    harness_factory: Any, tmp_path: Path, secrets: SecretRegistry
+) -> None:
+    clock = SteppedClock()
+    path = tmp_path / "jwt"
+    write_atomic(path, secrets.jwt(exp=int(clock.now) + 1000))
+    cred = {
+        "name": "svc",
+        "files": {"token": str(path)},
+        "format": "jwt",
+        "expiry": "jwt",
+        "expiring_before": "100s",
+    }
+    async with harness_factory([cred], clock=clock) as h:
+        assert (await h.next("svc")).type == "credentials.refreshed"
+
+        async def step(seconds: float) -> None:
+            clock.now += seconds
+            h.broker.engine.poke()
+            await h.fence()
+
+        await step(950)  # past the expiring moment
+        assert h.types("svc") == ["credentials.refreshed", "credentials.expiring"]
+        await step(-900)  # stepped back (NTP, a VM restored)
+        await step(800)  # crosses the expiring moment a second time
+        assert h.types("svc") == ["credentials.refreshed", "credentials.expiring"]
+        await step(1000)  # past expiry
+        await step(-2000)
+        await step(3000)
+        assert h.types("svc") == [
+            "credentials.refreshed",
+            "credentials.expiring",
+            "credentials.expired",
+        ]
+        assert h.broker.state("svc").status is Status.EXPIRED

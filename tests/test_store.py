@@ -29,9 +29,9 @@ def test_round_trip_keeps_exact_times_and_stage(tmp_path: Path) -> None:
     store = Store(tmp_path / "s")
     store.prepare()
     a1, b1 = state("a", 1, 1), state("b", 1, 2)
-    store.record([a1, b1], 2, {"a": a1, "b": b1})
+    store.record([a1, b1], 2, lambda: {"a": a1, "b": b1})
     a2 = state("a", 2, 3)
-    store.record([a2], 3, {"a": a2, "b": b1})
+    store.record([a2], 3, lambda: {"a": a2, "b": b1})
     loaded = Store(tmp_path / "s").load()
     assert loaded.problems == []
     assert loaded.sequence == 3
@@ -47,7 +47,7 @@ def test_torn_last_journal_line_is_ignored_silently(tmp_path: Path) -> None:
     a1 = state("a", 1, 1)
     store.flush({"a": a1}, 1)
     a2 = state("a", 2, 2)
-    store.record([a2], 2, {"a": a2})
+    store.record([a2], 2, lambda: {"a": a2})
     with open(tmp_path / "journal.jsonl", "ab") as fh:
         fh.write(b'{"sequence": 3, "states": [{"credential"')
     loaded = Store(tmp_path).load()
@@ -75,14 +75,14 @@ def test_unwritable_directory_is_reported_then_recovers(tmp_path: Path) -> None:
         if os.geteuid() == 0:
             # root ignores modes: make the journal path a directory instead.
             (tmp_path / "s" / "journal.jsonl").mkdir()
-        store.record([a1], 1, {"a": a1})
+        store.record([a1], 1, lambda: {"a": a1})
         assert store.error is not None and "cannot write state" in store.error
     finally:
         os.chmod(tmp_path / "s", 0o700)
         if (tmp_path / "s" / "journal.jsonl").is_dir():
             (tmp_path / "s" / "journal.jsonl").rmdir()
     a2 = state("a", 2, 2)
-    store.record([a2], 2, {"a": a2})
+    store.record([a2], 2, lambda: {"a": a2})
     assert store.error is None
     # The recovery wrote everything, not just the last change.
     doc = json.loads((tmp_path / "s" / "state.json").read_text())
