@@ -378,7 +378,7 @@ def _path(value: Any, info: ValidationInfo) -> Path:
     if isinstance(value, _PresetPathRequired):
         raise ValueError(
             f"preset {_show(value.preset)} has no default path for role {_show(value.role)}; "
-            f"set it: files = {{ {value.role} = \"/path/to/file\" }}"
+            f'set it: files = {{ {value.role} = "/path/to/file" }}'
         )
     if isinstance(value, PurePath):
         value = str(value)
@@ -494,11 +494,15 @@ def _expiry_sources(value: Any) -> tuple[ExpirySource, ...]:
         raise _errors_at(problems)
     for index, source in enumerate(sources[:-1]):
         if source.kind in _FINAL_SOURCES:
-            raise _errors_at([(
-                (index + 1,),
-                f"unreachable: source {_show(str(source))} always answers, so nothing after "
-                "it is ever tried; put it last",
-            )])
+            raise _errors_at(
+                [
+                    (
+                        (index + 1,),
+                        f"unreachable: source {_show(str(source))} always answers, so nothing after "
+                        "it is ever tried; put it last",
+                    )
+                ]
+            )
     return tuple(sources)
 
 
@@ -540,7 +544,7 @@ def _check_ident(value: str, what: str) -> str:
         raise ValueError(f"{what} is longer than {_NAME_MAX} characters")
     if not _NAME_RE.fullmatch(value):
         raise ValueError(
-            f"invalid {what} {_show(value)}: use lower-case letters, digits, \"_\" and \"-\", "
+            f'invalid {what} {_show(value)}: use lower-case letters, digits, "_" and "-", '
             "starting with a letter or digit"
         )
     return value
@@ -670,6 +674,8 @@ class BrokerSettings(_Model):
     resync_interval: PositiveDuration = 30.0
     fingerprint_key_file: ExpandedPath | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Group/other access to a credential file: reported always; `invalid` when strict.
+    strict_permissions: StrictBoolField = False
 
     @model_validator(mode="before")
     @classmethod
@@ -679,8 +685,10 @@ class BrokerSettings(_Model):
         if isinstance(data, Mapping) and "state_dir" not in data:
             xdg = _ctx(info).env.get("XDG_STATE_HOME", "")
             # XDG says relative values are invalid and must be ignored.
-            template = "${XDG_STATE_HOME}/credbroker" if xdg.startswith("/") else (
-                "~/.local/state/credbroker"
+            template = (
+                "${XDG_STATE_HOME}/credbroker"
+                if xdg.startswith("/")
+                else ("~/.local/state/credbroker")
             )
             data = {**data, "state_dir": template}
         return data
@@ -747,15 +755,18 @@ class MqttSettings(_Model):
             tls_keys = [k for k in ("ca_file", "cert_file", "key_file") if getattr(self, k)]
             if tls_keys:
                 problems.append(
-                    (("url",), f"{', '.join(tls_keys)} set but the url is mqtt:// (no TLS); "
-                     "use mqtts://")
+                    (
+                        ("url",),
+                        f"{', '.join(tls_keys)} set but the url is mqtt:// (no TLS); use mqtts://",
+                    )
                 )
-            elif self.password_file is not None and not (
-                self.allow_insecure or _is_loopback(host)
-            ):
+            elif self.password_file is not None and not (self.allow_insecure or _is_loopback(host)):
                 problems.append(
-                    (("url",), "the password (password_file) would be sent unencrypted over "
-                     "mqtt:// to a non-loopback host; use mqtts://, or set allow_insecure = true")
+                    (
+                        ("url",),
+                        "the password (password_file) would be sent unencrypted over "
+                        "mqtt:// to a non-loopback host; use mqtts://, or set allow_insecure = true",
+                    )
                 )
         if self.key_file is not None and self.cert_file is None:
             problems.append((("key_file",), "key_file needs cert_file"))
@@ -802,11 +813,15 @@ class HttpSettings(_Model):
     def _check_exposure(self) -> Self:
         host, _, _ = _split_listen(self.listen)
         if host is not None and not _is_loopback(host) and self.token_file is None:
-            raise _errors_at([(
-                ("listen",),
-                "a non-loopback listen address needs token_file (every request must then send "
-                '"Authorization: Bearer <token>"); or listen on 127.0.0.1 or a unix: socket',
-            )])
+            raise _errors_at(
+                [
+                    (
+                        ("listen",),
+                        "a non-loopback listen address needs token_file (every request must then send "
+                        '"Authorization: Bearer <token>"); or listen on 127.0.0.1 or a unix: socket',
+                    )
+                ]
+            )
         return self
 
     @property
@@ -839,7 +854,7 @@ class RefreshSettings(_Model):
     def _not_a_string(cls, value: Any) -> Any:
         if isinstance(value, str):
             raise ValueError(
-                'expected an array of strings (argv, run without a shell), e.g. '
+                "expected an array of strings (argv, run without a shell), e.g. "
                 '["nebius", "iam", "get-access-token"]'
             )
         return value
@@ -1032,8 +1047,13 @@ class _FileSet(_Model):
         first_role: dict[Path, str] = {}
         for role, path in value.items():
             if any(not _GLOB_CHARS.isdisjoint(part) for part in path.parent.parts):
-                problems.append(((role,), "only the file name may be a pattern (*, ? or [); "
-                                 "the directory part must be a plain path"))
+                problems.append(
+                    (
+                        (role,),
+                        "only the file name may be a pattern (*, ? or [); "
+                        "the directory part must be a plain path",
+                    )
+                )
             elif path in first_role:
                 problems.append(((role,), f"same file as role {_show(first_role[path])}"))
             first_role.setdefault(path, role)
@@ -1056,8 +1076,9 @@ class _FileSet(_Model):
         files = info.data.get("files")
         expiry_file = info.data.get("expiry_file")
         if value == expiry_file:
-            raise ValueError("must name the role of the private key, not the expiry_file "
-                             "(the certificate)")
+            raise ValueError(
+                "must name the role of the private key, not the expiry_file (the certificate)"
+            )
         if info.data.get("format", "pem") != "pem":
             raise ValueError('checks a key against a certificate: needs format = "pem"')
         if isinstance(files, dict) and any(
@@ -1074,11 +1095,20 @@ class _FileSet(_Model):
         for key, text in value.items():
             code, colon, role = key.partition(":")
             if code not in PROBLEM_CODES:
-                problems.append(((key,), f"unknown problem code {_show(code)}"
-                                 f"{_did_you_mean(code, PROBLEM_CODES)}"))
+                problems.append(
+                    (
+                        (key,),
+                        f"unknown problem code {_show(code)}{_did_you_mean(code, PROBLEM_CODES)}",
+                    )
+                )
             elif colon and roles is not None and role not in roles:
-                problems.append(((key,), f"{_show(role)} is not a role of this credential; "
-                                 f"roles: {', '.join(roles)}"))
+                problems.append(
+                    (
+                        (key,),
+                        f"{_show(role)} is not a role of this credential; "
+                        f"roles: {', '.join(roles)}",
+                    )
+                )
             elif not text.strip():
                 problems.append(((key,), "the remedy text is empty"))
         if problems:
@@ -1107,6 +1137,8 @@ class CredentialSettings(_FileSet):
     refresh: RefreshSettings | None = None
     validate_: ValidateSettings | None = Field(default=None, alias="validate")
     fallback: FallbackSettings | None = None
+    # None: as [broker] strict_permissions says (filled in by Config).
+    strict_permissions: StrictBoolField | None = None
 
     # HOME at load time, so remedies can show paths the way the preset and the user wrote them.
     _home: str | None = PrivateAttr(default=None)
@@ -1187,11 +1219,15 @@ class CredentialSettings(_FileSet):
             return value
         unknown = [p for p in _PLACEHOLDER_RE.findall(value.header) if p not in roles]
         if unknown:
-            raise _errors_at([(
-                ("header",),
-                f"placeholder {{{unknown[0]}}} does not name a role of this credential; "
-                f"roles: {', '.join(roles)}",
-            )])
+            raise _errors_at(
+                [
+                    (
+                        ("header",),
+                        f"placeholder {{{unknown[0]}}} does not name a role of this credential; "
+                        f"roles: {', '.join(roles)}",
+                    )
+                ]
+            )
         try:
             for placeholder in value.placeholders:
                 _must_be_one_file(placeholder, info, "its content fills the header")
@@ -1254,7 +1290,7 @@ class CredentialSettings(_FileSet):
         text = str(path)
         home = (self._home or "").rstrip("/")
         if home and text.startswith(home + "/"):
-            return "~" + text[len(home):]
+            return "~" + text[len(home) :]
         return text
 
 
@@ -1275,8 +1311,9 @@ def _must_be_role(value: str, info: ValidationInfo) -> None:
 def _must_be_one_file(role: str, info: ValidationInfo, why: str) -> None:
     files = info.data.get("files")
     if isinstance(files, dict) and role in files and is_glob(files[role]):
-        raise ValueError(f"role {_show(role)} is a pattern (a set of files), but {why}; "
-                         "name one file")
+        raise ValueError(
+            f"role {_show(role)} is a pattern (a set of files), but {why}; name one file"
+        )
 
 
 class Config(_Model):
@@ -1302,15 +1339,35 @@ class Config(_Model):
         cls, value: tuple[CredentialSettings, ...]
     ) -> tuple[CredentialSettings, ...]:
         if not value:
-            raise ValueError('no credentials configured; add a [[credentials]] table')
+            raise ValueError("no credentials configured; add a [[credentials]] table")
         # Covers models passed in ready-made; parsed tables were already checked one by one.
         seen: set[str] = set()
         for index, credential in enumerate(value):
             if credential.name in seen:
-                raise _errors_at([((index, "name"), f"duplicate credential name "
-                                   f"{_show(credential.name)}; names must be unique")])
+                raise _errors_at(
+                    [
+                        (
+                            (index, "name"),
+                            f"duplicate credential name "
+                            f"{_show(credential.name)}; names must be unique",
+                        )
+                    ]
+                )
             seen.add(credential.name)
         return value
+
+    @model_validator(mode="after")
+    def _inherit_strictness(self) -> Self:
+        strict = self.broker.strict_permissions
+        if any(c.strict_permissions is None for c in self.credentials):
+            inherited = tuple(
+                c
+                if c.strict_permissions is not None
+                else c.model_copy(update={"strict_permissions": strict})
+                for c in self.credentials
+            )
+            object.__setattr__(self, "credentials", inherited)
+        return self
 
     def credential(self, name: str) -> CredentialSettings:
         """The credential called ``name``; ``KeyError`` if there is none."""
@@ -1326,7 +1383,9 @@ class Config(_Model):
 _SECTION_OF_TOP_KEY: dict[str, str] = {
     key: section
     for section, model in (
-        ("broker", BrokerSettings), ("mqtt", MqttSettings), ("http", HttpSettings)
+        ("broker", BrokerSettings),
+        ("mqtt", MqttSettings),
+        ("http", HttpSettings),
     )
     for key in model.model_fields
 }
@@ -1523,6 +1582,13 @@ def load_config(
     source = Path(os.path.abspath(path))
     try:
         with open(source, "rb") as handle:
+            # Whoever can write the config chooses what the broker reads and runs
+            # (refresh commands): refuse one that anybody may write.
+            if os.fstat(handle.fileno()).st_mode & 0o002:
+                raise ConfigError(
+                    [("", f"the config file is writable by others; fix: chmod o-w {source}")],
+                    source,
+                )
             raw = handle.read(_MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError([("", "config file not found")], source) from None

@@ -119,6 +119,8 @@ def observe(
         if not invalid and spec.key_file is not None:
             invalid.extend(_key_pair_problems(spec, reads, contents, expiry_reads))
     warnings = [(r.info.role, _insecure(r)) for r in reads if _is_insecure(r)]
+    if spec.strict_permissions:
+        invalid, warnings = [*invalid, *warnings], []
     if invalid:
         problems = _with_remedies(spec, [*invalid, *warnings])
         return Observation(reads, Status.INVALID, fingerprint, problems, note=note)
@@ -169,9 +171,7 @@ def _key_pair_problems(
     expiry_reads: Sequence[tuple[FileRead, bytes]],
 ) -> list[tuple[str, Problem]]:
     keys = [
-        (r, data)
-        for r, data in zip(reads, contents, strict=True)
-        if r.info.role == spec.key_file
+        (r, data) for r, data in zip(reads, contents, strict=True) if r.info.role == spec.key_file
     ]
     if not keys or not expiry_reads:
         return []

@@ -187,3 +187,12 @@ def test_run_with_the_shipped_config_and_no_nebius(tmp_path: Path, secrets: Secr
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_config_file_writable_by_others_is_refused(tmp_path: Path) -> None:
+    config = write_config(tmp_path, '[[credentials]]\nname = "svc"\nfiles = { token = "/x" }\n')
+    config.chmod(0o666)
+    result = credbroker("check", "-c", str(config))
+    assert result.returncode == 2
+    assert "writable by others" in result.stderr
+    assert f"chmod o-w {config}" in result.stderr

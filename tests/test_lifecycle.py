@@ -463,3 +463,31 @@ async def test_wall_clock_jumps_neither_miss_nor_repeat_a_stage(
             "credentials.expired",
         ]
         assert h.broker.state("svc").status is Status.EXPIRED
+
+
+async def test_strict_permissions_make_loose_files_invalid(
+    harness_factory: Any, tmp_path: Path, secrets: SecretRegistry
+) -> None:
+    loose, tight = tmp_path / "loose", tmp_path / "tight"
+    write_atomic(loose, secrets.token(), mode=0o640)
+    write_atomic(tight, secrets.token(), mode=0o600)
+    creds = [
+        {"name": "loose", "files": {"token": str(loose)}},
+        {"name": "tight", "files": {"token": str(tight)}},
+        {"name": "lenient", "files": {"token": str(loose)}, "strict_permissions": False},
+    ]
+    async with harness_factory(creds, broker={"strict_permissions": True}) as h:
+        await h.fence()
+        state = h.broker.state("loose")
+        assert state.status is Status.INVALID
+        assert state.problems[0].code == "insecure-permissions"
+        assert state.problems[0].remedy == f"chmod 600 {loose}"
+        assert h.broker.state("tight").status is Status.VALID
+        lenient = h.broker.state("lenient")
+        assert lenient.status is Status.VALID
+        assert [p.code for p in lenient.problems] == ["insecure-permissions"]
+        # Fixing the mode is an event: the content was there all along, now it may be used.
+        os.chmod(loose, 0o600)
+        event = await h.next("loose")
+        assert event.type == "credentials.refreshed"
+        assert event.data.status is Status.VALID
