@@ -498,7 +498,8 @@ def _expiry_sources(value: Any) -> tuple[ExpirySource, ...]:
                 [
                     (
                         (index + 1,),
-                        f"unreachable: source {_show(str(source))} always answers, so nothing after "
+                        f"unreachable: source {_show(str(source))} always answers, "
+                        "so nothing after "
                         "it is ever tried; put it last",
                     )
                 ]
@@ -765,7 +766,8 @@ class MqttSettings(_Model):
                     (
                         ("url",),
                         "the password (password_file) would be sent unencrypted over "
-                        "mqtt:// to a non-loopback host; use mqtts://, or set allow_insecure = true",
+                        "mqtt:// to a non-loopback host; "
+                    "use mqtts://, or set allow_insecure = true",
                     )
                 )
         if self.key_file is not None and self.cert_file is None:
@@ -817,8 +819,9 @@ class HttpSettings(_Model):
                 [
                     (
                         ("listen",),
-                        "a non-loopback listen address needs token_file (every request must then send "
-                        '"Authorization: Bearer <token>"); or listen on 127.0.0.1 or a unix: socket',
+                        "a non-loopback listen address needs token_file (every request must "
+                        'then send "Authorization: Bearer <token>"); '
+                        "or listen on 127.0.0.1 or a unix: socket",
                     )
                 ]
             )

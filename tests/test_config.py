@@ -573,7 +573,8 @@ def test_models_built_in_python_are_validated_too(home: Path) -> None:
     spec = CredentialSettings(name="x", files={"t": Path("/t")})
     assert spec.expiry_file == "t"
     config = Config(broker={"state_dir": "/s"}, credentials=(spec,))  # type: ignore[arg-type]
-    assert config.credential("x") is spec
+    # The same settings, with strict_permissions inherited from [broker].
+    assert config.credential("x") == spec.model_copy(update={"strict_permissions": False})
     with pytest.raises(ValueError, match="duplicate"):
         Config(broker={"state_dir": "/s"}, credentials=(spec, spec))  # type: ignore[arg-type]
 
