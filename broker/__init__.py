@@ -11,11 +11,32 @@ The embedded API::
             async for event in events: ...
 """
 
-from broker.app import Broker
-from broker.bus import Subscription
-from broker.config import Config, ConfigError, load_config
-from broker.events import Event
-from broker.state import FileInfo, Problem, State, Status
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from broker.app import Broker
+    from broker.bus import Subscription
+    from broker.config import Config, ConfigError, load_config
+    from broker.events import Event
+    from broker.state import FileInfo, Problem, State, Status
+
+# Resolved on first use, so that `import broker.client` (a consumer service) loads neither
+# the engine nor pydantic.
+_WHERE = {
+    "Broker": "broker.app",
+    "Subscription": "broker.bus",
+    "Config": "broker.config",
+    "ConfigError": "broker.config",
+    "load_config": "broker.config",
+    "Event": "broker.events",
+    "FileInfo": "broker.state",
+    "Problem": "broker.state",
+    "State": "broker.state",
+    "Status": "broker.state",
+}
 
 __all__ = [
     "Broker",
@@ -29,3 +50,12 @@ __all__ = [
     "Subscription",
     "load_config",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'broker' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # once: later lookups do not come here
+    return value

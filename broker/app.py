@@ -111,6 +111,9 @@ class Broker:
             chosen: dict[str, Sink] = {}
             for factory in self._sink_factories():
                 sink = factory(self)
+                close = getattr(chosen.get(sink.name), "close", None)
+                if close is not None:
+                    close()  # made but never run: let go of its bus subscription
                 chosen[sink.name] = sink  # a caller's sink replaces the built-in of its name
             self.sinks.update(chosen)
             await self._tg.start(self._engine.run)
