@@ -97,8 +97,8 @@ class Reports:
         self._buffer = ""
         self._seen: dict[tuple[str, str], float] = {}
 
-    async def wait(self, kind: str, ident: str, timeout: float = 10) -> float:
-        with anyio.fail_after(timeout):
+    async def wait(self, kind: str, ident: str, limit: float = 10) -> float:
+        with anyio.fail_after(limit):
             while (kind, ident) not in self._seen:
                 chunk = await self._lines.receive()
                 self._buffer += chunk
@@ -138,7 +138,7 @@ async def measure(changes: int) -> dict[str, Any]:
                         str(server.port), topic, sse_url]
                 async with await anyio.open_process(argv) as consumer:
                     reports = Reports(consumer)
-                    await reports.wait("ready", "", timeout=30)
+                    await reports.wait("ready", "", limit=30)
                     writers: dict[str, Callable[[Path, bytes], None]] = {
                         "atomic rename": rotate,
                         "cmd > file": write_truncate,
