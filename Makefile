@@ -24,7 +24,8 @@ test: lint
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
+	$(BIN)/python -m benchmarks --json-out benchmarks/last-run.json
 
 soak: $(STAMP)
 	$(BIN)/python -m pytest -q -m soak --run-soak

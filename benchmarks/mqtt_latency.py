@@ -69,8 +69,10 @@ def _ms(values: list[float]) -> str:
     def pct(p: float) -> float:
         return values[min(len(values) - 1, int(p * len(values)))] * 1000
 
-    return (f"p50 {statistics.median(values) * 1000:6.2f} ms  p95 {pct(0.95):6.2f} ms  "
-            f"p99 {pct(0.99):6.2f} ms  max {values[-1] * 1000:6.2f} ms")
+    return (
+        f"p50 {statistics.median(values) * 1000:6.2f} ms  p95 {pct(0.95):6.2f} ms  "
+        f"p99 {pct(0.99):6.2f} ms  max {values[-1] * 1000:6.2f} ms"
+    )
 
 
 async def wait_online(server: Mosquitto, topics: Topics) -> None:
@@ -156,8 +158,10 @@ async def flush(directory: Path, server: Mosquitto, buffered: int, window: int) 
                         if received == buffered:
                             break
             elapsed = time.perf_counter() - online_at
-    print(f"flush of {buffered} buffered events, window {window:2d}: {elapsed:6.3f} s "
-          f"({buffered / elapsed:8.0f} events/s)")
+    print(
+        f"flush of {buffered} buffered events, window {window:2d}: {elapsed:6.3f} s "
+        f"({buffered / elapsed:8.0f} events/s)"
+    )
     return elapsed
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+from aiomqtt import Client
 
 from benchmarks.common import (
     config_toml,
@@ -31,6 +32,7 @@ from benchmarks.common import (
 )
 from broker import Broker
 from broker.config import load_config
+from tests.mosquitto import Mosquitto
 
 
 def daemon_figures(root: Path, count: int, directories: int, idle: float) -> dict[str, Any]:
@@ -68,14 +70,52 @@ def daemon_figures(root: Path, count: int, directories: int, idle: float) -> dic
 
 async def in_process_figures(root: Path, count: int, directories: int) -> dict[str, Any]:
     paths = make_tree(root / "creds", count, directories)
+    server = Mosquitto(root / "mqtt").start()
+    try:
+        return await _in_process(root, paths, server)
+    finally:
+        server.kill()
+
+
+async def _in_process(root: Path, paths: list[Path], server: Mosquitto) -> dict[str, Any]:
+    count = len(paths)
     config_path = root / "broker.toml"
-    config_path.write_text(config_toml(root / "state", paths))
+    extra = f'[mqtt]\nurl = "{server.url}"\nbuffer = {4 * count}\n'
+    config_path.write_text(config_toml(root / "state", paths, extra))
     config = load_config(config_path)
     broker = Broker(config)
     events = broker.subscribe(buffer=4 * count)
-    async with broker:
+    mqtt_seen: dict[str, int] = {}
+    mqtt_done = anyio.Event()
+    mqtt_last = [0.0]
+    first_sequence = [2**63]
+    subscribed = anyio.Event()
+
+    async def mqtt_subscriber() -> None:
+        async with Client("127.0.0.1", server.port, max_queued_incoming_messages=0) as client:
+            await client.subscribe("credbroker/bench/events/+/credentials.refreshed", qos=1)
+            subscribed.set()
+            async for message in client.messages:
+                doc = json.loads(bytes(message.payload))  # type: ignore[arg-type]
+                if doc["data"]["sequence"] <= first_sequence[0]:
+                    continue  # start-up events still draining, not the rotation's
+                mqtt_seen[doc["id"]] = mqtt_seen.get(doc["id"], 0) + 1
+                mqtt_last[0] = time.perf_counter()
+                if len(mqtt_seen) == count:
+                    mqtt_done.set()
+
+    async with broker, anyio.create_task_group() as tg:
+        tg.start_soon(mqtt_subscriber)
+        await subscribed.wait()
+        publisher = broker.sinks["mqtt"]
+        with anyio.fail_after(60):
+            # The start-up states are on their way to MQTT; let them drain first. The
+            # publisher has no "drained" event to await, and this is a benchmark's setup.
+            while getattr(publisher, "buffered", 0) or not getattr(publisher, "connected", False):  # noqa: ASYNC110
+                await anyio.sleep(0.05)
         while events.get_nowait() is not None:
             pass
+        first_sequence[0] = broker.engine.sequence
         t = time.perf_counter()
         await broker.engine.resync()
         await broker.engine.quiesce()
@@ -98,7 +138,14 @@ async def in_process_figures(root: Path, count: int, directories: int) -> dict[s
         await broker.engine.quiesce()
         while (event := events.get_nowait()) is not None:
             seen[event.subject] = seen.get(event.subject, 0) + 1
+        with anyio.fail_after(120):
+            await mqtt_done.wait()
+        to_mqtt = mqtt_last[0] - t
+        tg.cancel_scope.cancel()
     return {
+        "rotation_to_mqtt_s": round(to_mqtt, 3),
+        "mqtt_lost": count - len(mqtt_seen),
+        "mqtt_duplicated": sum(n - 1 for n in mqtt_seen.values()),
         "resync_s": round(resync, 3),
         "full_rehash_s": round(full, 3),
         "rotation_write_s": round(written, 3),
@@ -131,6 +178,9 @@ COLUMNS = [
     "rotation_to_bus_s",
     "lost",
     "duplicated",
+    "rotation_to_mqtt_s",
+    "mqtt_lost",
+    "mqtt_duplicated",
 ]
 
 

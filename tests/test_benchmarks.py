@@ -1,0 +1,24 @@
+"""The benchmarks' --smoke mode, so they cannot rot. Their numbers are not asserted here."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_make_bench_smoke_runs_and_reports_every_section() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--smoke"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for section in ("## Latency", "## Scale", "## Fan-out", "## Side by side", "## Targets"):
+        assert section in result.stdout
+    assert '"delivery"' in result.stdout  # the JSON document
