@@ -6,16 +6,16 @@ import contextlib
 import fnmatch
 import re
 from collections import deque
-from types import TracebackType
 
 import anyio
 
 from broker.events import Event
+from broker.streams import EventStream
 
 DEFAULT_BUFFER = 1024
 
 
-class Subscription:
+class Subscription(EventStream):
     """A subscriber's bounded mailbox; iterate it with ``async for``.
 
     Publishing never waits for a subscriber. When the mailbox is full, older events of
@@ -99,26 +99,6 @@ class Subscription:
             self._closed = True
             self._bus._unsubscribe(self)
             self._wakeup.set()
-
-    def __aiter__(self) -> Subscription:
-        return self
-
-    async def __anext__(self) -> Event:
-        try:
-            return await self.get()
-        except anyio.EndOfStream:
-            raise StopAsyncIteration from None
-
-    async def __aenter__(self) -> Subscription:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 class Bus:

@@ -20,7 +20,7 @@ from broker.config import Config, ConfigError, CredentialSettings, load_config
 from broker.durations import format_duration
 from broker.engine import annotate_polling
 from broker.fingerprint import Fingerprinter
-from broker.machine import Observation, observe, transition
+from broker.machine import Observation, apply_findings, observe, transition
 from broker.presets import PRESETS
 from broker.reader import read_credential
 from broker.state import State, Status
@@ -185,7 +185,7 @@ def check_now(config: Config, names: Sequence[str] = ()) -> list[State]:
             )
             found = refresh_failed.get(spec.name)
             if spec.refresh is not None and found is not None and found[0] == obs.fingerprint:
-                obs = validate.apply_findings(obs, [found[1]])
+                obs = apply_findings(obs, [found[1]])
             state = transition(read.spec, None, obs, now).state
             if spec.validate_ is not None and validate.worth_validating(state):
                 to_validate.append((len(observed), spec, validate.header_contents(reads)))
@@ -195,7 +195,7 @@ def check_now(config: Config, names: Sequence[str] = ()) -> list[State]:
         for (index, _, _), verdict in zip(to_validate, verdicts, strict=True):
             if verdict is not None and verdict.problem is not None:
                 used, obs, _ = observed[index]
-                obs = validate.apply_findings(obs, [verdict.problem])
+                obs = apply_findings(obs, [verdict.problem])
                 observed[index] = (used, obs, transition(used, None, obs, now).state)
     return [state for _, _, state in observed]
 

@@ -34,6 +34,7 @@ import anyio
 import anyio.abc
 from aiomqtt import Client, Message, MqttError, ProtocolVersion
 
+from broker import streams
 from broker.events import Event
 from broker.mqtt import (
     CONNECT_TIMEOUT,
@@ -80,7 +81,7 @@ def _event_key(event: Event) -> tuple[str, str]:
     return event.source, event.subject
 
 
-class EventStream:
+class EventStream(streams.EventStream):
     """One reader's view of a :class:`BrokerClient`: the current state first, then changes.
 
     Bounded like a bus subscription: when the reader falls ``buffer`` events behind, older
@@ -128,26 +129,6 @@ class EventStream:
             self._closed = True
             self._client._streams.discard(self)
             self._wakeup.set()
-
-    def __aiter__(self) -> EventStream:
-        return self
-
-    async def __anext__(self) -> Event:
-        try:
-            return await self.get()
-        except anyio.EndOfStream:
-            raise StopAsyncIteration from None
-
-    async def __aenter__(self) -> EventStream:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 class BrokerClient:
@@ -312,7 +293,8 @@ class BrokerClient:
                     continue
                 delay = self._backoff.next()
                 extra: dict[str, object] = {
-                    "server": self._server, "error": describe_connect_error(exc),
+                    "server": self._server,
+                    "error": describe_connect_error(exc),
                     "retry_in": round(delay, 3),
                 }
                 if is_auth_refusal(exc):
@@ -323,8 +305,10 @@ class BrokerClient:
             try:
                 await self._receive(client, protocol)
             except MqttError as exc:
-                log.warning("broker client disconnected",
-                            extra={"server": self._server, "error": describe_connect_error(exc)})
+                log.warning(
+                    "broker client disconnected",
+                    extra={"server": self._server, "error": describe_connect_error(exc)},
+                )
             finally:
                 self.connected = False
                 await close_client(client)
@@ -375,9 +359,14 @@ class BrokerClient:
         self._backoff.reset()
         became_ready, self._became_ready = self._became_ready, anyio.Event()
         became_ready.set()
-        log.info("broker client connected",
-                 extra={"server": self._server, "protocol": protocol_name(protocol),
-                        "filters": ",".join(self._filters)})
+        log.info(
+            "broker client connected",
+            extra={
+                "server": self._server,
+                "protocol": protocol_name(protocol),
+                "filters": ",".join(self._filters),
+            },
+        )
         async for message in client.messages:
             self._on_message(message)
 
@@ -386,7 +375,7 @@ class BrokerClient:
     def _on_message(self, message: Message) -> None:
         topic = message.topic.value
         payload = message.payload
-        rest = topic[len(self.prefix) + 1:] if topic.startswith(self.prefix + "/") else ""
+        rest = topic[len(self.prefix) + 1 :] if topic.startswith(self.prefix + "/") else ""
         parts = rest.split("/")
         if len(parts) == 2 and parts[1] == "status":
             text = bytes(payload).decode("utf-8", "replace")
@@ -412,8 +401,11 @@ class BrokerClient:
         event = self._parse(topic, bytes(payload))
         if event is None:
             return
-        if (event.subject != credential or event.source != SOURCE_PREFIX + host
-                or (event_type is not None and event.type != event_type)):
+        if (
+            event.subject != credential
+            or event.source != SOURCE_PREFIX + host
+            or (event_type is not None and event.type != event_type)
+        ):
             self._ignore(topic, "the event does not match its topic")
             return
         self._accept(host, event)
@@ -434,11 +426,14 @@ class BrokerClient:
         now = time.monotonic()
         if now - self._last_ignored_log >= _IGNORED_LOG_INTERVAL:
             self._last_ignored_log = now
-            log.warning("broker client ignored an MQTT message",
-                        extra={"topic": topic, "reason": reason, "ignored": self.ignored})
+            log.warning(
+                "broker client ignored an MQTT message",
+                extra={"topic": topic, "reason": reason, "ignored": self.ignored},
+            )
         else:
-            log.debug("broker client ignored an MQTT message",
-                      extra={"topic": topic, "reason": reason})
+            log.debug(
+                "broker client ignored an MQTT message", extra={"topic": topic, "reason": reason}
+            )
 
     def _accept(self, host: str, event: Event) -> None:
         if event.id in self._seen:
@@ -450,17 +445,25 @@ class BrokerClient:
         key = (host, event.subject)
         previous = self.states.get(key)
         if previous is not None and not _newer(event, previous):
-            log.debug("broker client skipped an older event",
-                      extra={"credential": event.subject, "host_id": host,
-                             "sequence": event.sequence, "latest": previous.sequence})
+            log.debug(
+                "broker client skipped an older event",
+                extra={
+                    "credential": event.subject,
+                    "host_id": host,
+                    "sequence": event.sequence,
+                    "latest": previous.sequence,
+                },
+            )
             return
         self.states[key] = event
         for callback in list(self._callbacks):
             try:
                 callback(event)
             except Exception:
-                log.exception("broker client event callback failed",
-                              extra={"credential": event.subject, "host_id": host})
+                log.exception(
+                    "broker client event callback failed",
+                    extra={"credential": event.subject, "host_id": host},
+                )
         for stream in list(self._streams):
             stream.offer(event)
 
@@ -580,4 +583,3 @@ class CredentialCache(Generic[T]):
         if inspect.isawaitable(result):
             result = await result
         return cast(T, result)
-

@@ -23,7 +23,15 @@ from broker.bus import Bus
 from broker.config import CredentialSettings
 from broker.events import Event, make_event
 from broker.fingerprint import Fingerprinter
-from broker.machine import Observation, Transition, next_deadline, observe, tick, transition
+from broker.machine import (
+    Observation,
+    Transition,
+    apply_findings,
+    next_deadline,
+    observe,
+    tick,
+    transition,
+)
 from broker.reader import CredentialRead, Signature, read_credential, stat_signature
 from broker.state import Problem, State, Status
 from broker.store import Store
@@ -45,8 +53,6 @@ MAX_SLEEP = 30.0
 FULL_REHASH_EVERY = 10
 #: Paths the kernel would not watch are polled this often (capped by resync_interval).
 POLL_INTERVAL = 2.0
-#: External findings that make unchanged content invalid.
-REJECTING_CODES = frozenset({"rejected-by-validator"})
 
 
 @dataclass(slots=True)
@@ -177,22 +183,13 @@ class Engine:
         for source, (fingerprint, _) in list(slots.items()):
             if fingerprint is not None and fingerprint != obs.fingerprint:
                 del slots[source]  # about content that is gone
-        found = [
-            p if p.remedy else replace(p, remedy=spec.remedy(p.code, spec.expiry_file))
-            for _, p in slots.values()
-        ]
-        if not found:
-            return obs
-        rejected = [p for p in found if p.code in REJECTING_CODES]
-        others = [p for p in found if p.code not in REJECTING_CODES]
-        if rejected and obs.outcome is Status.VALID:
-            return replace(
-                obs,
-                outcome=Status.INVALID,
-                problems=(*rejected, *obs.problems, *others),
-                lifetime=None,
-            )
-        return replace(obs, problems=(*obs.problems, *rejected, *others))
+        return apply_findings(
+            obs,
+            (
+                p if p.remedy else replace(p, remedy=spec.remedy(p.code, spec.expiry_file))
+                for _, p in slots.values()
+            ),
+        )
 
     def poke(self) -> None:
         """Look at the clock again now: after a resume from suspend or a clock step.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
 from broker.config import CredentialSettings, is_glob
@@ -282,6 +282,30 @@ def transition(
     if stage is not Stage.VALID:
         events.append((_STAGE_EVENT[stage], replace(state, reason=_stage_reason(stage))))
     return Transition(state, tuple(events))
+
+
+#: Findings from outside the files (a validator) that make unchanged content invalid.
+REJECTING_CODES = frozenset({"rejected-by-validator"})
+
+
+def apply_findings(obs: Observation, findings: Iterable[Problem]) -> Observation:
+    """Add findings from outside the files (validator, refresh runner) to an observation.
+
+    A rejecting finding makes usable content invalid; other findings are only reported.
+    """
+    found = list(findings)
+    if not found or obs.outcome is Status.MISSING:
+        return obs
+    rejected = [p for p in found if p.code in REJECTING_CODES]
+    others = [p for p in found if p.code not in REJECTING_CODES]
+    if rejected and obs.outcome is Status.VALID:
+        return replace(
+            obs,
+            outcome=Status.INVALID,
+            problems=(*rejected, *obs.problems, *others),
+            lifetime=None,
+        )
+    return replace(obs, problems=(*obs.problems, *rejected, *others))
 
 
 def tick(spec: CredentialSettings, state: State, now: float) -> Transition:

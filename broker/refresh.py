@@ -56,6 +56,7 @@ from broker.machine import REFRESH_FAILED, observe
 from broker.reader import FileRead, read_credential
 from broker.state import FileInfo, Problem, State, Status
 from broker.store import JOURNAL, SNAPSHOT
+from broker.wakeup import Wakeup
 
 if TYPE_CHECKING:
     from broker.app import Broker
@@ -474,22 +475,6 @@ def _has_refresh_problem(state: State) -> bool:
     return any(p.code == REFRESH_FAILED_CODE for p in state.problems)
 
 
-class _Wakeup:
-    """A level-triggered wake-up: a poke before ``wait`` is not lost."""
-
-    def __init__(self) -> None:
-        self._event = anyio.Event()
-
-    def poke(self) -> None:
-        self._event.set()
-
-    async def wait(self, seconds: float = math.inf) -> None:
-        with anyio.move_on_after(seconds):
-            await self._event.wait()
-        if self._event.is_set():
-            self._event = anyio.Event()
-
-
 class Refresher:
     """Runs each credential's ``refresh`` command when it falls due (a broker sink).
 
@@ -513,7 +498,7 @@ class Refresher:
         self.cap = BACKOFF_CAP if cap is None else cap
         self._rand = rand or random.random
         self._env = dict(env) if env is not None else command_env()
-        self._wakeups: dict[str, _Wakeup] = {}
+        self._wakeups: dict[str, Wakeup] = {}
         self._tg: TaskGroup | None = None
         #: Command runs started, and of those failed (for metrics).
         self.runs = 0
@@ -542,11 +527,11 @@ class Refresher:
             return
         wakeup = self._wakeups.get(name)
         if wakeup is None:
-            wakeup = self._wakeups[name] = _Wakeup()
+            wakeup = self._wakeups[name] = Wakeup()
             self._tg.start_soon(self._work, name, wakeup, name=f"refresh {name}")
         wakeup.poke()
 
-    async def _work(self, name: str, wakeup: _Wakeup) -> None:
+    async def _work(self, name: str, wakeup: Wakeup) -> None:
         engine = self._broker.engine
         # (generation, status) a run already succeeded for: not run again for the same.
         done: tuple[int, Status] | None = None
@@ -572,9 +557,7 @@ class Refresher:
         finally:
             self._wakeups.pop(name, None)
 
-    async def _attempts(
-        self, name: str, wakeup: _Wakeup, state: State
-    ) -> tuple[int, Status] | None:
+    async def _attempts(self, name: str, wakeup: Wakeup, state: State) -> tuple[int, Status] | None:
         """Run until success, or until the content changes or is no longer due."""
         engine = self._broker.engine
         generation, fingerprint = state.generation, state.fingerprint

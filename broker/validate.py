@@ -20,19 +20,18 @@ Decisions worth knowing:
 - The daemon validates at start, after every ``refreshed`` event of the credential, every
   ``interval``, and on a forced check (:meth:`Validator.validate_now`). Content that is
   missing, expired or invalid for reasons of its own is not sent anywhere.
-- ``credbroker check`` validates too, without a daemon: :func:`validate_many` and
-  :func:`apply_findings`.
+- ``credbroker check`` validates too, without a daemon: :func:`validate_many`, then
+  :func:`broker.machine.apply_findings` as the engine does.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 import shlex
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -41,9 +40,10 @@ import anyio
 from anyio.abc import TaskStatus
 
 from broker.config import CredentialSettings, ValidateSettings
-from broker.machine import Observation
+from broker.machine import REJECTING_CODES
 from broker.reader import FileRead, read_credential
 from broker.state import Problem, State, Status
+from broker.wakeup import Wakeup
 
 if TYPE_CHECKING:
     from broker.app import Broker
@@ -55,7 +55,6 @@ __all__ = [
     "VALIDATOR_CODES",
     "Validator",
     "Verdict",
-    "apply_findings",
     "build_header",
     "probe",
     "validate_many",
@@ -69,7 +68,6 @@ UNREACHABLE = "validator-unreachable"
 UNEXPECTED = "validator-unexpected-status"
 VALIDATOR_CODES = frozenset({REJECTED, UNREACHABLE, UNEXPECTED})
 #: Findings that make unchanged content invalid (the same set as the engine's).
-REJECTING_CODES = frozenset({REJECTED})
 _REJECTING_STATUS = frozenset({401, 403})
 _PLACEHOLDER_RE = re.compile(r"\{([^{}]*)\}")
 # Header values may hold visible ASCII/UTF-8 and spaces/tabs; no other control characters.
@@ -280,42 +278,8 @@ async def validate_many(
     return results
 
 
-def apply_findings(obs: Observation, findings: Iterable[Problem]) -> Observation:
-    """Add findings from outside the files to an observation, as the engine does.
-
-    A rejecting finding makes usable content invalid; other findings are only reported.
-    """
-    found = list(findings)
-    if not found or obs.outcome is Status.MISSING:
-        return obs
-    rejected = [p for p in found if p.code in REJECTING_CODES]
-    others = [p for p in found if p.code not in REJECTING_CODES]
-    if rejected and obs.outcome is Status.VALID:
-        return replace(
-            obs,
-            outcome=Status.INVALID,
-            problems=(*rejected, *obs.problems, *others),
-            lifetime=None,
-        )
-    return replace(obs, problems=(*obs.problems, *rejected, *others))
-
-
 # --------------------------------------------------------------------------------------------
 # The sink
-
-
-class _Wakeup:
-    def __init__(self) -> None:
-        self._event = anyio.Event()
-
-    def poke(self) -> None:
-        self._event.set()
-
-    async def wait(self, seconds: float = math.inf) -> None:
-        with anyio.move_on_after(seconds):
-            await self._event.wait()
-        if self._event.is_set():
-            self._event = anyio.Event()
 
 
 class Validator:
@@ -327,7 +291,7 @@ class Validator:
         self._broker = broker
         self._session: aiohttp.ClientSession | None = None
         self._locks: dict[str, anyio.Lock] = {}
-        self._wakeups: dict[str, _Wakeup] = {}
+        self._wakeups: dict[str, Wakeup] = {}
         self._tg: anyio.abc.TaskGroup | None = None
         #: Requests made, and of those without an expected answer (for metrics).
         self.requests = 0
@@ -369,11 +333,11 @@ class Validator:
             return
         wakeup = self._wakeups.get(name)
         if wakeup is None:
-            wakeup = self._wakeups[name] = _Wakeup()
+            wakeup = self._wakeups[name] = Wakeup()
             self._tg.start_soon(self._loop, name, wakeup, name=f"validate {name}")
         wakeup.poke()
 
-    async def _loop(self, name: str, wakeup: _Wakeup) -> None:
+    async def _loop(self, name: str, wakeup: Wakeup) -> None:
         engine = self._broker.engine
         try:
             await wakeup.wait()
