@@ -20,6 +20,8 @@ from typing import Any
 
 import anyio
 from aiomqtt import Client
+from anyio.abc import Process
+from anyio.streams.text import TextReceiveStream
 
 from benchmarks.common import (
     config_toml,
@@ -77,6 +79,33 @@ async def in_process_figures(root: Path, count: int, directories: int) -> dict[s
         server.kill()
 
 
+class _Child:
+    """A helper process that talks in lines: ``ready``, then answers to what it is told."""
+
+    def __init__(self, process: Process) -> None:
+        assert process.stdout is not None and process.stdin is not None
+        self.process = process
+        self._lines = TextReceiveStream(process.stdout)
+        self._buffer = ""
+
+    @classmethod
+    async def start(cls, *args: str) -> _Child:
+        process = await anyio.open_process([sys.executable, "-m", "benchmarks.scale", *args])
+        child = cls(process)
+        assert await child.line() == "ready"
+        return child
+
+    async def line(self) -> str:
+        while "\n" not in self._buffer:
+            self._buffer += await self._lines.receive()
+        line, self._buffer = self._buffer.split("\n", 1)
+        return line
+
+    async def say(self, text: str) -> None:
+        assert self.process.stdin is not None
+        await self.process.stdin.send((text + "\n").encode())
+
+
 async def _in_process(root: Path, paths: list[Path], server: Mosquitto) -> dict[str, Any]:
     count = len(paths)
     config_path = root / "broker.toml"
@@ -85,28 +114,11 @@ async def _in_process(root: Path, paths: list[Path], server: Mosquitto) -> dict[
     config = load_config(config_path)
     broker = Broker(config)
     events = broker.subscribe(buffer=4 * count)
-    mqtt_seen: dict[str, int] = {}
-    mqtt_done = anyio.Event()
-    mqtt_last = [0.0]
-    first_sequence = [2**63]
-    subscribed = anyio.Event()
-
-    async def mqtt_subscriber() -> None:
-        async with Client("127.0.0.1", server.port, max_queued_incoming_messages=0) as client:
-            await client.subscribe("credbroker/bench/events/+/credentials.refreshed", qos=1)
-            subscribed.set()
-            async for message in client.messages:
-                doc = json.loads(bytes(message.payload))  # type: ignore[arg-type]
-                if doc["data"]["sequence"] <= first_sequence[0]:
-                    continue  # start-up events still draining, not the rotation's
-                mqtt_seen[doc["id"]] = mqtt_seen.get(doc["id"], 0) + 1
-                mqtt_last[0] = time.perf_counter()
-                if len(mqtt_seen) == count:
-                    mqtt_done.set()
-
-    async with broker, anyio.create_task_group() as tg:
-        tg.start_soon(mqtt_subscriber)
-        await subscribed.wait()
+    # The writer and the MQTT subscriber are other processes, as in real life: in this one
+    # they would compete with the broker for its event loop.
+    subscriber = await _Child.start("--count-mqtt", str(server.port), str(count))
+    writer = await _Child.start("--rotate", str(root / "creds"))
+    async with broker:
         publisher = broker.sinks["mqtt"]
         with anyio.fail_after(60):
             # The start-up states are on their way to MQTT; let them drain first. The
@@ -115,7 +127,7 @@ async def _in_process(root: Path, paths: list[Path], server: Mosquitto) -> dict[
                 await anyio.sleep(0.05)
         while events.get_nowait() is not None:
             pass
-        first_sequence[0] = broker.engine.sequence
+        await subscriber.say(f"after {broker.engine.sequence}")
         t = time.perf_counter()
         await broker.engine.resync()
         await broker.engine.quiesce()
@@ -125,27 +137,26 @@ async def _in_process(root: Path, paths: list[Path], server: Mosquitto) -> dict[
         await broker.engine.quiesce()
         full = time.perf_counter() - t
 
-        t = time.perf_counter()
-        for i, path in enumerate(paths):
-            rotate(path, f"rotated-{i}".encode())
-        written = time.perf_counter() - t
+        await writer.say("go")
+        started = float((await writer.line()).split()[1])
         seen: dict[str, int] = {}
         with anyio.fail_after(120):
             while len(seen) < count:
                 event = await events.get()
                 seen[event.subject] = seen.get(event.subject, 0) + 1
-        delivered = time.perf_counter() - t
+        delivered = time.perf_counter() - started
+        written = float((await writer.line()).split()[1]) - started
         await broker.engine.quiesce()
         while (event := events.get_nowait()) is not None:
             seen[event.subject] = seen.get(event.subject, 0) + 1
         with anyio.fail_after(120):
-            await mqtt_done.wait()
-        to_mqtt = mqtt_last[0] - t
-        tg.cancel_scope.cancel()
+            _, last, distinct, duplicated = (await subscriber.line()).split()
+    for child in (writer, subscriber):
+        await child.process.aclose()
     return {
-        "rotation_to_mqtt_s": round(to_mqtt, 3),
-        "mqtt_lost": count - len(mqtt_seen),
-        "mqtt_duplicated": sum(n - 1 for n in mqtt_seen.values()),
+        "rotation_to_mqtt_s": round(float(last) - started, 3),
+        "mqtt_lost": count - int(distinct),
+        "mqtt_duplicated": int(duplicated),
         "resync_s": round(resync, 3),
         "full_rehash_s": round(full, 3),
         "rotation_write_s": round(written, 3),
@@ -153,6 +164,44 @@ async def _in_process(root: Path, paths: list[Path], server: Mosquitto) -> dict[
         "lost": count - len(seen),
         "duplicated": sum(n - 1 for n in seen.values()),
     }
+
+
+async def _count_mqtt(port: int, count: int) -> None:
+    """Child: count the rotation's events on MQTT; ``done <last> <distinct> <duplicated>``."""
+    seen: dict[str, int] = {}
+    last = 0.0
+    async with Client("127.0.0.1", port, max_queued_incoming_messages=0) as client:
+        await client.subscribe("credbroker/bench/events/+/credentials.refreshed", qos=1)
+        print("ready", flush=True)
+        line = await anyio.to_thread.run_sync(sys.stdin.readline)
+        after = int(line.split()[1])
+        with anyio.move_on_after(120):
+            async for message in client.messages:
+                doc = json.loads(bytes(message.payload))  # type: ignore[arg-type]
+                if doc["data"]["sequence"] <= after:
+                    continue  # start-up events still draining, not the rotation's
+                seen[doc["id"]] = seen.get(doc["id"], 0) + 1
+                last = time.perf_counter()
+                if len(seen) == count:
+                    break
+        # Anything sent twice would arrive right behind.
+        with anyio.move_on_after(0.5):
+            async for message in client.messages:
+                doc = json.loads(bytes(message.payload))  # type: ignore[arg-type]
+                if doc["id"] in seen:
+                    seen[doc["id"]] += 1
+    print(f"done {last:.6f} {len(seen)} {sum(n - 1 for n in seen.values())}", flush=True)
+
+
+def _rotate_all(tree: Path) -> None:
+    """Child: on ``go``, rename a new version over every file; ``started``, then ``wrote``."""
+    paths = sorted(tree.glob("*/*"))
+    print("ready", flush=True)
+    sys.stdin.readline()
+    print(f"started {time.perf_counter():.6f}", flush=True)
+    for i, path in enumerate(paths):
+        rotate(path, f"rotated-{i}".encode())
+    print(f"wrote {time.perf_counter():.6f}", flush=True)
 
 
 def run(count: int, idle: float) -> dict[str, Any]:
@@ -195,7 +244,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle", type=float, default=60.0, help="seconds of idle CPU measurement")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--count-mqtt", nargs=2, type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--rotate", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.count_mqtt:
+        anyio.run(_count_mqtt, *args.count_mqtt)
+        return 0
+    if args.rotate:
+        _rotate_all(args.rotate)
+        return 0
     count, idle = (200, 1.0) if args.smoke else (args.count, args.idle)
     results = run(count, idle)
     if args.json:
