@@ -451,8 +451,11 @@ class Engine:
             before, state = tracked.state, tr.state
             for event_type, event_state in tr.events:
                 self.sequence += 1
-                events.append((event_type, replace(event_state, sequence=self.sequence)))
-                state = replace(state, sequence=self.sequence)
+                numbered = replace(event_state, sequence=self.sequence)
+                events.append((event_type, numbered))
+                state = (
+                    numbered if event_state is tr.state else replace(state, sequence=self.sequence)
+                )
             tracked.state = state
             # Problems can change without an event (a refresh that now works, a validator
             # reachable again): persist those too, so `credbroker check` never reads stale ones.

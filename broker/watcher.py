@@ -263,8 +263,9 @@ class Watcher:
                 if mask & (Mask.CLOSE_WRITE | _NAME_CHANGES):
                     self.writing -= direct
                 if mask & _NAME_CHANGES:
-                    for path in list(direct):
-                        self._replan(path)
+                    for path in direct:
+                        if self._plan_may_change(path, mask, directory, name):
+                            self._replan(path)
                 settled |= direct
         if entry.links and mask & _NAME_CHANGES:
             links = set(entry.links)
@@ -275,6 +276,15 @@ class Watcher:
             self._notify(scanned, True)
         if settled - scanned:
             self._notify(settled - scanned, False)
+
+    def _plan_may_change(self, path: str, mask: Mask, directory: str, name: str) -> bool:
+        # A plain file renamed over a plain file (the common rotation) keeps its plan;
+        # replanning costs stats on the hot path, so only links and directories get one.
+        if mask & Mask.ISDIR or any(kind is _Kind.LINK for _, _, kind in self._plans.get(path, ())):
+            return True
+        return bool(mask & (Mask.CREATE | Mask.MOVED_TO)) and os.path.islink(
+            os.path.join(directory, name)
+        )
 
     def _directory_gone(self, directory: str, entry: _Dir) -> None:
         # Moved away or deleted: what was watched there now lives (or not) somewhere else.
