@@ -700,6 +700,21 @@ class BrokerSettings(_Model):
         return _check_ident(value, "host_id")
 
 
+#: Leaves room under MQTT's 65,535-byte topic limit for host_id, credential and event type.
+_TOPIC_PREFIX_MAX = 1024
+
+
+def _check_mqtt_text(value: str) -> None:
+    # Imported here: config is pure core, and MQTT's rules live with the MQTT sink.
+    from broker.mqtt import mqtt_text_problem
+
+    problem = mqtt_text_problem(value)
+    if problem is not None:
+        raise ValueError(f"contains a {problem}, which MQTT servers refuse")
+    if len(value.encode()) > 65535:
+        raise ValueError("is longer than 65535 bytes (the MQTT limit)")
+
+
 class MqttSettings(_Model):
     """``[mqtt]``: where to publish. The section being absent turns MQTT off."""
 
@@ -730,8 +745,13 @@ class MqttSettings(_Model):
             raise ValueError('must not contain "+", "#" or NUL (they are MQTT wildcards)')
         if value.startswith("/") or value.endswith("/"):
             raise ValueError('must not start or end with "/"')
+        if "//" in value:
+            raise ValueError('must not contain an empty level ("//")')
         if value.startswith("$"):
             raise ValueError('must not start with "$" (reserved for the MQTT server)')
+        if len(value.encode()) > _TOPIC_PREFIX_MAX:
+            raise ValueError(f"must be at most {_TOPIC_PREFIX_MAX} bytes")
+        _check_mqtt_text(value)
         return value
 
     @field_validator("username", "client_id")
@@ -739,6 +759,8 @@ class MqttSettings(_Model):
     def _check_text(cls, value: str | None) -> str | None:
         if value is not None and (not value or "\0" in value):
             raise ValueError("must be non-empty and contain no NUL")
+        if value is not None:
+            _check_mqtt_text(value)
         return value
 
     @field_validator("keepalive")

@@ -486,7 +486,19 @@ class Engine:
         if self._scheduled.get(name) != deadline:
             self._scheduled[name] = deadline
             heapq.heappush(self._deadlines, (deadline, name, "life"))
+            if len(self._deadlines) > 2 * len(self._scheduled) + 64:
+                self._compact_deadlines()
             self._reschedule.set()
+
+    def _compact_deadlines(self) -> None:
+        """Drop superseded "life" entries. Lazy deletion alone keeps one per content change
+        until its time comes: a credential rotated often within a long lifetime would grow
+        the heap without bound. Amortised O(1) per push."""
+        self._deadlines = [
+            entry for entry in self._deadlines
+            if entry[2] != "life" or self._scheduled.get(entry[1]) == entry[0]
+        ]
+        heapq.heapify(self._deadlines)
 
     def flush(self) -> None:
         """Write a full snapshot of the store (clean shutdown; blocking)."""

@@ -40,6 +40,8 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
+from aiohttp.web_protocol import RequestHandler
 from anyio.abc import TaskStatus
 
 from broker.bus import Subscription
@@ -67,6 +69,8 @@ MAX_SSE_CLIENTS = 1024
 SHUTDOWN_GRACE = 0.5
 #: Suggested client reconnection delay (the SSE ``retry:`` field), milliseconds.
 RETRY_MS = 2000
+#: No route takes a body; a larger one is refused with 413 (a smaller one is read, ignored).
+MAX_BODY = 64 * 1024
 
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 _ID_RE = re.compile(r"[0-9]{1,18}")
@@ -178,8 +182,8 @@ class HttpApi:
         unix_inode: tuple[int, int] | None = None
         try:
             self._token = await anyio.to_thread.run_sync(self._read_token)
-            runner = web.AppRunner(self._make_app(), access_log=None, handle_signals=False,
-                                   shutdown_timeout=SHUTDOWN_GRACE)
+            runner = _Runner(self._make_app(), access_log=None, handle_signals=False,
+                             shutdown_timeout=SHUTDOWN_GRACE)
             await runner.setup()
             unix_inode = await self._listen(runner)
             log.info(
@@ -270,8 +274,9 @@ class HttpApi:
 
     def _make_app(self) -> web.Application:
         app = web.Application(
-            middlewares=[self._measure, self._errors, self._authorize, self._check_query],
-            client_max_size=64 * 1024,  # no route takes a body
+            middlewares=[self._measure, self._errors, self._authorize, self._limit_body,
+                         self._check_query],
+            client_max_size=MAX_BODY,
         )
         router = app.router
         router.add_get("/v1/credentials", self._list, allow_head=False)
@@ -345,6 +350,24 @@ class HttpApi:
                 "token from the broker's http.token_file",
                 {"WWW-Authenticate": 'Bearer realm="credbroker"'},
             )
+        return await handler(request)
+
+    @web.middleware
+    async def _limit_body(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        # No route takes a body. A large one is refused before it is read (or, chunked, once
+        # MAX_BODY of it has been); a small one is read and ignored.
+        length = request.content_length
+        try:
+            if length is not None and length > MAX_BODY:
+                raise web.HTTPRequestEntityTooLarge(MAX_BODY, length)
+            if request.body_exists:
+                await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise ApiError(413, "request-too-large",
+                           f"no route takes a request body (at most {MAX_BODY} bytes are "
+                           "accepted and ignored)") from None
+        except HttpProcessingError:  # a malformed chunked body
+            raise ApiError(400, "bad-request", "malformed request body") from None
         return await handler(request)
 
     @web.middleware
@@ -539,6 +562,75 @@ class HttpApi:
     def _stream_stats(self) -> StreamStats:
         live = sum(c.subscription.coalesced for c in self._clients)
         return StreamStats(clients=len(self._clients), coalesced=self._coalesced_closed + live)
+
+
+# -- requests refused before routing -----------------------------------------------------------
+
+#: A too-long line whose start looks like a request target (or a whole request line): 414;
+#: any other too-long line is a header: 431. (A header value that starts like a URL is taken
+#: for one; the answer is a JSON 4xx either way.)
+_TARGET_RE = re.compile(rb"(?:[A-Z]+ )?(?:/|\*|[A-Za-z][A-Za-z0-9+.-]*://)")
+
+
+class _ParserErrors(RequestHandler):
+    """aiohttp's connection handler, answering what its parser refuses as JSON, like every
+    other error, without quoting the request.
+
+    A request line or header too long, too many headers or malformed HTTP never reach the
+    application's middlewares: aiohttp answers them itself in text/plain, and both that
+    answer and its log line (with a traceback) quote up to 100 bytes of the offending line,
+    which can be an ``Authorization`` header.
+    """
+
+    __slots__ = ()
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:  # an answer is under way: only closing is left
+            raise ConnectionError("error after the response started")
+        if status >= 500 or not isinstance(exc, HttpProcessingError):
+            log.error("http request failed outside the handlers", exc_info=exc)
+            status, code = 500, "internal-error"
+            text = "internal error; the broker's log has details"
+        elif isinstance(exc, LineTooLong):
+            line = exc.args[0] if exc.args else b""
+            if isinstance(line, str):
+                line = line.encode("utf-8", "replace")
+            if _TARGET_RE.match(bytes(line)):
+                status, code = 414, "uri-too-long"
+                text = "the request target (URL) is too long"
+            else:
+                status, code = 431, "headers-too-large"
+                text = "a request header is too long"
+        elif "too many headers" in str(exc).lower():
+            status, code, text = 431, "headers-too-large", "too many request headers"
+        else:
+            status, code, text = 400, "bad-request", "malformed HTTP request"
+        if status < 500:
+            log.info("http request refused by the parser",
+                     extra={"status": status, "code": code, "error": type(exc).__name__})
+        response = _error(status, code, text)
+        response.force_close()
+        return response
+
+
+class _Server(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _ParserErrors(self, loop=self._loop, **self._kwargs)
+
+
+class _Runner(web.AppRunner):
+    """An ``AppRunner`` whose connections are :class:`_ParserErrors`."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _Server  # the same server, with our connection factory
+        return server
 
 
 # -- helpers ----------------------------------------------------------------------------------

@@ -66,6 +66,7 @@ __all__ = [
     "is_auth_refusal",
     "is_protocol_refusal",
     "join_topic",
+    "mqtt_text_problem",
     "tls_context",
 ]
 
@@ -111,11 +112,33 @@ _MAX_TOPIC_BYTES = 65535
 # Topics
 
 
+def mqtt_text_problem(text: str) -> str | None:
+    """Why an MQTT server would refuse ``text`` in a topic, client id or user name, or None.
+
+    MQTT strings must not hold NUL, control characters (C0, DEL, C1) or Unicode
+    non-characters; mosquitto drops the connection of a client that sends one, so a topic
+    with one would never be delivered. Checked in config (``topic_prefix``, ``client_id``,
+    ``username``) and again for every topic built here.
+    """
+    for char in text:
+        code = ord(char)
+        if code < 0x20 or 0x7F <= code <= 0x9F:
+            return f"control character U+{code:04X}"
+        if 0xD800 <= code <= 0xDFFF:
+            return f"surrogate U+{code:04X}"
+        if 0xFDD0 <= code <= 0xFDEF or code & 0xFFFE == 0xFFFE:
+            return f"Unicode non-character U+{code:04X}"
+    return None
+
+
 def _check_segment(segment: str, *, wildcard: bool = False) -> str:
     if wildcard and segment == "+":
         return segment
     if not segment or any(c in segment for c in "/+#\0"):
         raise ValueError(f"invalid MQTT topic segment {segment!r}")
+    problem = mqtt_text_problem(segment)
+    if problem is not None:
+        raise ValueError(f"invalid MQTT topic segment {segment!r}: {problem}")
     return segment
 
 

@@ -77,6 +77,10 @@ class Store:
         self._needs_full_write = False
         #: The last write error, or None when the store is healthy.
         self.error: str | None = None
+        #: (path, content) of a generated fingerprint key not written yet (a full or
+        #: read-only state_dir at first start): saved by the first write that works, so
+        #: that a restart fingerprints with the same key.
+        self._unsaved_key: tuple[Path, bytes] | None = None
 
     def prepare(self) -> None:
         """Create ``state_dir`` (0700)."""
@@ -94,7 +98,13 @@ class Store:
             if key_file is not None:
                 raise StoreError(f"fingerprint_key_file {path} does not exist") from None
             key = secrets.token_hex(32).encode()
-            _atomic_write(path, key + b"\n")
+            try:
+                _atomic_write(path, key + b"\n")
+            except OSError as exc:
+                # Serve anyway (from memory, like any other write failure) with this key.
+                self._unsaved_key = (path, key + b"\n")
+                self._report(f"cannot write the fingerprint key to {path}: "
+                             f"{exc.strerror or exc}")
             return key
         except OSError as exc:
             raise StoreError(f"cannot read fingerprint key {path}: {exc.strerror}") from None
@@ -168,6 +178,7 @@ class Store:
         Never raises: a failure is kept in ``error`` and the next write is a full snapshot.
         """
         try:
+            self._save_key()
             if self._needs_full_write or self._journal_lines >= COMPACT_EVERY:
                 self._write_snapshot(everything(), sequence)
             else:
@@ -188,6 +199,7 @@ class Store:
     def flush(self, everything: Mapping[str, State], sequence: int) -> None:
         """Write a full snapshot (clean shutdown). Never raises."""
         try:
+            self._save_key()
             self._write_snapshot(everything, sequence)
         except OSError as exc:
             self._report(f"cannot write state to {self.state_dir}: {exc.strerror or exc}")
@@ -204,6 +216,11 @@ class Store:
         self._journal_lines = 0
         self._needs_full_write = False
 
+    def _save_key(self) -> None:
+        if self._unsaved_key is not None:
+            _atomic_write(*self._unsaved_key)
+            self._unsaved_key = None
+
     def _report(self, message: str) -> None:
         if message != self.error:
             log.error("store write failed", extra={"error": message})
@@ -219,11 +236,17 @@ class Store:
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # A full or failing disk: leave no half-written copy behind to hold the space.
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dir_fd)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets as pysecrets
@@ -21,6 +22,39 @@ from broker.config import Config, parse_config
 from broker.logs import TextFormatter
 
 EVENT_TIMEOUT = 5.0
+#: When set, ``record_figures`` appends its figures here (one JSON object a line), for
+#: docs/reliability.md: ``CREDBROKER_FIGURES=/tmp/figures.jsonl make soak``.
+FIGURES_ENV = "CREDBROKER_FIGURES"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--run-soak",
+        action="store_true",
+        default=False,
+        help="also run the long fault-injection tests marked soak (make soak)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``soak`` tests run only with ``--run-soak``: ``make test`` skips them, ``make soak``
+    (``-m soak --run-soak``) runs only them."""
+    if config.getoption("--run-soak"):
+        return
+    skip = pytest.mark.skip(reason="soak test: run with --run-soak (make soak)")
+    for item in items:
+        if item.get_closest_marker("soak") is not None:
+            item.add_marker(skip)
+
+
+def record_figures(test: str, **figures: Any) -> None:
+    """Print a test's measured figures, and append them to ``$CREDBROKER_FIGURES`` if set."""
+    line = json.dumps({"test": test, **figures}, sort_keys=True)
+    print(f"FIGURES {line}")
+    target = os.environ.get(FIGURES_ENV)
+    if target:
+        with open(target, "a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
 
 
 class SecretRegistry:

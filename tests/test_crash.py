@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import SecretRegistry, write_atomic
+from tests.conftest import SecretRegistry, record_figures, write_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 KILLS = 20
@@ -121,3 +121,5 @@ def test_sigkill_during_rotation_loses_and_reuses_nothing(
     assert {n: s["fingerprint"] for n, s in stored.items()} == on_disk
     assert os.stat(tmp_path / "state" / "state.json").st_mode & 0o777 == 0o600
     secrets.assert_absent(json.dumps(events) + check.stdout, "daemon output")
+    record_figures("sigkill_during_rotation", kills=KILLS, events=len(published),
+                   generations=len(by_generation), reused=0)

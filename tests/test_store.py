@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
 
+import pytest
+
+import broker.store as store_module
 from broker.state import Stage, State, Status
 from broker.store import Store
 
@@ -87,6 +91,51 @@ def test_unwritable_directory_is_reported_then_recovers(tmp_path: Path) -> None:
     # The recovery wrote everything, not just the last change.
     doc = json.loads((tmp_path / "s" / "state.json").read_text())
     assert doc["sequence"] == 2 and doc["credentials"]["a"]["generation"] == 2
+
+
+def test_a_failed_snapshot_leaves_no_temp_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Regression: a snapshot that failed half-way (a full disk) left its temp copy behind,
+    # holding the space (and, after a restart under a new pid, for good).
+    store = Store(tmp_path / "s")
+    store.prepare()
+    a1 = state("a", 1, 1)
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(store_module.os, "fsync", full)
+        store.flush({"a": a1}, 1)
+    assert store.error is not None and "No space left" in store.error
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == []
+    store.flush({"a": a1}, 1)
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["journal.jsonl", "state.json"]
+
+
+def test_a_key_that_cannot_be_written_is_used_and_saved_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Regression: an unwritable state_dir at first start raised out of load_key (and so out
+    # of Broker.__aenter__) instead of serving from memory like every other write failure.
+    store = Store(tmp_path / "s")
+    store.prepare()
+    real_write = store_module._atomic_write
+
+    def refused(path: Path, data: bytes) -> None:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(store_module, "_atomic_write", refused)
+    key = store.load_key()
+    assert len(key) >= 32 and store.error is not None and "fingerprint key" in store.error
+    a1 = state("a", 1, 1)
+    store.record([a1], 1, lambda: {"a": a1})
+    assert store.error is not None
+    monkeypatch.setattr(store_module, "_atomic_write", real_write)
+    store.record([a1], 1, lambda: {"a": a1})
+    assert store.error is None
+    assert Store(tmp_path / "s").load_key() == key  # the same key after a restart
 
 
 def test_key_is_generated_once_0600(tmp_path: Path) -> None:
