@@ -22,7 +22,7 @@ import inspect
 import logging
 import math
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import AsyncIterable, Awaitable, Callable, Sequence
 from contextlib import suppress
 from pathlib import Path
@@ -81,7 +81,7 @@ def _event_key(event: Event) -> tuple[str, str]:
     return event.source, event.subject
 
 
-class EventStream(streams.EventStream):
+class EventStream(streams.CoalescingQueue):
     """One reader's view of a :class:`BrokerClient`: the current state first, then changes.
 
     Bounded like a bus subscription: when the reader falls ``buffer`` events behind, older
@@ -90,45 +90,11 @@ class EventStream(streams.EventStream):
     """
 
     def __init__(self, client: BrokerClient, buffer: int) -> None:
+        super().__init__(max(1, buffer), key=_event_key)
         self._client = client
-        self._buffer = max(1, buffer)
-        self._limit = self._buffer
-        self._queue: deque[Event] = deque()
-        self._wakeup = anyio.Event()
-        self._closed = False
-        #: Events dropped by coalescing.
-        self.coalesced = 0
 
-    def offer(self, event: Event) -> None:
-        """Queue ``event`` without waiting (called by the client)."""
-        if self._closed:
-            return
-        self._queue.append(event)
-        if len(self._queue) > self._limit:
-            latest: dict[tuple[str, str], Event] = {}
-            for queued in self._queue:
-                latest[_event_key(queued)] = queued
-            kept = [e for e in self._queue if latest[_event_key(e)] is e]
-            self.coalesced += len(self._queue) - len(kept)
-            self._queue = deque(kept)
-            self._limit = max(self._buffer, 2 * len(kept))
-        self._wakeup.set()
-
-    async def get(self) -> Event:
-        """The next event; ``anyio.EndOfStream`` once closed (or the client closed)."""
-        while not self._queue:
-            if self._closed:
-                raise anyio.EndOfStream
-            self._wakeup = anyio.Event()
-            await self._wakeup.wait()
-        return self._queue.popleft()
-
-    def close(self) -> None:
-        """Stop receiving; a reader waiting in ``get`` sees the end of the stream."""
-        if not self._closed:
-            self._closed = True
-            self._client._streams.discard(self)
-            self._wakeup.set()
+    def _detach(self) -> None:
+        self._client._streams.discard(self)
 
 
 class BrokerClient:
