@@ -197,11 +197,15 @@ def harness_factory(tmp_path: Path, secrets: SecretRegistry) -> Any:
 
     @asynccontextmanager
     async def start(
-        credentials: list[dict[str, Any]], *, clock: Any = None, **sections: Any
+        credentials: list[dict[str, Any]],
+        *,
+        clock: Any = None,
+        sinks: list[Any] | None = None,
+        **sections: Any,
     ) -> AsyncIterator[Harness]:
         creds = [*credentials, {"name": "fence", "files": {"token": str(fence_path)}}]
         config = make_config(tmp_path, creds, **sections)
-        broker = Broker(config, clock=clock)
+        broker = Broker(config, clock=clock, sinks=sinks)
         # Subscribing before start sees the first-sight events too.
         async with broker.subscribe("*") as events:
             async with broker:

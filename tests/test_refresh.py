@@ -17,7 +17,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker import Broker
 from broker.refresh import (
     REDACTED,
     Refresher,
@@ -29,7 +28,7 @@ from broker.refresh import (
     stderr_tail,
 )
 from broker.state import Status
-from tests.conftest import Harness, SecretRegistry, make_config, write_atomic
+from tests.conftest import Harness, SecretRegistry, write_atomic
 
 TIMEOUT = 15.0
 
@@ -103,12 +102,8 @@ def times(work: Path, name: str) -> list[float]:
 
 
 @pytest.fixture
-def refresh_harness(tmp_path: Path, secrets: SecretRegistry) -> Any:
-    """Like ``harness_factory``, with the Refresher's backoff injected (base, cap, rand)."""
-    fence_dir = tmp_path / "fence"
-    fence_dir.mkdir(exist_ok=True)
-    fence_path = fence_dir / "token"
-    write_atomic(fence_path, "initial")
+def refresh_harness(harness_factory: Any) -> Any:
+    """``harness_factory`` with the Refresher's backoff injected (base, cap, rand)."""
 
     @asynccontextmanager
     async def start(
@@ -118,20 +113,11 @@ def refresh_harness(tmp_path: Path, secrets: SecretRegistry) -> Any:
         cap: float = 1.0,
         rand: Any = lambda: 1.0,
     ) -> AsyncIterator[Harness]:
-        creds = [*credentials, {"name": "fence", "files": {"token": str(fence_path)}}]
-        config = make_config(tmp_path, creds)
-        broker = Broker(config, sinks=[partial(Refresher, base=base, cap=cap, rand=rand)])
-        async with broker.subscribe("*") as events:
-            async with broker:
-                assert isinstance(broker.sinks["refresh"], Refresher)
-                assert broker.sinks["refresh"].base == base  # ours replaced the default
-                h = Harness(broker, events, fence_path, secrets)
-                h.fence_generation = broker.state("fence").generation
-                yield h
-            while (event := events.get_nowait()) is not None:
-                h._record(event)
-            for state in broker.states():
-                secrets.observe("state", repr(state.to_dict()))
+        sinks = [partial(Refresher, base=base, cap=cap, rand=rand)]
+        async with harness_factory(credentials, sinks=sinks) as h:
+            assert isinstance(h.broker.sinks["refresh"], Refresher)
+            assert h.broker.sinks["refresh"].base == base  # ours replaced the default
+            yield h
 
     return start
 
