@@ -46,6 +46,7 @@ from broker.mqtt import (
     is_protocol_refusal,
     join_topic,
     protocol_name,
+    read_password_file,
     tls_context,
 )
 from broker.timefmt import parse_time
@@ -283,11 +284,7 @@ class BrokerClient:
     async def _connect(self, protocol: ProtocolVersion) -> Client:
         password = self._password
         if self._password_file is not None:
-            raw = await anyio.Path(self._password_file).read_bytes()
-            try:
-                password = raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError:
-                raise ValueError(f"{self._password_file}: the password is not UTF-8") from None
+            password = await read_password_file(self._password_file)
         context = None
         if self._tls:
             context = await anyio.to_thread.run_sync(

@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import random
 import ssl
 import time
@@ -68,6 +69,7 @@ __all__ = [
     "is_protocol_refusal",
     "join_topic",
     "mqtt_text_problem",
+    "read_password_file",
     "tls_context",
 ]
 
@@ -99,7 +101,9 @@ _TYPE_FOR_STATUS = {
     Status.MISSING: "credentials.missing",
 }
 _PROTOCOL_NAMES = {
-    ProtocolVersion.V5: "5", ProtocolVersion.V311: "3.1.1", ProtocolVersion.V31: "3.1"
+    ProtocolVersion.V5: "5",
+    ProtocolVersion.V311: "3.1.1",
+    ProtocolVersion.V31: "3.1",
 }
 # CONNACK codes: 1 = "unacceptable protocol version" (3.1.1), 0x84 = "unsupported protocol
 # version" (5; paho also maps a 3.1.1-style refusal of a v5 CONNECT to it).
@@ -186,7 +190,18 @@ class Topics:
 
 
 # --------------------------------------------------------------------------------------------
-# Backoff, TLS, connect errors
+# Backoff, TLS, passwords, connect errors
+
+
+async def read_password_file(path: str | os.PathLike[str]) -> str:
+    """An MQTT password from its file (the publisher's and the client's): one line, UTF-8."""
+    raw = await anyio.Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        # The codec's own message would quote the offending byte of the password.
+        raise ValueError(f"{path}: the password is not valid UTF-8") from None
+    return text.rstrip("\r\n")
 
 
 class Backoff:
@@ -514,8 +529,11 @@ class MqttPublisher:
         if dropped:
             log.warning(
                 "mqtt outbox full; coalesced older events",
-                extra={"coalesced": dropped, "buffered": len(self._outbox),
-                       "limit": self._outbox.limit},
+                extra={
+                    "coalesced": dropped,
+                    "buffered": len(self._outbox),
+                    "limit": self._outbox.limit,
+                },
             )
         self._changed.set()
 
@@ -529,8 +547,11 @@ class MqttPublisher:
                     self._protocol_index += 1
                     log.info(
                         "mqtt server refused the protocol version; falling back",
-                        extra={"server": self.server, "refused": protocol_name(protocol),
-                               "next": self.protocol},
+                        extra={
+                            "server": self.server,
+                            "refused": protocol_name(protocol),
+                            "next": self.protocol,
+                        },
                     )
                     continue  # a refusal is instant and final: no point waiting
                 await self._wait_before_retry(exc)
@@ -538,8 +559,11 @@ class MqttPublisher:
             lost = await self._serve(client, protocol)
             log.warning(
                 "mqtt disconnected",
-                extra={"server": self.server, "error": describe_connect_error(lost),
-                       "buffered": len(self._outbox)},
+                extra={
+                    "server": self.server,
+                    "error": describe_connect_error(lost),
+                    "buffered": len(self._outbox),
+                },
             )
             await self._wait_before_retry(None)
 
@@ -577,8 +601,13 @@ class MqttPublisher:
             # so it can never land after our ``online``.
             identifier=self.client_id,
             protocol=protocol,
-            will=Will(self.topics.status, OFFLINE, qos=1, retain=True,
-                      properties=_will_properties(protocol)),
+            will=Will(
+                self.topics.status,
+                OFFLINE,
+                qos=1,
+                retain=True,
+                properties=_will_properties(protocol),
+            ),
             keepalive=max(1, math.ceil(settings.keepalive)),
             # Ours (below) fires first; aiomqtt's own is only a backstop.
             timeout=CONNECT_TIMEOUT + 5,
@@ -600,15 +629,7 @@ class MqttPublisher:
     async def _read_password(self) -> str | None:
         """The password, read at every connect (a rotated one is picked up). Never logged."""
         path = self._settings.password_file
-        if path is None:
-            return None
-        raw = await anyio.Path(path).read_bytes()
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            # The codec's own message would quote the offending byte of the password.
-            raise ValueError(f"{path}: the password is not valid UTF-8") from None
-        return text.rstrip("\r\n")
+        return None if path is None else await read_password_file(path)
 
     async def _serve(self, client: Client, protocol: ProtocolVersion) -> BaseException:
         """Run one connection; returns why it ended. On cancellation, says ``offline`` first."""
@@ -617,9 +638,13 @@ class MqttPublisher:
         self._state_sent.clear()  # a new connection: the server's retained state is unknown
         log.info(
             "mqtt connected",
-            extra={"server": self.server, "protocol": protocol_name(protocol),
-                   "tls": self._settings.tls, "client_id": self.client_id,
-                   "buffered": len(self._outbox)},
+            extra={
+                "server": self.server,
+                "protocol": protocol_name(protocol),
+                "tls": self._settings.tls,
+                "client_id": self.client_id,
+                "buffered": len(self._outbox),
+            },
         )
         ended_by_loss = False
         try:
@@ -654,14 +679,25 @@ class MqttPublisher:
                     if self._state_sent.get(event.subject) != event.id:
                         await self._publish_state(publish, event, props)
             with anyio.fail_after(SHUTDOWN_TIMEOUT):
-                await publish(self.topics.status, OFFLINE, True,
-                              publish_properties(protocol, STATUS_CONTENT_TYPE))
-            log.info("mqtt offline published", extra={"server": self.server,
-                                                        "buffered": len(self._outbox)})
+                await publish(
+                    self.topics.status,
+                    OFFLINE,
+                    True,
+                    publish_properties(protocol, STATUS_CONTENT_TYPE),
+                )
+            log.info(
+                "mqtt offline published",
+                extra={"server": self.server, "buffered": len(self._outbox)},
+            )
         except (_SessionLost, TimeoutError) as exc:
-            log.warning("mqtt could not publish offline; the server's Last Will says it",
-                        extra={"server": self.server, "error": describe_connect_error(exc),
-                               "buffered": len(self._outbox)})
+            log.warning(
+                "mqtt could not publish offline; the server's Last Will says it",
+                extra={
+                    "server": self.server,
+                    "error": describe_connect_error(exc),
+                    "buffered": len(self._outbox),
+                },
+            )
         await close_client(client, wait=SHUTDOWN_TIMEOUT)
 
     def _publisher(
@@ -673,8 +709,9 @@ class MqttPublisher:
             topic: str, payload: bytes, retain: bool, properties: Properties | None
         ) -> None:
             try:
-                await client.publish(topic, payload, qos=1, retain=retain,
-                                     properties=properties, timeout=timeout)
+                await client.publish(
+                    topic, payload, qos=1, retain=retain, properties=properties, timeout=timeout
+                )
             except MqttError as exc:
                 self.publish_failures += 1
                 raise _SessionLost(describe_connect_error(exc)) from exc
@@ -727,8 +764,9 @@ class MqttPublisher:
             tg.start_soon(guarded, fn)
 
         try:
-            await publish(self.topics.status, ONLINE, True,
-                          publish_properties(protocol, STATUS_CONTENT_TYPE))
+            await publish(
+                self.topics.status, ONLINE, True, publish_properties(protocol, STATUS_CONTENT_TYPE)
+            )
             async with anyio.create_task_group() as tg:
                 for event in self._snapshot():
                     await spawn(tg, partial(self._publish_state, publish, event, props))
@@ -736,8 +774,10 @@ class MqttPublisher:
             fail(exc)
             return
         self._backoff.reset()  # this server works: the next outage starts from 0.5 s again
-        log.info("mqtt retained state published",
-                 extra={"credentials": len(self._latest), "buffered": len(self._outbox)})
+        log.info(
+            "mqtt retained state published",
+            extra={"credentials": len(self._latest), "buffered": len(self._outbox)},
+        )
 
         self._outbox.rewind()
         async with anyio.create_task_group() as tg:
@@ -774,8 +814,10 @@ class MqttPublisher:
         self.published += 1
         # The state topic gets an event only while it is the credential's latest (a newer one
         # will set it), and only once per connection (the reconnect sync may have sent it).
-        if (self._latest.get(event.subject) is event
-                and self._state_sent.get(event.subject) != event.id):
+        if (
+            self._latest.get(event.subject) is event
+            and self._state_sent.get(event.subject) != event.id
+        ):
             await self._publish_state(publish, event, props)
 
     def _snapshot(self) -> list[Event]:
@@ -792,8 +834,12 @@ class MqttPublisher:
         for state in states:
             event = self._latest.get(state.credential)
             if event is None:
-                event = make_event(_TYPE_FOR_STATUS[state.status], state,
-                                   source=self._broker.source, now=time.time())
+                event = make_event(
+                    _TYPE_FOR_STATUS[state.status],
+                    state,
+                    source=self._broker.source,
+                    now=time.time(),
+                )
                 self._latest[state.credential] = event
             events.append(event)
         return events
