@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import secrets as pysecrets
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -218,8 +217,3 @@ def harness_factory(tmp_path: Path, secrets: SecretRegistry) -> Any:
                 secrets.observe("state", repr(state.to_dict()))
 
     return start
-
-
-def wait_for_mtime_tick() -> None:
-    """Some tests need a later mtime than the previous write; coarse clocks need a moment."""
-    time.sleep(0.01)
