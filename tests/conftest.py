@@ -124,14 +124,20 @@ def write_atomic(path: Path, data: str | bytes, mode: int = 0o600) -> None:
     os.replace(tmp, path)
 
 
-def make_config(tmp_path: Path, credentials: list[dict[str, Any]], **sections: Any) -> Config:
+def make_config(
+    tmp_path: Path,
+    credentials: list[dict[str, Any]],
+    *,
+    env: dict[str, str] | None = None,
+    **sections: Any,
+) -> Config:
     broker = {
         "state_dir": str(tmp_path / "state"),
         "host_id": "test-host",
         "resync_interval": "30s",
     }
     broker.update(sections.pop("broker", {}))
-    return parse_config({"broker": broker, "credentials": credentials, **sections})
+    return parse_config({"broker": broker, "credentials": credentials, **sections}, env=env)
 
 
 @dataclass
@@ -200,10 +206,11 @@ def harness_factory(tmp_path: Path, secrets: SecretRegistry) -> Any:
         *,
         clock: Any = None,
         sinks: list[Any] | None = None,
+        env: dict[str, str] | None = None,
         **sections: Any,
     ) -> AsyncIterator[Harness]:
         creds = [*credentials, {"name": "fence", "files": {"token": str(fence_path)}}]
-        config = make_config(tmp_path, creds, **sections)
+        config = make_config(tmp_path, creds, env=env, **sections)
         broker = Broker(config, clock=clock, sinks=sinks)
         # Subscribing before start sees the first-sight events too.
         async with broker.subscribe("*") as events:

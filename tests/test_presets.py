@@ -14,8 +14,7 @@ import secrets as pysecrets
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,14 +29,13 @@ from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker import Broker
 from broker.config import CredentialSettings, parse_config
 from broker.fingerprint import Fingerprinter
 from broker.machine import observe, transition
 from broker.presets import PRESETS
 from broker.reader import read_credential, stat_signature
 from broker.state import State, Status
-from tests.conftest import Harness, SecretRegistry, write_atomic
+from tests.conftest import SecretRegistry, write_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 REFRESHED = "credentials.refreshed"
@@ -129,33 +127,6 @@ def check(spec: CredentialSettings) -> State:
     read = read_credential(spec)
     obs = observe(read.spec, read.reads, FP, note=read.note)
     return transition(read.spec, None, obs, time.time()).state
-
-
-@asynccontextmanager
-async def running(
-    tmp_path: Path, secrets: SecretRegistry, env: dict[str, str], *tables: dict[str, Any]
-) -> AsyncIterator[Harness]:
-    """A running broker whose config was loaded with ``env`` (like ``harness_factory``)."""
-    fence_path = tmp_path / "fence" / "token"
-    fence_path.parent.mkdir(exist_ok=True)
-    write_atomic(fence_path, "initial")
-    config = parse_config(
-        {
-            "broker": {"state_dir": str(tmp_path / "state"), "host_id": "test-host"},
-            "credentials": [*tables, {"name": "fence", "files": {"token": str(fence_path)}}],
-        },
-        env=env,
-    )
-    broker = Broker(config)
-    async with broker.subscribe("*") as events:
-        async with broker:
-            h = Harness(broker, events, fence_path, secrets)
-            h.fence_generation = broker.state("fence").generation
-            yield h
-        while (event := events.get_nowait()) is not None:
-            h._record(event)
-        for state in broker.states():
-            secrets.observe("state", repr(state.to_dict()))
 
 
 def remedies(state: State) -> str:
@@ -386,14 +357,14 @@ def test_every_preset_has_a_scenario() -> None:
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("preset", sorted(SCENARIOS))
-async def test_preset_lifecycle(
+async def test_preset_lifecycle(harness_factory: Any,
     preset: str, tmp_path: Path, home: Path, env: dict[str, str], secrets: SecretRegistry
 ) -> None:
     scenario = SCENARIOS[preset]
     name = scenario.name
     ctx: dict[str, Any] = {}
     scenario.valid(home, secrets, ctx)
-    async with running(tmp_path, secrets, env, scenario.table) as h:
+    async with harness_factory([scenario.table], env=env) as h:
         await h.fence()
         assert h.types(name) == [REFRESHED]
         first = h.broker.state(name)
@@ -433,7 +404,7 @@ async def test_preset_lifecycle(
 
 
 @pytest.mark.anyio
-async def test_aws_other_profile_is_not_a_change(
+async def test_aws_other_profile_is_not_a_change(harness_factory: Any,
     tmp_path: Path, home: Path, env: dict[str, str], secrets: SecretRegistry
 ) -> None:
     env["AWS_SHARED_CREDENTIALS_FILE"] = str(home / "aws-creds")
@@ -447,7 +418,7 @@ async def test_aws_other_profile_is_not_a_change(
     )
     put(shared, f"[default]\naws_access_key_id = A1\naws_secret_access_key = {secrets.token()}\n\n"
         + dev)
-    async with running(tmp_path, secrets, env, {"preset": "aws", "profile": "dev"}) as h:
+    async with harness_factory([{"preset": "aws", "profile": "dev"}], env=env) as h:
         await h.fence()
         state = h.broker.state("aws")
         assert state.status is Status.VALID
@@ -498,13 +469,13 @@ def test_aws_static_keys_have_no_expiry(
 
 
 @pytest.mark.anyio
-async def test_aws_sso_cache_files_come_and_go(
+async def test_aws_sso_cache_files_come_and_go(harness_factory: Any,
     tmp_path: Path, home: Path, env: dict[str, str], secrets: SecretRegistry
 ) -> None:
     cache = home / ".aws/sso/cache"
     now = time.time()
     put(cache / REGISTRATION, sso_registration(secrets, now + 90 * 86400))
-    async with running(tmp_path, secrets, env, {"preset": "aws-sso"}) as h:
+    async with harness_factory([{"preset": "aws-sso"}], env=env) as h:
         await h.fence()
         state = h.broker.state("aws-sso")
         assert state.status is Status.VALID
@@ -558,10 +529,10 @@ async def test_aws_sso_cache_files_come_and_go(
 
 
 @pytest.mark.anyio
-async def test_aws_sso_cache_directory_that_appears_later(
+async def test_aws_sso_cache_directory_that_appears_later(harness_factory: Any,
     tmp_path: Path, home: Path, env: dict[str, str], secrets: SecretRegistry
 ) -> None:
-    async with running(tmp_path, secrets, env, {"preset": "aws-sso"}) as h:
+    async with harness_factory([{"preset": "aws-sso"}], env=env) as h:
         await h.fence()
         assert h.types("aws-sso") == [MISSING]
         h.seen.clear()
@@ -575,13 +546,13 @@ async def test_aws_sso_cache_directory_that_appears_later(
 
 
 @pytest.mark.anyio
-async def test_pattern_resync_finds_what_inotify_missed(
+async def test_pattern_resync_finds_what_inotify_missed(harness_factory: Any,
     tmp_path: Path, home: Path, env: dict[str, str], secrets: SecretRegistry
 ) -> None:
     cache = home / ".aws/sso/cache"
     put(cache / TOKEN_CACHE, sso_token(secrets, time.time() + 3600))
     table = {"preset": "aws-sso"}
-    async with running(tmp_path, secrets, env, table) as h:
+    async with harness_factory([table], env=env) as h:
         await h.fence()
         h.seen.clear()
         engine = h.broker.engine
@@ -602,12 +573,12 @@ async def test_pattern_resync_finds_what_inotify_missed(
 
 
 @pytest.mark.anyio
-async def test_nebius_service_account_then_token(
+async def test_nebius_service_account_then_token(harness_factory: Any,
     tmp_path: Path, home: Path, env: dict[str, str], secrets: SecretRegistry
 ) -> None:
     nebius_tenant(home)
     nebius_service_account(home, secrets)
-    async with running(tmp_path, secrets, env, {"preset": "nebius"}) as h:
+    async with harness_factory([{"preset": "nebius"}], env=env) as h:
         await h.fence()
         assert h.types("nebius") == [REFRESHED]
         state = h.broker.state("nebius")
@@ -697,7 +668,7 @@ def test_fallback_signatures_cover_every_watched_path(
 
 
 @pytest.mark.anyio
-async def test_tls_pair(
+async def test_tls_pair(harness_factory: Any,
     tmp_path: Path, home: Path, env: dict[str, str], secrets: SecretRegistry
 ) -> None:
     key = new_key()
@@ -707,7 +678,7 @@ async def test_tls_pair(
     table = {"preset": "tls", "files": {"cert": "~/tls/tls.crt", "key": "~/tls/tls.key",
                                         "ca": "~/tls/ca.crt"}}
     put(home / "tls/ca.crt", cert_pem(new_key(), not_before, not_after))
-    async with running(tmp_path, secrets, env, table) as h:
+    async with harness_factory([table], env=env) as h:
         await h.fence()
         state = h.broker.state("tls")
         assert state.status is Status.VALID
