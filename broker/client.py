@@ -41,13 +41,12 @@ from broker.mqtt import (
     PROTOCOLS,
     Backoff,
     close_client,
+    connect_material,
     describe_connect_error,
     is_auth_refusal,
     is_protocol_refusal,
     join_topic,
     protocol_name,
-    read_password_file,
-    tls_context,
 )
 from broker.timefmt import parse_time
 
@@ -282,14 +281,10 @@ class BrokerClient:
             await anyio.sleep(self._backoff.next())
 
     async def _connect(self, protocol: ProtocolVersion) -> Client:
-        password = self._password
-        if self._password_file is not None:
-            password = await read_password_file(self._password_file)
-        context = None
-        if self._tls:
-            context = await anyio.to_thread.run_sync(
-                tls_context, self._ca_file, self._cert_file, self._key_file
-            )
+        from_file, context = await connect_material(
+            self._password_file, self._tls, self._ca_file, self._cert_file, self._key_file
+        )
+        password = self._password if from_file is None else from_file
         client = Client(
             self._host,
             self._port,

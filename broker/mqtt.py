@@ -64,6 +64,7 @@ __all__ = [
     "MqttPublisher",
     "Outbox",
     "Topics",
+    "connect_material",
     "describe_connect_error",
     "is_auth_refusal",
     "is_protocol_refusal",
@@ -191,6 +192,24 @@ class Topics:
 
 # --------------------------------------------------------------------------------------------
 # Backoff, TLS, passwords, connect errors
+
+
+async def connect_material(
+    password_file: Path | str | None,
+    tls: bool,
+    ca_file: Path | str | None,
+    cert_file: Path | str | None,
+    key_file: Path | str | None,
+) -> tuple[str | None, ssl.SSLContext | None]:
+    """The password and TLS context of one connect (the publisher's and the client's).
+
+    Read at every connect, so a rotated password or certificate is picked up.
+    """
+    password = None if password_file is None else await read_password_file(password_file)
+    context = None
+    if tls:
+        context = await anyio.to_thread.run_sync(tls_context, ca_file, cert_file, key_file)
+    return password, context
 
 
 async def read_password_file(path: str | os.PathLike[str]) -> str:
@@ -585,12 +604,13 @@ class MqttPublisher:
 
     async def _connect(self, protocol: ProtocolVersion) -> Client:
         settings = self._settings
-        password = await self._read_password()
-        context = None
-        if settings.tls:
-            context = await anyio.to_thread.run_sync(
-                tls_context, settings.ca_file, settings.cert_file, settings.key_file
-            )
+        password, context = await connect_material(
+            settings.password_file,
+            settings.tls,
+            settings.ca_file,
+            settings.cert_file,
+            settings.key_file,
+        )
         client = Client(
             settings.host,
             settings.port,
@@ -625,11 +645,6 @@ class MqttPublisher:
             await close_client(client, wait=0.2)
             raise
         return client
-
-    async def _read_password(self) -> str | None:
-        """The password, read at every connect (a rotated one is picked up). Never logged."""
-        path = self._settings.password_file
-        return None if path is None else await read_password_file(path)
 
     async def _serve(self, client: Client, protocol: ProtocolVersion) -> BaseException:
         """Run one connection; returns why it ended. On cancellation, says ``offline`` first."""
