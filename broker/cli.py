@@ -180,7 +180,7 @@ def check_now(config: Config, names: Sequence[str] = ()) -> list[State]:
             reads = read.reads
             obs = annotate_polling(
                 observe(read.spec, reads, fp, note=read.note),
-                watcher.polled,
+                watcher.polled_dirs,
                 config.broker.resync_interval,
             )
             found = refresh_failed.get(spec.name)

@@ -360,6 +360,7 @@ class Engine:
             specs = {n: self._tracked[n].spec for n in batch if n in self._tracked}
             reads = await anyio.to_thread.run_sync(_read_all, specs)
             now = self._clock()
+            polled_dirs = self.watcher.polled_dirs
             results: dict[str, tuple[CredentialRead | None, Transition]] = {}
             for name, read in reads.items():
                 tracked = self._tracked[name]
@@ -368,7 +369,7 @@ class Engine:
                 spec = read.spec  # the fallback's settings while it is in use
                 obs = annotate_polling(
                     observe(spec, read.reads, self._fp, note=read.note),
-                    self.watcher.polled,
+                    polled_dirs,
                     self.resync_interval,
                 )
                 obs = self._with_external(name, spec, obs)
@@ -505,11 +506,16 @@ class Engine:
         self._store.flush(self._everything(), self.sequence)
 
 
-def annotate_polling(obs: Observation, polled: set[str], resync_interval: float) -> Observation:
-    """Add a ``watch-polling`` problem when inotify could not be had for some of the files."""
-    # Polling is per directory (a watch is per directory), and a pattern role's files are
-    # its matches, not the pattern that was watched: compare directories.
-    polled_dirs = {os.path.dirname(p) for p in polled}
+def annotate_polling(
+    obs: Observation, polled_dirs: set[str], resync_interval: float
+) -> Observation:
+    """Add a ``watch-polling`` problem when inotify could not be had for some of the files.
+
+    ``polled_dirs`` is :attr:`Watcher.polled_dirs`: polling is per directory (a watch is per
+    directory), and a pattern role's files are its matches, not the pattern that was watched.
+    """
+    if not polled_dirs:
+        return obs
     paths = [r.info.path for r in obs.files if os.path.dirname(r.info.path) in polled_dirs]
     if not paths:
         return obs

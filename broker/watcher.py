@@ -117,6 +117,11 @@ class Watcher:
             self._inotify = None
 
     @property
+    def polled_dirs(self) -> set[str]:
+        """The directories of :attr:`polled` (for reports; empty in the common case)."""
+        return {os.path.dirname(p) for p in self.polled}
+
+    @property
     def watch_count(self) -> int:
         return sum(1 for d in self._dirs.values() if d.watch is not None)
 
