@@ -98,6 +98,7 @@ class Broker:
             fingerprinter=Fingerprinter(key),
             source=self.source,
             resync_interval=self._config.broker.resync_interval,
+            settle=self._config.broker.settle,
             states=loaded.states,
             sequence=loaded.sequence,
             **({"clock": self._clock} if self._clock else {}),

@@ -35,6 +35,7 @@ from broker.machine import (
 from broker.reader import CredentialRead, Signature, read_credential, stat_signature
 from broker.state import Problem, State, Status
 from broker.store import Store
+from broker.timefmt import format_time
 from broker.watcher import Watcher
 from broker.writers import open_for_writing
 
@@ -43,9 +44,9 @@ event_log = logging.getLogger("broker.events")
 
 Clock = Callable[[], float]
 
-#: A deletion has no "close" to wait for: a file that vanishes is reported missing only if
-#: it is still gone this long after, so delete+recreate is one ``refreshed``, not two events.
-MISSING_GRACE = 1.0
+#: ``[broker] settle``'s default: how long a change that leaves a credential invalid or
+#: missing waits for a further change that resolves it.
+DEFAULT_SETTLE = 1.0
 #: The scheduler re-evaluates at least this often, whatever it expects, so a wall-clock
 #: jump or a suspend is noticed within this bound.
 MAX_SLEEP = 30.0
@@ -62,7 +63,10 @@ class Tracked:
     spec: CredentialSettings
     state: State | None = None
     signatures: dict[str, Signature | None] = field(default_factory=dict)
-    missing_since: float | None = None
+    #: While a change that leaves the credential invalid or missing waits out ``settle``:
+    #: when it was first seen, and the state it would publish (never published meanwhile).
+    held_since: float | None = None
+    held: State | None = None
     startup: bool = True
     #: The settings the last read answered to (the fallback's while it is in use).
     active: CredentialSettings | None = None
@@ -96,6 +100,7 @@ class Engine:
         states: Mapping[str, State] | None = None,
         sequence: int = 0,
         clock: Clock = time.time,
+        settle: float = DEFAULT_SETTLE,
     ) -> None:
         self._bus = bus
         self._store = store
@@ -103,6 +108,7 @@ class Engine:
         self._source = source
         self._clock = clock
         self.resync_interval = resync_interval
+        self.settle = settle
         self.sequence = sequence
         self._tracked: dict[str, Tracked] = {}
         self._by_path: dict[str, set[str]] = {}
@@ -113,7 +119,7 @@ class Engine:
         self._wake = anyio.Event()
         self._reschedule = anyio.Event()
         # (when, name, kind) with lazy deletion: an entry counts only while it matches
-        # _scheduled[name] (kind "life") or the credential's missing grace (kind "grace").
+        # _scheduled[name] (kind "life"); a "settle" entry re-reads a held-back change.
         self._deadlines: list[tuple[float, str, str]] = []
         self._scheduled: dict[str, float] = {}
         self._lock = anyio.Lock()
@@ -141,10 +147,18 @@ class Engine:
         return self._tracked[name].spec
 
     async def check(self, name: str) -> State:
-        """Re-read every file of ``name`` now, bypassing every cache, and publish any change."""
+        """Re-read every file of ``name`` now, bypassing every cache, and publish any change.
+
+        While a change that leaves the credential invalid or missing waits out ``settle``,
+        the answer is that unpublished state with a ``settling`` problem: what the files say
+        now, never the published state it is about to replace.
+        """
         if name not in self._tracked:
             raise KeyError(name)
         await self._evaluate({name: _Pending(scan=True, force=True)})
+        tracked = self._tracked[name]
+        if tracked.held is not None and tracked.held_since is not None:
+            return settling(tracked.held, tracked.held_since + self.settle)
         return self.state(name)
 
     async def set_problem(
@@ -199,11 +213,11 @@ class Engine:
         self._reschedule.set()
 
     async def quiesce(self) -> None:
-        """Wait until nothing is queued, evaluating, or waiting out a missing grace period."""
+        """Wait until nothing is queued, evaluating, or waiting out a settle window."""
         while (
             self._pending
             or self._lock.locked()
-            or any(t.missing_since is not None for t in self._tracked.values())
+            or any(t.held_since is not None for t in self._tracked.values())
         ):
             progress = self._progress
             await progress.wait()
@@ -290,16 +304,17 @@ class Engine:
             self._reschedule = anyio.Event()
             now = self._clock()
             due: set[str] = set()
-            regrace: set[str] = set()
+            settled: set[str] = set()
             while self._deadlines and self._deadlines[0][0] <= now:
                 when, name, kind = heapq.heappop(self._deadlines)
-                if kind == "grace":
-                    regrace.add(name)
+                if kind == "settle":
+                    settled.add(name)
                 elif self._scheduled.get(name) == when:
                     del self._scheduled[name]
                     due.add(name)
-            if regrace:
-                self._mark(regrace, scan=True)
+            if settled:
+                # Read again rather than publish what was held: the files say what is true now.
+                self._mark(settled, scan=True)
             if due:
                 await self._tick(due, now)
             delay = MAX_SLEEP
@@ -367,20 +382,23 @@ class Engine:
                 if not batch[name].force and any(p in self.watcher.writing for p in tracked.paths):
                     continue  # a writer has it open; its close-write brings us back
                 spec = read.spec  # the fallback's settings while it is in use
-                obs = annotate_polling(
-                    observe(spec, read.reads, self._fp, note=read.note),
-                    polled_dirs,
-                    self.resync_interval,
-                )
+                from_files = observe(spec, read.reads, self._fp, note=read.note)
+                obs = annotate_polling(from_files, polled_dirs, self.resync_interval)
                 obs = self._with_external(name, spec, obs)
-                # Leaving the files for the fallback means the expiry file vanished: that waits
-                # out the grace too, so delete + recreate stays one event.
-                to_fallback = read.note is not None and tracked.active is tracked.spec
-                if self._hold_missing(tracked, obs, now, to_fallback=to_fallback):
-                    continue
                 prev = tracked.state
                 startup = tracked.startup and prev is not None
                 tr = transition(spec, prev, obs, now, startup=startup, respec=batch[name].respec)
+                # Leaving the files for the fallback means the expiry file vanished: that waits
+                # out the window too, so delete + recreate stays one event.
+                to_fallback = read.note is not None and tracked.active is tracked.spec
+                held_at = self._hold(tracked, from_files, tr, now, to_fallback=to_fallback)
+                if held_at is None:
+                    continue
+                if held_at != now:
+                    # Published after the window: as of the moment it was first observed.
+                    tr = transition(
+                        spec, prev, obs, held_at, startup=startup, respec=batch[name].respec
+                    )
                 announce = batch[name].announce
                 if announce is not None:
                     said = replace(tr.state, reason=announce[1] or tr.state.reason)
@@ -406,25 +424,42 @@ class Engine:
         self._progress.set()
         self._progress = anyio.Event()
 
-    def _hold_missing(
-        self, tracked: Tracked, obs: Observation, now: float, *, to_fallback: bool = False
-    ) -> bool:
-        """Delay a disappearance by MISSING_GRACE, in case the file is being recreated."""
-        prev = tracked.state
-        if obs.outcome is not Status.MISSING and not to_fallback:
-            tracked.missing_since = None
-            return False
-        if tracked.startup or prev is None or prev.status is Status.MISSING:
-            return False
-        if tracked.missing_since is None:
-            tracked.missing_since = now
-        due = tracked.missing_since + MISSING_GRACE
+    def _hold(
+        self,
+        tracked: Tracked,
+        from_files: Observation,
+        tr: Transition,
+        now: float,
+        *,
+        to_fallback: bool = False,
+    ) -> float | None:
+        """Hold back a change the files made invalid or missing, for ``settle``.
+
+        Returns ``None`` while it is held (nothing to commit), else the moment the
+        transition is as of: ``now``, or when a change that outlived the window was first
+        seen. The window runs from the first bad read and is not restarted by later ones,
+        so a writer that keeps failing is reported ``settle`` late at most.
+        """
+        bad = from_files.outcome is not Status.VALID or to_fallback
+        if (
+            not bad
+            or not tr.events
+            or tracked.startup
+            or tracked.state is None
+            or self.settle <= 0
+        ):
+            tracked.held_since = tracked.held = None
+            return now
+        if tracked.held_since is None:
+            tracked.held_since = now
+        due = tracked.held_since + self.settle
         if now >= due:
-            tracked.missing_since = None
-            return False
-        heapq.heappush(self._deadlines, (due, tracked.spec.name, "grace"))
+            since, tracked.held_since, tracked.held = tracked.held_since, None, None
+            return since if from_files.outcome is not Status.VALID else now
+        tracked.held = tr.state
+        heapq.heappush(self._deadlines, (due, tracked.spec.name, "settle"))
         self._reschedule.set()
-        return True
+        return None
 
     async def _tick(self, names: set[str], now: float) -> None:
         async with self._lock:
@@ -526,6 +561,16 @@ def annotate_polling(
         "raise the limit: sysctl fs.inotify.max_user_watches=524288",
     )
     return replace(obs, problems=(*obs.problems, problem))
+
+
+def settling(state: State, until: float) -> State:
+    """``state`` marked as held back by the settle window until ``until`` (a timestamp)."""
+    problem = Problem(
+        "settling",
+        f"{state.status.value} since a change moments ago; published at "
+        f"{format_time(until)} unless a further change resolves it",
+    )
+    return replace(state, problems=(*state.problems, problem))
 
 
 def _read_all(specs: Mapping[str, CredentialSettings]) -> dict[str, CredentialRead]:

@@ -60,6 +60,7 @@ PROBLEM_CODES: frozenset[str] = frozenset(
         "validator-unexpected-status",  # the validator answered neither expect nor 401/403
         "rejected-by-validator",  # 401/403 from the validator: the content is invalid
         "refresh-failed",  # the refresh command failed; retried with backoff
+        "settling",  # POST check: a change to invalid/missing is held back by `settle`
     }
 )
 
@@ -355,6 +356,8 @@ _DEFAULT_REMEDIES: Mapping[str, str] = MappingProxyType(
         "the status stays as it was",
         "rejected-by-validator": "the API refused the credential in {path}: renew it",
         "refresh-failed": "run the credential's refresh command by hand to see why it fails",
+        "settling": "nothing to do yet: a writer may still be completing {path}; check again "
+        "after the settle window",
     }
 )
 
