@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import secrets
 import signal
@@ -20,6 +21,7 @@ from broker.config import Config, ConfigError, CredentialSettings, load_config
 from broker.durations import format_duration
 from broker.engine import annotate_polling
 from broker.fingerprint import Fingerprinter
+from broker.limits import raise_open_files_limit
 from broker.machine import Observation, apply_findings, observe, transition
 from broker.presets import PRESETS
 from broker.reader import read_credential
@@ -106,6 +108,11 @@ def _load(args: argparse.Namespace) -> Config:
 def _cmd_run(args: argparse.Namespace) -> int:
     config = _load(args)
     logs.configure(args.log_level or config.broker.log_level, args.log_format)
+    old, new = raise_open_files_limit()
+    if new != old:
+        logging.getLogger("broker.cli").debug(
+            "raised the open-files limit", extra={"from": old, "to": new}
+        )
     anyio.run(_serve, config, args.config)
     return EXIT_OK
 

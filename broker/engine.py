@@ -54,6 +54,11 @@ MAX_SLEEP = 30.0
 FULL_REHASH_EVERY = 10
 #: Paths the kernel would not watch are polled this often (capped by resync_interval).
 POLL_INTERVAL = 2.0
+#: A read that failed for the broker's own reasons (out of descriptors) is retried this
+#: often; the credential keeps its last state meanwhile.
+FAULT_RETRY = 0.5
+#: Such faults are logged at most once per this many seconds (with a count), never per read.
+FAULT_LOG_INTERVAL = 60.0
 
 
 @dataclass(slots=True)
@@ -127,6 +132,10 @@ class Engine:
         self.watcher = Watcher(self._on_paths)
         self.ready = anyio.Event()
         self.last_resync_seconds = 0.0
+        #: Reads that failed for the broker's own reasons (a metric); see FAULT_RETRY.
+        self.read_faults = 0
+        self._faults_unlogged = 0
+        self._fault_logged_at = -math.inf
         self._set_credentials(credentials, states or {})
 
     # -- public -----------------------------------------------------------------------------
@@ -307,7 +316,7 @@ class Engine:
             settled: set[str] = set()
             while self._deadlines and self._deadlines[0][0] <= now:
                 when, name, kind = heapq.heappop(self._deadlines)
-                if kind == "settle":
+                if kind in ("settle", "retry"):
                     settled.add(name)
                 elif self._scheduled.get(name) == when:
                     del self._scheduled[name]
@@ -381,6 +390,9 @@ class Engine:
                 tracked = self._tracked[name]
                 if not batch[name].force and any(p in self.watcher.writing for p in tracked.paths):
                     continue  # a writer has it open; its close-write brings us back
+                if read.fault is not None:
+                    self._read_fault(name, read.fault, now)
+                    continue
                 spec = read.spec  # the fallback's settings while it is in use
                 from_files = observe(spec, read.reads, self._fp, note=read.note)
                 obs = annotate_polling(from_files, polled_dirs, self.resync_interval)
@@ -423,6 +435,20 @@ class Engine:
     def _progressed(self) -> None:
         self._progress.set()
         self._progress = anyio.Event()
+
+    def _read_fault(self, name: str, fault: str, now: float) -> None:
+        """Keep the last state, count the fault, log it now and then, and read again soon."""
+        self.read_faults += 1
+        self._faults_unlogged += 1
+        if now - self._fault_logged_at >= FAULT_LOG_INTERVAL:
+            log.warning(
+                "broker fault reading credential files; their last state is kept and the "
+                "read retried",
+                extra={"credential": name, "error": fault, "faults": self._faults_unlogged},
+            )
+            self._fault_logged_at, self._faults_unlogged = now, 0
+        heapq.heappush(self._deadlines, (now + FAULT_RETRY, name, "retry"))
+        self._reschedule.set()
 
     def _hold(
         self,

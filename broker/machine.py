@@ -68,7 +68,12 @@ def observe(
     among a pattern role's files) and the ``key_file`` pair check, any failure invalid.
     ``note`` says which files are in use, for the state's reason.
     """
-    reads = tuple(reads)
+    # A broker fault (out of descriptors) is the engine's to retry; a one-shot reader such
+    # as `credbroker check` has nothing better to say than "cannot read it now".
+    reads = tuple(
+        r if r.fault is None else replace(r, problem=Problem("file-unreadable", r.fault))
+        for r in reads
+    )
     missing = [
         (r.info.role, r.problem)
         for r in reads

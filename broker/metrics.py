@@ -154,6 +154,12 @@ class _LiveCollector:
         errors = getattr(watcher, "errors", None)
         if isinstance(errors, int):  # only once the watcher counts them
             yield _counter("credbroker_watcher_errors", "Errors seen by the file watcher.", errors)
+        yield _counter(
+            "credbroker_read_faults",
+            "Credential reads that failed for the broker's own reasons (out of file "
+            "descriptors or memory); the last state is kept and the read retried.",
+            engine.read_faults,
+        )
         yield _gauge(
             "credbroker_resync_duration_seconds",
             "How long the last resync (re-stat of every file) took.",

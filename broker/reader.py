@@ -12,7 +12,7 @@ import errno
 import os
 import stat
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from broker.config import CredentialSettings, glob_matches, is_glob
@@ -26,6 +26,13 @@ Signature = FileSignature | GlobSignature
 
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOCTTY | os.O_CLOEXEC | os.O_NONBLOCK
 
+#: Errors that say the broker ran out of something (descriptors, memory), nothing about the
+#: file: such a read is a broker fault, retried, never a credential's state.
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+#: Reads of a file that a writer changed while it was read (its fstat differs before and
+#: after), before giving up on it for now.
+READ_ATTEMPTS = 8
+
 
 @dataclass(frozen=True, slots=True)
 class FileRead:
@@ -36,6 +43,9 @@ class FileRead:
     content: bytes | None = field(default=None, repr=False)
     problem: Problem | None = None
     is_symlink: bool = False
+    #: Why this read says nothing about the credential (out of descriptors, a writer
+    #: changing the file throughout): the reader of the result retries later.
+    fault: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +63,11 @@ class CredentialRead:
     signatures: Mapping[str, Signature | None]
     #: Why the fallback is in use (for the state's ``reason``); ``None`` when it is not.
     note: str | None = None
+
+    @property
+    def fault(self) -> str | None:
+        """The first read's :attr:`FileRead.fault`: then nothing here is to be published."""
+        return next((r.fault for r in self.reads if r.fault is not None), None)
 
 
 def signature_of(st: os.stat_result) -> FileSignature:
@@ -84,10 +99,22 @@ def _file_signature(path: str) -> FileSignature | None:
 
 def glob_paths(pattern: str) -> list[str]:
     """The paths matching ``pattern`` (a pattern in its last component only), sorted."""
+    try:
+        return _glob(pattern)
+    except OSError:
+        return []
+
+
+def _glob(pattern: str) -> list[str]:
+    """:func:`glob_paths`, raising the broker's own faults (``RESOURCE_ERRNOS``)."""
     directory, name_pattern = os.path.split(pattern)
     try:
         names = os.listdir(directory or ".")
-    except (OSError, ValueError):
+    except OSError as exc:
+        if exc.errno in RESOURCE_ERRNOS:
+            raise
+        return []
+    except ValueError:
         return []
     return sorted(os.path.join(directory, n) for n in names if glob_matches(n, name_pattern))
 
@@ -137,7 +164,13 @@ def read_files(
         # Probe first: a change between the probe and the reads makes the next resync look
         # again, never the other way round.
         signatures[text] = stat_signature(text)
-        found = [read_file(role, match, max_size) for match in glob_paths(text)]
+        try:
+            matches = _glob(text)
+        except OSError as exc:
+            info = FileInfo(role=role, path=text, present=False)
+            reads.append(FileRead(info, fault=_fault(text, exc)))
+            continue
+        found = [read_file(role, match, max_size) for match in matches]
         # A file that vanished between listing and opening is simply no longer in the set.
         found = [r for r in found if not (r.problem and r.problem.code == "file-missing")]
         if not found:
@@ -157,7 +190,13 @@ def _absent(reads: tuple[FileRead, ...], role: str) -> bool:
 
 
 def read_file(role: str, path: str, max_size: int) -> FileRead:
-    """Read one credential file, never more than ``max_size`` bytes, never raising."""
+    """Read one credential file, never more than ``max_size`` bytes, never raising.
+
+    Its ``info`` (size, mtime, mode) comes from ``fstat`` on the descriptor the content was
+    read from, taken before and after the read: a read they disagree about (a writer was at
+    work) is repeated, up to READ_ATTEMPTS times, so the published metadata always
+    describes the fingerprinted bytes.
+    """
     missing = FileInfo(role=role, path=path, present=False)
     try:
         is_symlink = os.path.islink(path)
@@ -172,45 +211,73 @@ def read_file(role: str, path: str, max_size: int) -> FileRead:
             missing, problem=Problem("file-unreadable", f"permission denied reading {path}")
         )
     except OSError as exc:
+        if exc.errno in RESOURCE_ERRNOS:
+            return FileRead(missing, fault=_fault(path, exc))
         return FileRead(missing, problem=_open_problem(role, path, exc))
     try:
-        st = os.fstat(fd)
-        info = FileInfo(
-            role=role,
-            path=path,
-            present=True,
-            size=st.st_size,
-            mtime=st.st_mtime,
-            mode=stat.S_IMODE(st.st_mode),
-        )
-        sig = signature_of(st)
-        if not stat.S_ISREG(st.st_mode):
-            kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
-            return FileRead(
-                info, sig, problem=Problem("not-a-file", f"{path} is {kind}"), is_symlink=is_symlink
-            )
-        if st.st_size > max_size:
-            return FileRead(info, sig, problem=_too_large(path, st.st_size, max_size))
-        # One byte past the cap tells a file that grew since fstat from one that fits.
-        content = _read_at_most(fd, max_size + 1)
-        if len(content) > max_size:
-            return FileRead(info, sig, problem=_too_large(path, len(content), max_size))
-        return FileRead(info, sig, content=content, is_symlink=is_symlink)
+        for _ in range(READ_ATTEMPTS):
+            read = _read_open(fd, role, path, max_size, is_symlink)
+            if read is not None:
+                return read
+        return FileRead(missing, fault=f"{path} changed during each of {READ_ATTEMPTS} reads")
     except OSError as exc:
+        if exc.errno in RESOURCE_ERRNOS:
+            return FileRead(missing, fault=_fault(path, exc))
         return FileRead(missing, problem=_open_problem(role, path, exc))
     finally:
         os.close(fd)
 
 
+def _read_open(fd: int, role: str, path: str, max_size: int, is_symlink: bool) -> FileRead | None:
+    """One read of an open file, or ``None`` if it changed while it was read."""
+    st = os.fstat(fd)
+    info = _info(role, path, st)
+    sig = signature_of(st)
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        return FileRead(
+            info, sig, problem=Problem("not-a-file", f"{path} is {kind}"), is_symlink=is_symlink
+        )
+    if st.st_size > max_size:
+        return FileRead(info, sig, problem=_too_large(path, st.st_size, max_size))
+    # One byte past the cap tells a file that grew since fstat from one that fits.
+    content = _read_at_most(fd, max_size + 1)
+    if signature_of(os.fstat(fd)) != sig:
+        return None
+    if len(content) > max_size:
+        return FileRead(info, sig, problem=_too_large(path, len(content), max_size))
+    if len(content) != st.st_size:
+        # A filesystem whose sizes are not byte counts (some FUSE and pseudo files): the
+        # size published is that of the bytes fingerprinted.
+        info = replace(info, size=len(content))
+    return FileRead(info, sig, content=content, is_symlink=is_symlink)
+
+
+def _info(role: str, path: str, st: os.stat_result) -> FileInfo:
+    return FileInfo(
+        role=role,
+        path=path,
+        present=True,
+        size=st.st_size,
+        mtime=st.st_mtime,
+        mode=stat.S_IMODE(st.st_mode),
+    )
+
+
+def _fault(path: str, exc: OSError) -> str:
+    return f"cannot read {path} now: {os.strerror(exc.errno or 0)}"
+
+
 def _read_at_most(fd: int, limit: int) -> bytes:
+    """Up to ``limit`` bytes from the start of the file (pread: a retry starts over)."""
     chunks: list[bytes] = []
-    remaining = limit
-    while remaining > 0:
-        chunk = os.read(fd, min(remaining, 1 << 20))
+    offset = 0
+    while offset < limit:
+        chunk = os.pread(fd, min(limit - offset, 1 << 20), offset)
         if not chunk:
             break
         chunks.append(chunk)
-        remaining -= len(chunk)
+        offset += len(chunk)
     return b"".join(chunks)
 
 
