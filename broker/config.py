@@ -964,6 +964,7 @@ def _preset_values(preset: Preset) -> dict[str, Any]:
         "expiry_file": preset.expiry_file,
         "select": preset.select,
         "key_file": preset.key_file,
+        "private_roles": list(preset.private_roles) if preset.private_roles is not None else None,
         "expiring_before": preset.expiring_before,
         "expiring_fraction": preset.expiring_fraction,
         "refresh": dict(preset.refresh) if preset.refresh is not None else None,
@@ -1058,6 +1059,9 @@ class _FileSet(_Model):
     expiry_file: str = ""  # filled with the first role before validation when not written
     select: SelectorField | None = None
     key_file: str | None = None
+    # The roles whose files must not be open to group or others (None: every role); the
+    # tls preset names only the key, as a certificate is public.
+    private_roles: tuple[str, ...] | None = None
     remedies: Mapping[str, str] = Field(default_factory=dict)
 
     @model_validator(mode="before")
@@ -1120,6 +1124,15 @@ class _FileSet(_Model):
             is_glob(files[role]) for role in (value, expiry_file) if role in files
         ):
             raise ValueError("the key and the certificate must each be one file, not a pattern")
+        return value
+
+    @field_validator("private_roles")
+    @classmethod
+    def _check_private_roles(
+        cls, value: tuple[str, ...] | None, info: ValidationInfo
+    ) -> tuple[str, ...] | None:
+        for role in value or ():
+            _must_be_role(role, info)
         return value
 
     @field_validator("remedies")
@@ -1300,6 +1313,7 @@ class CredentialSettings(_FileSet):
                 "expiry_file": fallback.expiry_file,
                 "select": fallback.select,
                 "key_file": fallback.key_file,
+                "private_roles": fallback.private_roles,
                 "remedies": {**self.remedies, **fallback.remedies},
                 "fallback": None,
             }

@@ -123,7 +123,12 @@ def observe(
                 invalid.append((exc.read.info.role, _content_problem(exc.read, exc.error)))
         if not invalid and spec.key_file is not None:
             invalid.extend(_key_pair_problems(spec, reads, contents, expiry_reads))
-    warnings = [(r.info.role, _insecure(r)) for r in reads if _is_insecure(r)]
+    private = spec.private_roles
+    warnings = [
+        (r.info.role, _insecure(r))
+        for r in reads
+        if (private is None or r.info.role in private) and _is_insecure(r)
+    ]
     if spec.strict_permissions:
         invalid, warnings = [*invalid, *warnings], []
     if invalid:

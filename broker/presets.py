@@ -98,6 +98,8 @@ class Preset:
     expiry_file: str | None = None  # None = the first role
     select: str | None = None  # e.g. "ini-section:{profile}"
     key_file: str | None = None  # role holding the private key of the expiry file's certificate
+    # Roles whose files must not be open to group or others; None = every role.
+    private_roles: tuple[str, ...] | None = None
     expiring_before: str | None = None  # duration text; None = the global default
     expiring_fraction: float | None = None  # None = the global default
     parameters: Mapping[str, str] = field(default_factory=lambda: _frozen({}))  # name -> default
@@ -297,6 +299,9 @@ PRESETS: Mapping[str, Preset] = MappingProxyType(
             expiry="pem",
             expiry_file="cert",
             key_file="key",
+            # A certificate is public (certbot and openssl write it 0644): only the key's
+            # permissions matter.
+            private_roles=("key",),
             # cert-manager's default: renew when a third of the lifetime is left.
             expiring_fraction=2 / 3,
             remedies={
