@@ -1,0 +1,101 @@
+"""Published file metadata describes the bytes that were fingerprinted (issue 18).
+
+A real writer process rewrites the file in place (truncate, write, close) with contents of
+different lengths while the broker reads it; every published ``files[].size`` must be the
+length of the content whose fingerprint was published, recomputed here with the broker's key.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from broker.fingerprint import Fingerprinter
+from broker.reader import read_file
+from broker.state import State
+from broker.store import KEY_FILE
+from tests.conftest import SecretRegistry, write_atomic
+
+pytestmark = pytest.mark.anyio
+
+CHANGES = 240
+
+# Each version: open, truncate, a short gap (a writer's own work: formatting, a second
+# syscall), write, close; then a pause of up to 2 ms. Spinning, not sleeping: a sleep is
+# far coarser than the gap between a reader's fstat and its read.
+_WRITER = r"""
+import json, os, random, sys, time
+path, versions = sys.argv[1], json.load(open(sys.argv[2]))
+rng = random.Random(7)
+def spin(seconds):
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+for text in versions:
+    fd = os.open(path, os.O_WRONLY)
+    os.ftruncate(fd, 0)
+    spin(rng.uniform(0, 0.0002))
+    os.write(fd, text.encode())
+    os.close(fd)
+    time.sleep(rng.uniform(0, 0.002))
+"""
+
+
+async def test_size_matches_the_fingerprinted_content_under_a_racing_writer(
+    harness_factory: Any, tmp_path: Path, secrets: SecretRegistry
+) -> None:
+    (tmp_path / "creds").mkdir()
+    token = tmp_path / "creds" / "token"
+    rng = random.Random(18)
+    # Lengths from a few bytes to most of a page, so a stale size is a wrong one.
+    versions = [secrets.token(f"v{i:04d}") + "x" * rng.randint(1, 3000) for i in range(CHANGES)]
+    plan = tmp_path / "versions.json"
+    plan.write_text(json.dumps(versions))
+    initial = secrets.token()
+    write_atomic(token, initial)
+    checked: list[State] = []
+    async with harness_factory([{"name": "svc", "files": {"token": str(token)}}]) as h:
+        await h.fence()
+        key = (tmp_path / "state" / KEY_FILE).read_bytes().strip()
+        fp = Fingerprinter(key)
+        lengths = {fp.fingerprint([("token", v.encode())]): len(v.encode()) for v in versions}
+        lengths[fp.fingerprint([("token", b"")])] = 0  # caught between truncate and write
+        lengths[fp.fingerprint([("token", initial.encode())])] = len(initial)
+        h.seen.clear()
+        writer = await anyio.open_process(
+            [sys.executable, "-c", _WRITER, str(token), str(plan)]
+        )
+        async with writer:
+            # POST check reads whatever is there at once, writer or not: the hardest reader.
+            with anyio.fail_after(60):
+                while writer.returncode is None:
+                    checked.append(await h.broker.check("svc"))
+                    await anyio.sleep(0)
+                assert await writer.wait() == 0
+        await h.fence()
+        events = h.of("svc")
+        final = await h.broker.check("svc")
+    assert len(checked) >= 50, len(checked)  # the race was actually run, many times
+    for state in [*(e.data for e in events), *checked, final]:
+        assert state.fingerprint in lengths, "a version no writer completed"
+        assert state.files[0].size == lengths[state.fingerprint], state.files[0]
+    assert all(e.type == "credentials.refreshed" for e in events), [e.type for e in events]
+    assert final.fingerprint == fp.fingerprint([("token", versions[-1].encode())])
+    assert final == h.broker.state("svc") == events[-1].data
+
+
+def test_read_file_metadata_is_that_of_the_read_descriptor(tmp_path: Path) -> None:
+    path = tmp_path / "token"
+    path.write_bytes(b"abc")
+    path.chmod(0o640)
+    read = read_file("token", str(path), 1 << 20)
+    st = path.stat()
+    assert read.content == b"abc"
+    assert (read.info.size, read.info.mtime, read.info.mode) == (3, st.st_mtime, 0o640)
+    assert read.fault is None and read.problem is None
