@@ -112,7 +112,10 @@ def side_by_side(r: dict[str, Any]) -> list[dict[str, Any]]:
 def report(r: dict[str, Any]) -> str:
     out = [f"machine: {r['machine']}", "", "## Latency to every consumer (ms)", ""]
     rows = [{"path": k, **v} for k, v in {**r["latency"]["rows"], **r["delivery"]}.items()]
-    out += [markdown(rows, LAT_COLUMNS), "", "## Scale", "", scale.table(r["scale"]), ""]
+    out += [markdown(rows, LAT_COLUMNS), ""]
+    ratios = r["latency"].get("ratios", {})
+    out += [markdown([{"ratio": k, "value": v} for k, v in ratios.items()], ["ratio", "value"]), ""]
+    out += ["## Scale", "", scale.table(r["scale"]), ""]
     out += ["## Fan-out", ""]
     out += [
         markdown(

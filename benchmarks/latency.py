@@ -4,7 +4,9 @@
 
 Prints a markdown table (and a JSON document with --json). Each change is timed from the
 moment the writer finished (rename returned, or close() returned for ``cmd > file``) to
-the moment the subscriber holds the event.
+the moment the subscriber holds the event. The atomic-rename row is also run with
+``settle = 0``: the ratio of the two shows what the settle window costs a valid change
+(it should cost nothing); each bus row's ratio to the inotify floor is printed too.
 """
 
 from __future__ import annotations
@@ -56,13 +58,16 @@ def summarize(samples_ms: list[float]) -> dict[str, float]:
     }
 
 
-async def bus_latency(workdir: Path, writer: Writer, changes: int) -> list[float]:
+async def bus_latency(
+    workdir: Path, writer: Writer, changes: int, *, settle: float | None = None
+) -> list[float]:
     token = workdir / "creds" / "token"
     token.parent.mkdir(parents=True, exist_ok=True)
     write_rename(token, b"initial-token")
+    settings = {} if settle is None else {"settle": settle}
     config = parse_config(
         {
-            "broker": {"state_dir": str(workdir / "state"), "host_id": "bench"},
+            "broker": {"state_dir": str(workdir / "state"), "host_id": "bench", **settings},
             "credentials": [{"name": "svc", "files": {"token": str(token)}}],
         }
     )
@@ -107,14 +112,37 @@ async def run(changes: int) -> dict[str, Any]:
         },
         "changes": changes,
         "rows": {},
+        "ratios": {},
     }
+    rows, ratios = results["rows"], results["ratios"]
     for label, writer in (("atomic rename", write_rename), ("cmd > file", write_truncate)):
         with tempfile.TemporaryDirectory(prefix="credbroker-bench-") as tmp:
             floor = await inotify_floor(Path(tmp), writer, changes)
             bus = await bus_latency(Path(tmp), writer, changes)
-        results["rows"][f"inotify floor, {label}"] = summarize(floor)
-        results["rows"][f"bus, {label}"] = summarize(bus)
+        rows[f"inotify floor, {label}"] = summarize(floor)
+        rows[f"bus, {label}"] = summarize(bus)
+        ratios[f"bus / inotify floor, {label} (p50)"] = _ratio(
+            rows[f"bus, {label}"], rows[f"inotify floor, {label}"]
+        )
+    # Alternating blocks, so drift in the machine's load hits both sides alike.
+    on: list[float] = []
+    off: list[float] = []
+    block = max(1, changes // 4)
+    for _ in range(max(1, changes // block)):
+        for settle, samples in ((1.0, on), (0.0, off)):
+            with tempfile.TemporaryDirectory(prefix="credbroker-bench-") as tmp:
+                samples += await bus_latency(Path(tmp), write_rename, block, settle=settle)
+    rows["bus, atomic rename, settle 1s (interleaved)"] = summarize(on)
+    rows["bus, atomic rename, settle 0 (interleaved)"] = summarize(off)
+    ratios["bus, atomic rename: settle 1s / settle 0 (p50)"] = _ratio(
+        rows["bus, atomic rename, settle 1s (interleaved)"],
+        rows["bus, atomic rename, settle 0 (interleaved)"],
+    )
     return results
+
+
+def _ratio(row: dict[str, float], floor: dict[str, float]) -> float:
+    return round(row["p50_ms"] / max(floor["p50_ms"], 1e-9), 2)
 
 
 def table(results: dict[str, Any]) -> str:
@@ -123,6 +151,8 @@ def table(results: dict[str, Any]) -> str:
         lines.append(
             f"| {name} | {row['n']} | {row['p50_ms']} | {row['p99_ms']} | {row['max_ms']} |"
         )
+    lines += ["", "| ratio | value |", "|---|---:|"]
+    lines += [f"| {name} | {value} |" for name, value in results.get("ratios", {}).items()]
     return "\n".join(lines)
 
 
