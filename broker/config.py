@@ -406,13 +406,6 @@ def _positive_duration(value: Any) -> float:
     return seconds
 
 
-def _settle(value: Any) -> float:
-    seconds = _duration(value)
-    if seconds < 0:
-        raise ValueError("must not be negative (0 turns the settle window off)")
-    return seconds
-
-
 def _size(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, str | int):
         raise ValueError('expected a size such as "1MiB", "512KiB" or a whole number of bytes')
@@ -682,7 +675,7 @@ class BrokerSettings(_Model):
     resync_interval: PositiveDuration = 30.0
     # A change that leaves a credential invalid or missing waits this long for a further
     # change that resolves it (a key landing after its certificate); 0 publishes at once.
-    settle: Annotated[float, BeforeValidator(_settle)] = 1.0
+    settle: Duration = 1.0
     fingerprint_key_file: ExpandedPath | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # Group/other access to a credential file: reported always; `invalid` when strict.

@@ -16,6 +16,7 @@ from typing import Any
 import anyio
 import pytest
 
+from broker.config import ConfigError, parse_config
 from broker.state import Status
 from tests.conftest import Harness, SecretRegistry, write_atomic
 
@@ -294,3 +295,36 @@ async def test_a_held_state_is_not_persisted_and_a_restart_reads_the_truth(
         events = h.of("svc")
         assert [e.type for e in events] == [INVALID]
         assert events[0].data.generation == valid.generation + 1
+
+
+# -- configuration ---------------------------------------------------------------------------
+
+
+def _config(tmp_path: Path, broker: dict[str, Any], **credential: Any) -> Any:
+    cred = {"name": "svc", "files": {"token": str(tmp_path / "t")}, **credential}
+    return parse_config(
+        {"broker": {"state_dir": str(tmp_path / "s"), **broker}, "credentials": [cred]}
+    )
+
+
+def test_settle_key(tmp_path: Path) -> None:
+    assert _config(tmp_path, {}).broker.settle == 1.0
+    assert _config(tmp_path, {"settle": "250ms"}).broker.settle == 0.25
+    assert _config(tmp_path, {"settle": 0}).broker.settle == 0.0
+    with pytest.raises(ConfigError, match=r"broker\.settle: .*non-negative"):
+        _config(tmp_path, {"settle": -1})
+
+
+def test_private_roles_must_name_roles(tmp_path: Path) -> None:
+    assert _config(tmp_path, {}).credentials[0].private_roles is None
+    assert _config(tmp_path, {}, private_roles=["token"]).credentials[0].private_roles == (
+        "token",
+    )
+    with pytest.raises(ConfigError, match=r"private_roles.*\"cert\" is not a role"):
+        _config(tmp_path, {}, private_roles=["cert"])
+    tls = parse_config({
+        "broker": {"state_dir": str(tmp_path / "s")},
+        "credentials": [{"name": "web", "preset": "tls",
+                         "files": {"cert": str(tmp_path / "c"), "key": str(tmp_path / "k")}}],
+    })
+    assert tls.credentials[0].private_roles == ("key",)
