@@ -16,9 +16,11 @@ from typing import Any
 import anyio
 import pytest
 
+from broker.config import parse_config
 from broker.fingerprint import Fingerprinter
-from broker.reader import read_file
-from broker.state import State
+from broker.machine import observe
+from broker.reader import FileRead, read_file
+from broker.state import FileInfo, State, Status
 from broker.store import KEY_FILE
 from tests.conftest import SecretRegistry, write_atomic
 
@@ -99,3 +101,18 @@ def test_read_file_metadata_is_that_of_the_read_descriptor(tmp_path: Path) -> No
     assert read.content == b"abc"
     assert (read.info.size, read.info.mtime, read.info.mode) == (3, st.st_mtime, 0o640)
     assert read.fault is None and read.problem is None
+
+
+def test_a_fault_read_is_only_unreadable_to_a_one_shot_reader(tmp_path: Path) -> None:
+    # `credbroker check` has no retry: it says "cannot read it now"; the engine never gets here.
+    config = parse_config({
+        "broker": {"state_dir": str(tmp_path / "s")},
+        "credentials": [{"name": "svc", "files": {"token": str(tmp_path / "t")}}],
+    })
+    info = FileInfo(role="token", path=str(tmp_path / "t"), present=False)
+    fault = FileRead(info, fault="cannot read it now: Too many open files")
+    obs = observe(config.credentials[0], [fault], Fingerprinter(b"k" * 16))
+    assert obs.outcome is Status.MISSING
+    assert [(p.code, p.message) for p in obs.problems] == [
+        ("file-unreadable", "cannot read it now: Too many open files")
+    ]
