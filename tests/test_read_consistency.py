@@ -21,7 +21,7 @@ from broker.fingerprint import Fingerprinter
 from broker.machine import observe
 from broker.reader import FileRead, read_file
 from broker.state import FileInfo, State, Status
-from broker.store import KEY_FILE
+from broker.store import KEY_FILE, Store
 from tests.conftest import SecretRegistry, write_atomic
 
 pytestmark = pytest.mark.anyio
@@ -83,13 +83,19 @@ async def test_size_matches_the_fingerprinted_content_under_a_racing_writer(
         await h.fence()
         events = h.of("svc")
         final = await h.broker.check("svc")
+    persisted = Store(tmp_path / "state").load().states["svc"]
     assert len(checked) >= 50, len(checked)  # the race was actually run, many times
-    for state in [*(e.data for e in events), *checked, final]:
+    for state in [*(e.data for e in events), *checked, final, persisted]:
         assert state.fingerprint in lengths, "a version no writer completed"
         assert state.files[0].size == lengths[state.fingerprint], state.files[0]
     assert all(e.type == "credentials.refreshed" for e in events), [e.type for e in events]
     assert final.fingerprint == fp.fingerprint([("token", versions[-1].encode())])
     assert final == h.broker.state("svc") == events[-1].data
+    # As persisted (mtime kept to the millisecond, as the state document has it).
+    assert persisted.fingerprint == final.fingerprint
+    assert [(f.size, f.mode, f.present) for f in persisted.files] == [
+        (f.size, f.mode, f.present) for f in final.files
+    ]
 
 
 def test_read_file_metadata_is_that_of_the_read_descriptor(tmp_path: Path) -> None:
