@@ -21,10 +21,12 @@ from broker.config import Config, ConfigError, CredentialSettings, load_config
 from broker.durations import format_duration
 from broker.engine import annotate_polling
 from broker.fingerprint import Fingerprinter
+from broker.hints import first_lines
 from broker.limits import raise_open_files_limit
 from broker.machine import Observation, apply_findings, observe, transition
 from broker.presets import PRESETS
 from broker.reader import read_credential
+from broker.sdnotify import Notifier
 from broker.state import State, Status
 from broker.store import KEY_FILE
 from broker.watcher import Watcher
@@ -121,20 +123,41 @@ async def _serve(config: Config, path: str) -> None:
     import logging
 
     log = logging.getLogger("broker")
+    notifier = Notifier()
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async with Broker(config) as broker:
+        async with Broker(config) as broker, anyio.create_task_group() as tg:
+            # Broker's __aenter__ returns once every credential has a state and every sink
+            # serves: exactly systemd's READY.
+            notifier.ready(broker.states())
+            http = broker.sinks.get("http")
+            for line in first_lines(broker.states(), getattr(http, "url", None), path):
+                log.info(line)
+            await tg.start(notifier.watchdog)
+            if notifier.enabled:
+                tg.start_soon(_follow_status, broker, notifier)
             async for signum in signals:
                 if signum != signal.SIGHUP:
                     log.info("stopping", extra={"signal": signal.Signals(signum).name})
+                    notifier.stopping()
                     break
+                notifier.reloading()
                 try:
                     new = await anyio.to_thread.run_sync(load_config, path)
+                    await broker.reload(new)
                 except ConfigError as exc:
                     log.error(
                         "reload refused; keeping the running config", extra={"error": str(exc)}
                     )
-                    continue
-                await broker.reload(new)
+                finally:
+                    notifier.ready(broker.states())
+            tg.cancel_scope.cancel()
+
+
+async def _follow_status(broker: Broker, notifier: Notifier) -> None:
+    """Keep systemd's STATUS= (``systemctl status``) at the current counts."""
+    async with broker.subscribe("credentials.*") as events:
+        async for _ in events:
+            notifier.status(broker.states())
 
 
 # -- check ----------------------------------------------------------------------------------

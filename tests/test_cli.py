@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import SecretRegistry, write_atomic
+from tests.daemon import shipped_config
+from tests.mosquitto import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -140,7 +142,7 @@ def test_run_with_the_shipped_config_and_no_nebius(tmp_path: Path, secrets: Secr
             "broker",
             "run",
             "-c",
-            str(ROOT / "config" / "broker.toml"),
+            str(shipped_config(tmp_path, free_port())),
             "--log-format",
             "json",
         ],
