@@ -47,7 +47,7 @@ from anyio.abc import TaskStatus
 from broker.bus import Subscription
 from broker.config import ConfigError, HttpSettings
 from broker.events import Event, encode
-from broker.metrics import Metrics, StreamStats
+from broker.metrics import DeliveryStats, Metrics, StreamStats
 
 if TYPE_CHECKING:
     from broker.app import Broker
@@ -157,6 +157,7 @@ class HttpApi:
         self._clients: set[_Client] = set()
         self._clients_gone = anyio.Event()
         self._coalesced_closed = 0
+        self._delivered = 0  # SSE frames written to clients, for the delivery metrics
         self._closing = False
         self._token: bytes | None = None
         self._openapi = load_openapi()
@@ -513,6 +514,7 @@ class HttpApi:
                 event = sub.get_nowait()
             if frames:
                 await response.write(b"".join(frames))
+                self._delivered += len(frames)
                 quiet_since = time.monotonic()
 
     def _replay(self, sub: Subscription, since: int | None) -> tuple[bytes, int]:
@@ -558,6 +560,11 @@ class HttpApi:
             self._ring.clear()
             self._ring_floor = self._ring_head
             log.warning("event burst overflowed the replay ring; older ids now get a reset")
+
+    def delivery_stats(self) -> DeliveryStats:
+        """Events written to SSE clients; pending: what their mailboxes hold now."""
+        pending = sum(c.subscription.pending for c in self._clients)
+        return DeliveryStats(delivered=self._delivered, failures=0, pending=pending)
 
     def _stream_stats(self) -> StreamStats:
         live = sum(c.subscription.coalesced for c in self._clients)

@@ -10,12 +10,21 @@ collector, so the engine and the MQTT publisher need no metrics code of their ow
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
+import platform
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 
@@ -36,6 +45,22 @@ class StreamStats:
 
     clients: int
     coalesced: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryStats:
+    """What a sink tells the metrics about its deliveries (read at scrape time)."""
+
+    delivered: int  #: events (or messages) the other side accepted
+    failures: int  #: attempts that failed and will be retried (or were given up)
+    pending: int  #: events accepted from the bus but not delivered yet
+
+
+@runtime_checkable
+class Delivering(Protocol):
+    """A sink that reports its deliveries: ``credbroker_sink_*{sink="<its name>"}``."""
+
+    def delivery_stats(self) -> DeliveryStats: ...
 
 
 class Metrics:
@@ -66,6 +91,10 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(_LiveCollector(broker, stream_stats))
+        # process_* (CPU, memory, fds against their limit, start time) and python_info: the
+        # ones every exporter has, in this registry rather than the process-global one.
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
 
     def observe_event(self, event: Event) -> None:
         """Count one published event."""
@@ -92,9 +121,11 @@ class _LiveCollector:
         self._stream_stats = stream_stats
 
     def collect(self) -> Iterator[Any]:
+        yield _build_info()
         yield from self._credentials()
         yield from self._engine()
         yield from self._mqtt()
+        yield from self._deliveries()
         stats = self._stream_stats()
         yield _gauge("credbroker_sse_clients", "Connected Server-Sent Events clients.",
                      stats.clients)
@@ -121,9 +152,24 @@ class _LiveCollector:
             "Content generation of the credential (+1 on every change).",
             labels=["credential"],
         )
+        expires = GaugeMetricFamily(
+            "credbroker_credential_expiry_timestamp_seconds",
+            "When the credential expires, in seconds since the epoch; absent when unknown.",
+            labels=["credential"],
+        )
         problems = GaugeMetricFamily(
             "credbroker_credential_problems",
             "Problems the broker reports for the credential.",
+            labels=["credential"],
+        )
+        problem = GaugeMetricFamily(
+            "credbroker_credential_problem",
+            "1 for each problem (by code) the credential has now, e.g. refresh-failed.",
+            labels=["credential", "code"],
+        )
+        behind = GaugeMetricFamily(
+            "credbroker_credential_consumers_behind",
+            "Consumers that report an older generation than the current one.",
             labels=["credential"],
         )
         for state in self._broker.states():
@@ -132,9 +178,13 @@ class _LiveCollector:
                 status.add_metric([name, value.value], 1.0 if state.status is value else 0.0)
             if state.expires_at is not None:
                 left.add_metric([name], state.expires_at - now)
+                expires.add_metric([name], state.expires_at)
             generation.add_metric([name], state.generation)
             problems.add_metric([name], len(state.problems))
-        yield from (status, left, generation, problems)
+            for code in sorted({p.code for p in state.problems}):
+                problem.add_metric([name, code], 1.0)
+            behind.add_metric([name], _consumers_behind(state))
+        yield from (status, left, expires, generation, problems, problem, behind)
 
     def _engine(self) -> Iterator[Any]:
         engine = self._broker.engine
@@ -190,6 +240,75 @@ class _LiveCollector:
             ("publish_failures", "Publishes that failed."),
         ):
             yield _counter(f"credbroker_mqtt_{attr}", help_text, _number(getattr(sink, attr, 0)))
+
+
+    def _deliveries(self) -> Iterator[Any]:
+        delivered = CounterMetricFamily(
+            "credbroker_sink_delivered_events",
+            "Events each sink delivered (the other side accepted them).",
+            labels=["sink"],
+        )
+        failures = CounterMetricFamily(
+            "credbroker_sink_delivery_failures",
+            "Delivery attempts that failed, by sink (retried with backoff).",
+            labels=["sink"],
+        )
+        pending = GaugeMetricFamily(
+            "credbroker_sink_pending_events",
+            "Events a sink has taken from the bus and not delivered yet.",
+            labels=["sink"],
+        )
+        for name, sink in self._broker.sinks.items():
+            stats = _delivery_stats(sink)
+            if stats is None:
+                continue
+            delivered.add_metric([name], stats.delivered)
+            failures.add_metric([name], stats.failures)
+            pending.add_metric([name], stats.pending)
+        yield from (delivered, failures, pending)
+
+
+def _delivery_stats(sink: object) -> DeliveryStats | None:
+    if isinstance(sink, Delivering):
+        return sink.delivery_stats()
+    if getattr(sink, "name", None) == "mqtt":
+        # The publisher's own counters (see MqttPublisher), until it reports DeliveryStats.
+        return DeliveryStats(
+            delivered=int(_number(getattr(sink, "published", 0))),
+            failures=int(_number(getattr(sink, "publish_failures", 0))),
+            pending=int(_number(getattr(sink, "buffered", 0))),
+        )
+    return None
+
+
+def _consumers_behind(state: object) -> int:
+    # ``consumers`` is new in the state document: dicts or objects with a generation.
+    current = getattr(state, "generation", 0)
+    count = 0
+    for consumer in getattr(state, "consumers", None) or ():
+        generation = (consumer.get("generation") if isinstance(consumer, Mapping)
+                      else getattr(consumer, "generation", None))
+        if isinstance(generation, int) and generation < current:
+            count += 1
+    return count
+
+
+@functools.cache
+def _version() -> str:
+    try:
+        return importlib.metadata.version("credbroker")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _build_info() -> Any:
+    info = GaugeMetricFamily(
+        "credbroker_build_info",
+        "Always 1; the labels say which credbroker and Python serve these metrics.",
+        labels=["version", "python"],
+    )
+    info.add_metric([_version(), platform.python_version()], 1.0)
+    return info
 
 
 def _number(value: object) -> float:
