@@ -109,7 +109,8 @@ def _load(args: argparse.Namespace) -> Config:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     config = _load(args)
-    logs.configure(args.log_level or config.broker.log_level, args.log_format)
+    logs.configure(args.log_level or config.broker.log_level, args.log_format,
+                   host_id=config.broker.host_id)
     old, new = raise_open_files_limit()
     if new != old:
         logging.getLogger("broker.cli").debug(

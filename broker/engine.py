@@ -614,5 +614,6 @@ def _log_event(event: Event) -> None:
             "sequence": state.sequence,
             "fingerprint": state.fingerprint,
             "reason": state.reason,
+            "event_id": event.id,  # the CloudEvent id: find this line from a consumer's event
         },
     )

@@ -101,3 +101,20 @@ def encode(doc: Any) -> bytes:
 def _with_payload(event: Event) -> Event:
     object.__setattr__(event, "payload", encode(event.to_dict()))
     return event
+
+
+#: The type of the CloudEvent an ``event: reset`` frame carries (SPEC section 5).
+STREAM_RESET = "credbroker.stream.reset"
+
+
+def stream_reset(data: Mapping[str, Any], *, source: str, now: float) -> bytes:
+    """The CloudEvent JSON of an event-stream reset: ``data`` says what was missed."""
+    return encode({
+        "specversion": SPECVERSION,
+        "id": str(uuid.uuid4()),
+        "source": source,
+        "type": STREAM_RESET,
+        "time": format_time(now) or "",
+        "datacontenttype": DATACONTENTTYPE,
+        "data": dict(data),
+    })

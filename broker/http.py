@@ -46,7 +46,7 @@ from anyio.abc import TaskStatus
 
 from broker.bus import Subscription
 from broker.config import ConfigError, HttpSettings
-from broker.events import Event, encode
+from broker.events import Event, encode, stream_reset
 from broker.metrics import DeliveryStats, Metrics, StreamStats
 
 if TYPE_CHECKING:
@@ -532,8 +532,9 @@ class HttpApi:
                 reason = (f"events after {since} are no longer kept (the broker keeps the "
                           f"last {self._ring.maxlen} since it started, from {self._ring_floor}); "
                           "re-read the state")
-            data = encode({"reason": reason, "requested": since, "oldest": self._ring_floor,
-                           "latest": newest})
+            data = stream_reset({"reason": reason, "requested": since,
+                                 "oldest": self._ring_floor, "latest": newest},
+                                source=self._broker.source, now=time.time())
             log.info("event stream reset", extra={"requested": since, "oldest": self._ring_floor,
                                                   "latest": newest})
             return b"id: %d\nevent: reset\ndata: %s\n\n" % (newest, data), newest

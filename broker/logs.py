@@ -46,7 +46,12 @@ class TextFormatter(logging.Formatter):
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line."""
+    """One JSON object per line; ``host_id``, when given, is in every line, so lines
+    shipped from many hosts to one place still say where they come from."""
+
+    def __init__(self, host_id: str | None = None) -> None:
+        super().__init__()
+        self._host_id = host_id
 
     def format(self, record: logging.LogRecord) -> str:
         doc: dict[str, Any] = {
@@ -55,16 +60,23 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if self._host_id is not None:
+            doc["host_id"] = self._host_id
         doc.update(_fields(record))
         if record.exc_info:
             doc["error"] = self.formatException(record.exc_info)
         return json.dumps(doc, default=str, ensure_ascii=False)
 
 
-def configure(level: str = "info", fmt: LogFormat = "text", stream: TextIO | None = None) -> None:
+def configure(
+    level: str = "info",
+    fmt: LogFormat = "text",
+    stream: TextIO | None = None,
+    host_id: str | None = None,
+) -> None:
     """Route the ``broker`` loggers to ``stream`` (stderr) in the chosen format (CLI only)."""
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.setFormatter(JsonFormatter(host_id) if fmt == "json" else TextFormatter())
     root = logging.getLogger("broker")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

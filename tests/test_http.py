@@ -13,6 +13,7 @@ import socket
 import stat
 import statistics
 import time
+import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -146,7 +147,7 @@ class EventStream:
             message = await self._messages.__anext__()
         self._secrets.observe(f"SSE {message.event}", message.data)
         if message.event == "reset":
-            component("StreamReset").validate(json.loads(message.data))
+            component("StreamResetEvent").validate(json.loads(message.data))
         else:
             doc = json.loads(message.data)
             component("CloudEvent").validate(doc)
@@ -520,7 +521,11 @@ async def test_an_id_older_than_the_ring_gets_a_reset(
             reset = await stream.next()
             assert reset.event == "reset"
             assert reset.id == str(latest)
-            data = json.loads(reset.data)
+            envelope = json.loads(reset.data)  # a CloudEvent, like every other frame's data
+            assert envelope["type"] == "credbroker.stream.reset"
+            assert envelope["specversion"] == "1.0" and envelope["source"] == h.broker.source
+            uuid.UUID(envelope["id"])
+            data = envelope["data"]
             assert data["requested"] == start and data["latest"] == latest
             assert data["oldest"] == latest - 4
             write_atomic(path, secrets.token())
@@ -532,7 +537,8 @@ async def test_an_id_older_than_the_ring_gets_a_reset(
         # From the future (the broker's state was reset): a reset too.
         async with client.stream(since=str(latest + 1000)) as stream:
             future = await stream.next()
-            assert future.event == "reset" and json.loads(future.data)["requested"] == latest + 1000
+            assert future.event == "reset"
+            assert json.loads(future.data)["data"]["requested"] == latest + 1000
 
 
 async def test_credential_and_type_filters(

@@ -62,6 +62,12 @@ def test_quick_start(tmp_path: Path, secrets: SecretRegistry) -> None:
             ("credentials.missing", "missing"), ("credentials.refreshed", "valid")]
         assert all(e["subject"] == "nebius" for e in seen)
         secrets.assert_absent(out + err, "credbroker events")
+        # The daemon's JSON line for that event names it by its CloudEvent id, and every
+        # line says which host it comes from.
+        logged = daemon.wait_for("credentials.refreshed", credential="nebius")
+        assert logged["event_id"] == seen[1]["id"]
+        host = seen[1]["source"].removeprefix("urn:credbroker:")
+        assert {r.get("host_id") for r in daemon.lines} == {host}
 
         status = credbroker("status")
         assert status.returncode == 0 and "valid" in status.stdout
