@@ -8,6 +8,7 @@ Routes (the OpenAPI document, ``broker/openapi.json``, is served at ``/v1/openap
     GET  /v1/events                   Server-Sent Events, replay from a bounded ring
     GET  /healthz                     {"status": "ok", "mqtt": "connected"|"disconnected"|"off"}
     GET  /metrics                     Prometheus exposition
+    GET  /                            the status page (broker/statuspage.py)
 
 Every error is JSON ``{"error": {"code", "message"}}``; no route ever returns file content.
 
@@ -48,6 +49,7 @@ from broker.bus import Subscription
 from broker.config import ConfigError, HttpSettings
 from broker.events import Event, encode, stream_reset
 from broker.metrics import DeliveryStats, Metrics, StreamStats
+from broker.statuspage import StatusPage
 
 if TYPE_CHECKING:
     from broker.app import Broker
@@ -162,6 +164,7 @@ class HttpApi:
         self._token: bytes | None = None
         self._openapi = load_openapi()
         self._health_resource: web.AbstractResource | None = None
+        self._page = StatusPage()
         self.metrics = Metrics(broker, self._stream_stats)
         self.url: str | None = None
         self.port: int | None = None
@@ -183,6 +186,7 @@ class HttpApi:
         unix_inode: tuple[int, int] | None = None
         try:
             self._token = await anyio.to_thread.run_sync(self._read_token)
+            self._page.set_token(self._token)
             runner = _Runner(self._make_app(), access_log=None, handle_signals=False,
                              shutdown_timeout=SHUTDOWN_GRACE)
             await runner.setup()
@@ -286,6 +290,7 @@ class HttpApi:
         router.add_get("/v1/events", self._events, allow_head=False)
         router.add_get("/v1/openapi.json", self._openapi_doc, allow_head=False)
         router.add_get("/metrics", self._metrics, allow_head=False)
+        self._page.add_routes(router)  # GET /: the status page (broker/statuspage.py)
         health = router.add_resource("/healthz")
         health.add_route("GET", self._health)
         self._health_resource = health
@@ -342,7 +347,9 @@ class HttpApi:
         if (
             token is not None
             and request.match_info.route.resource is not self._health_resource
+            and not self._page.is_public(request)
             and not _bearer_matches(request.headers.get("Authorization"), token)
+            and not self._page.cookie_allows(request)  # the status page's session
         ):
             raise ApiError(
                 401,

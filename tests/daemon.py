@@ -50,7 +50,10 @@ class Daemon:
             line = self.proc.stderr.readline()
             if not line:
                 raise AssertionError(f"daemon exited before logging {message!r}: {self.lines}")
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except ValueError:
+                raise AssertionError(f"daemon wrote a line that is not JSON: {line!r}") from None
             self.lines.append(record)
             if matches(record):
                 return record
