@@ -10,8 +10,8 @@ from broker.state import State
 def first_lines(states: Iterable[State], url: str | None, config_path: str) -> list[str]:
     """The lines logged once the daemon is ready (pure: no I/O, no clock).
 
-    ``url`` is where the HTTP API listens (``None`` when it is off); each credential that is
-    not valid yet gets its remedy, so a first run ends with the command that fixes it.
+    ``url`` is where the HTTP API listens (``None`` when it is off); every problem of a
+    credential gets its remedy, so a first run ends with the command that fixes it.
     """
     lines: list[str] = []
     if url is None:
@@ -31,5 +31,4 @@ def first_lines(states: Iterable[State], url: str | None, config_path: str) -> l
         for problem in state.problems:
             if problem.remedy:
                 lines.append(f"{state.credential} is {state.status.value}: {problem.remedy}")
-                break
     return lines

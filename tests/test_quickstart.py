@@ -33,6 +33,8 @@ def test_quick_start(tmp_path: Path, secrets: SecretRegistry) -> None:
         tries = daemon.wait_for("try: credbroker status")
         remedy = daemon.wait_for("nebius is missing:")
         assert "nebius iam get-access-token > ~/.nebius/NEBIUS_IAM_TOKEN.txt" in remedy["message"]
+        assert "NEBIUS_TENANT_ID.txt" in daemon.wait_for("nebius is missing: find your tenant")[
+            "message"]
         assert page["message"].split()[2].endswith("/")
 
         # ... in another shell, `credbroker status` answers, with the remedy.
@@ -75,3 +77,21 @@ def test_quick_start(tmp_path: Path, secrets: SecretRegistry) -> None:
         assert code == 0
         secrets.assert_absent(daemon.log_text() + rest + status.stdout, "the quick start")
 
+
+
+def test_first_lines_say_where_to_look() -> None:
+    from broker.hints import first_lines
+    from broker.state import Problem, State, Status
+
+    missing = State(credential="svc", status=Status.MISSING,
+                    problems=(Problem("file-missing", "gone", "write it"),
+                              Problem("watch-polling", "polling", None)))
+    tcp = first_lines([missing], "http://127.0.0.1:8790", "c.toml")
+    assert tcp == [
+        "status page: http://127.0.0.1:8790/  API: http://127.0.0.1:8790/v1/credentials",
+        "try: credbroker status -c c.toml   follow events: credbroker events -c c.toml",
+        "svc is missing: write it",
+    ]
+    unix = first_lines([], "unix:/run/c.sock", "c.toml")
+    assert "--url unix:/run/c.sock" in unix[1]
+    assert "add one" in first_lines([], None, "c.toml")[0]
