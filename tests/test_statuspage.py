@@ -138,7 +138,7 @@ async def test_login_cookie_and_csrf(harness_factory: Any, tmp_path: Path,
 # -- in a browser ---------------------------------------------------------------------------
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     if not os.access(CHROMIUM, os.X_OK):
         pytest.skip(f"{CHROMIUM} is not installed (Debian package chromium)")
@@ -254,3 +254,47 @@ def test_the_page_follows_rotations_and_a_restart(
                                                        "net::", "GET ", "POST "))], errors
     page.close()
 
+
+
+def test_reported_consumers_are_shown(
+    tmp_path: Path, secrets: SecretRegistry, browser: Any
+) -> None:
+    # The broker's own answer, with the `consumers` field (SPEC section 3) that consumer
+    # tracking adds to the state document: one consumer current, one a generation behind.
+    import json
+
+    write_atomic(tmp_path / "svc", secrets.token())
+    port = free_port()
+    config = tmp_path / "broker.toml"
+    config.write_text(
+        f'[broker]\nstate_dir = "{tmp_path / "state"}"\nhost_id = "web-1"\n\n'
+        f'[http]\nlisten = "127.0.0.1:{port}"\n\n'
+        f'[[credentials]]\nname = "svc"\nfiles = {{ token = "{tmp_path / "svc"}" }}\n'
+    )
+    with run_daemon(config) as daemon:
+        daemon.wait_for("broker started")
+        write_atomic(tmp_path / "svc", secrets.token())  # generation 2
+        daemon.wait_for("credentials.refreshed", generation=2)
+
+        def with_consumers(route: Any) -> None:
+            doc = route.fetch().json()
+            for state in doc["credentials"]:
+                state["consumers"] = [
+                    {"id": "api-7f", "generation": 2, "fingerprint": state["fingerprint"],
+                     "since": state["changed_at"], "via": "mqtt"},
+                    {"id": "worker-3", "generation": 1, "fingerprint": "hmac-sha256:00",
+                     "since": state["changed_at"], "via": "http"},
+                ]
+            route.fulfill(status=200, content_type="application/json", body=json.dumps(doc))
+
+        page = browser.new_page()
+        page.route("**/v1/credentials", with_consumers)
+        page.goto(f"http://127.0.0.1:{port}/")
+        page.wait_for_selector("#c-svc .consumers", timeout=10_000)
+        rows = page.locator("#c-svc .consumers tbody tr")
+        assert rows.count() == 2
+        assert "api-7f" in rows.nth(0).inner_text() and "gen 2" in rows.nth(0).inner_text()
+        behind = rows.nth(1).locator(".behind")
+        assert "worker-3" in rows.nth(1).inner_text() and "behind" in behind.inner_text()
+        page.close()
+        assert daemon.stop()[0] == 0
