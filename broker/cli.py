@@ -17,6 +17,7 @@ import anyio
 
 from broker import logs, remote
 from broker.app import Broker
+from broker.bus import Subscription
 from broker.config import Config, ConfigError, CredentialSettings, load_config
 from broker.durations import format_duration
 from broker.engine import annotate_polling
@@ -127,6 +128,8 @@ async def _serve(config: Config, path: str) -> None:
     notifier = Notifier()
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with Broker(config) as broker, anyio.create_task_group() as tg:
+            # Subscribed before READY, so no change after it goes without a STATUS= update.
+            changes = broker.subscribe("credentials.*") if notifier.enabled else None
             # Broker's __aenter__ returns once every credential has a state and every sink
             # serves: exactly systemd's READY.
             notifier.ready(broker.states())
@@ -134,8 +137,8 @@ async def _serve(config: Config, path: str) -> None:
             for line in first_lines(broker.states(), getattr(http, "url", None), path):
                 log.info(line)
             await tg.start(notifier.watchdog)
-            if notifier.enabled:
-                tg.start_soon(_follow_status, broker, notifier)
+            if changes is not None:
+                tg.start_soon(_follow_status, broker, notifier, changes)
             async for signum in signals:
                 if signum != signal.SIGHUP:
                     log.info("stopping", extra={"signal": signal.Signals(signum).name})
@@ -154,10 +157,10 @@ async def _serve(config: Config, path: str) -> None:
             tg.cancel_scope.cancel()
 
 
-async def _follow_status(broker: Broker, notifier: Notifier) -> None:
+async def _follow_status(broker: Broker, notifier: Notifier, changes: Subscription) -> None:
     """Keep systemd's STATUS= (``systemctl status``) at the current counts."""
-    async with broker.subscribe("credentials.*") as events:
-        async for _ in events:
+    async with changes:
+        async for _ in changes:
             notifier.status(broker.states())
 
 

@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import time
 import urllib.request
@@ -159,11 +158,13 @@ def test_watchdog_pings_every_half_interval(
         notify_socket.next("READY")
         for _ in range(8):
             notify_socket.next("WATCHDOG")
-        pings = [t for t, f in notify_socket.received if f.get("WATCHDOG") == "1"]
-        gaps = [b - a for a, b in itertools.pairwise(pings[1:])]
-        # Half of WATCHDOG_USEC (0.2 s): never more often, and not much later on a busy machine.
-        assert min(gaps) >= 0.15, gaps
-        assert statistics.median(gaps) <= 0.3, gaps
+        pings = [t for t, f in notify_socket.received if f.get("WATCHDOG") == "1"][1:]
+        gaps = [b - a for a, b in itertools.pairwise(pings)]
+        # Half of WATCHDOG_USEC (0.2 s) on average: receive times jitter when this test
+        # process is descheduled (one late read makes the next gap short), their mean not.
+        mean = (pings[-1] - pings[0]) / (len(pings) - 1)
+        assert 0.17 <= mean <= 0.3, gaps
+        assert max(gaps) < 1.5, gaps  # no ping lost
         assert daemon.stop()[0] == 0
 
 
