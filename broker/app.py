@@ -178,6 +178,14 @@ class Broker:
             from broker.validate import Validator
 
             factories.append(Validator)
+        if self._config.mqtt is not None or self._config.http is not None:
+            from broker.consumers import ConsumerTracker
+
+            factories.append(ConsumerTracker)
+        if self._config.mqtt is not None:
+            from broker.consumer_reports import MqttConsumerReports
+
+            factories.append(MqttConsumerReports)
         if self._config.mqtt is not None:
             from broker.mqtt import MqttPublisher
 

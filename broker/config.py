@@ -1175,6 +1175,10 @@ class CredentialSettings(_FileSet):
     expiring_before: Duration = 900.0
     expiring_fraction: Annotated[float, BeforeValidator(_fraction)] = 0.8
     max_size: Annotated[int, BeforeValidator(_size)] = DEFAULT_MAX_SIZE
+    # A consumer still on an older generation this long after a refresh is lagging.
+    lag_after: PositiveDuration = 60.0
+    # A consumer not heard from this long is forgotten.
+    consumer_ttl: PositiveDuration = 600.0
     refresh: RefreshSettings | None = None
     validate_: ValidateSettings | None = Field(default=None, alias="validate")
     fallback: FallbackSettings | None = None

@@ -33,7 +33,7 @@ from broker.machine import (
     transition,
 )
 from broker.reader import CredentialRead, Signature, read_credential, stat_signature
-from broker.state import Problem, State, Status
+from broker.state import Consumer, Problem, State, Status
 from broker.store import Store
 from broker.timefmt import format_time
 from broker.watcher import Watcher
@@ -136,6 +136,9 @@ class Engine:
         self.read_faults = 0
         self._faults_unlogged = 0
         self._fault_logged_at = -math.inf
+        #: Who reported using a credential (the consumer tracker sets it): shown in every
+        #: state document and event, never stored with the state.
+        self.consumers_of: Callable[[str], tuple[Consumer, ...]] = _no_consumers
         self._set_credentials(credentials, states or {})
 
     # -- public -----------------------------------------------------------------------------
@@ -147,7 +150,12 @@ class Engine:
     def state(self, name: str) -> State:
         """The current state of ``name`` (``KeyError`` if unknown). No I/O."""
         tracked = self._tracked[name]
-        return tracked.state or State(name, Status.MISSING, reason="not read yet")
+        state = tracked.state or State(name, Status.MISSING, reason="not read yet")
+        return self._with_consumers(state)
+
+    def _with_consumers(self, state: State) -> State:
+        consumers = self.consumers_of(state.credential)
+        return replace(state, consumers=consumers) if consumers else state
 
     def states(self) -> list[State]:
         return [self.state(name) for name in self._tracked]
@@ -167,8 +175,28 @@ class Engine:
         await self._evaluate({name: _Pending(scan=True, force=True)})
         tracked = self._tracked[name]
         if tracked.held is not None and tracked.held_since is not None:
-            return settling(tracked.held, tracked.held_since + self.settle)
+            return self._with_consumers(settling(tracked.held, tracked.held_since + self.settle))
         return self.state(name)
+
+    async def announce(
+        self, name: str, event_type: str, reason: str, *, generation: int
+    ) -> bool:
+        """Publish ``event_type`` with ``name``'s unchanged state (``credentials.lagging``,
+        ``credentials.converged``): numbered, journalled and delivered like every event.
+
+        Only while the credential is still at ``generation``; a decision about an older
+        one is stale, and ``False`` says it was not published.
+        """
+        async with self._lock:
+            tracked = self._tracked.get(name)
+            if tracked is None or tracked.state is None:
+                return False
+            if tracked.state.generation != generation:
+                return False
+            said = replace(tracked.state, reason=reason)
+            await self._commit({name: (None, Transition(tracked.state, ((event_type, said),)))})
+        self._progressed()
+        return True
 
     async def set_problem(
         self,
@@ -533,7 +561,9 @@ class Engine:
                 self._store.record, changed, self.sequence, self._everything
             )
             for event_type, state in events:
-                event = make_event(event_type, state, source=self._source, now=now)
+                event = make_event(
+                    event_type, self._with_consumers(state), source=self._source, now=now
+                )
                 _log_event(event)
                 self._bus.publish(event)
 
@@ -597,6 +627,10 @@ def settling(state: State, until: float) -> State:
         f"{format_time(until)} unless a further change resolves it",
     )
     return replace(state, problems=(*state.problems, problem))
+
+
+def _no_consumers(name: str) -> tuple[Consumer, ...]:
+    return ()
 
 
 def _read_all(specs: Mapping[str, CredentialSettings]) -> dict[str, CredentialRead]:

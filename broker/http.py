@@ -5,6 +5,8 @@ Routes (the OpenAPI document, ``broker/openapi.json``, is served at ``/v1/openap
     GET  /v1/credentials              {"credentials": [state, ...]}
     GET  /v1/credentials/{name}       state, or 404 unknown-credential
     POST /v1/credentials/{name}/check forced re-read; publishes any change; returns state
+    PUT  /v1/credentials/{name}/consumers/{id}  a consumer reports its generation; state
+    DELETE /v1/credentials/{name}/consumers/{id}  the consumer went away; state
     GET  /v1/events                   Server-Sent Events, replay from a bounded ring
     GET  /healthz                     {"status": "ok", "mqtt": "connected"|"disconnected"|"off"}
     GET  /metrics                     Prometheus exposition
@@ -34,7 +36,7 @@ import socket
 import stat
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,12 +49,14 @@ from anyio.abc import TaskStatus
 
 from broker.bus import Subscription
 from broker.config import ConfigError, HttpSettings
+from broker.convergence import ReportError
 from broker.events import Event, encode, stream_reset
 from broker.metrics import DeliveryStats, Metrics, StreamStats
 from broker.statuspage import StatusPage
 
 if TYPE_CHECKING:
     from broker.app import Broker
+    from broker.consumers import ConsumerTracker
 
 log = logging.getLogger("broker.http")
 
@@ -287,6 +291,9 @@ class HttpApi:
         router.add_get("/v1/credentials", self._list, allow_head=False)
         router.add_get("/v1/credentials/{name}", self._get, allow_head=False)
         router.add_post("/v1/credentials/{name}/check", self._check)
+        consumer = router.add_resource("/v1/credentials/{name}/consumers/{id}")
+        consumer.add_route("PUT", self._report_consumer)
+        consumer.add_route("DELETE", self._remove_consumer)
         router.add_get("/v1/events", self._events, allow_head=False)
         router.add_get("/v1/openapi.json", self._openapi_doc, allow_head=False)
         router.add_get("/metrics", self._metrics, allow_head=False)
@@ -407,6 +414,31 @@ class HttpApi:
         name = self._known(request.match_info["name"])
         state = await self._broker.check(name)
         return _json(state.to_dict())
+
+    async def _report_consumer(self, request: web.Request) -> web.Response:
+        from broker.consumers import HTTP_FIELDS, parse_report
+
+        name = self._known(request.match_info["name"])
+        with _refusals():
+            report = parse_report(await request.read(), HTTP_FIELDS)
+            state = self._tracker().report(
+                name, request.match_info["id"], report.generation, report.fingerprint, via="http"
+            )
+        return _json(state.to_dict())
+
+    async def _remove_consumer(self, request: web.Request) -> web.Response:
+        name = self._known(request.match_info["name"])
+        with _refusals():
+            state = self._tracker().remove(name, request.match_info["id"])
+        return _json(state.to_dict())
+
+    def _tracker(self) -> ConsumerTracker:
+        from broker.consumers import ConsumerTracker
+
+        tracker = self._broker.sinks.get("consumers")
+        if not isinstance(tracker, ConsumerTracker):
+            raise ApiError(503, "unavailable", "consumer tracking is not running")
+        return tracker
 
     async def _health(self, request: web.Request) -> web.Response:
         sink = self._broker.sinks.get("mqtt")
@@ -685,6 +717,17 @@ def _bearer_matches(header: str | None, token: bytes) -> bool:
         return False
     # Constant time, so the answer's timing says nothing about how much of a guess was right.
     return hmac.compare_digest(value.strip().encode("utf-8", "backslashreplace"), token)
+
+
+@contextlib.contextmanager
+def _refusals() -> Iterator[None]:
+    """A refused consumer report as a JSON error with its status (400, 404, 409, 413)."""
+    from broker.consumers import HTTP_STATUS
+
+    try:
+        yield
+    except ReportError as exc:
+        raise ApiError(HTTP_STATUS.get(exc.code, 400), exc.code, exc.message) from None
 
 
 def _json(doc: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:

@@ -84,6 +84,46 @@ class FileInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class Consumer:
+    """A consuming service's report of the generation it uses (never the content).
+
+    ``since`` is when it first reported this generation, ``seen`` when it last reported at
+    all (for ``consumer_ttl``), ``via`` how it reports (``mqtt`` or ``http``). ``lagged``
+    records that ``credentials.lagging`` was announced for this consumer and generation, so
+    it is announced once; ``seen`` and ``lagged`` are not part of the document.
+    """
+
+    id: str
+    generation: int
+    fingerprint: str
+    since: float
+    via: str
+    seen: float = field(default=0.0, compare=False)
+    lagged: bool = field(default=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "generation": self.generation,
+            "fingerprint": self.fingerprint,
+            "since": format_time(self.since),
+            "via": self.via,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Consumer:
+        since = parse_time(data["since"])
+        return cls(
+            id=str(data["id"]),
+            generation=int(data["generation"]),
+            fingerprint=str(data["fingerprint"]),
+            since=since,
+            via=str(data["via"]),
+            seen=since,
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class State:
     """One credential's state document (HTTP body and the ``data`` of every event)."""
 
@@ -98,6 +138,9 @@ class State:
     files: tuple[FileInfo, ...] = ()
     problems: tuple[Problem, ...] = ()
     reason: str = ""
+    #: Who reported using which generation; filled in by the consumer tracker when the
+    #: document is shown or published, never stored with the state.
+    consumers: tuple[Consumer, ...] = field(default=(), compare=False)
     # Not part of the document: kept so the state machine can resume after a restart.
     issued_at: float | None = field(default=None, compare=False)
     stage: Stage = field(default=Stage.VALID, compare=False)
@@ -116,6 +159,7 @@ class State:
             "files": [f.to_dict() for f in self.files],
             "problems": [p.to_dict() for p in self.problems],
             "reason": self.reason,
+            "consumers": [c.to_dict() for c in self.consumers],
         }
 
     @classmethod
@@ -138,4 +182,5 @@ class State:
             files=tuple(FileInfo.from_dict(f) for f in data.get("files", ())),
             problems=tuple(Problem.from_dict(p) for p in data.get("problems", ())),
             reason=str(data.get("reason", "")),
+            consumers=tuple(Consumer.from_dict(c) for c in data.get("consumers", ())),
         )
