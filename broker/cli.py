@@ -1,4 +1,5 @@
-"""The ``credbroker`` command line: ``run``, ``check``, ``presets``, ``status``, ``events``."""
+"""The ``credbroker`` command line: ``run``, ``check``, ``presets``, ``status``, ``events``,
+``fleet``."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import TextIO
 
 import anyio
 
-from broker import logs, remote
+from broker import fleet, logs, remote
 from broker.app import Broker
 from broker.bus import Subscription
 from broker.config import Config, ConfigError, CredentialSettings, load_config
@@ -51,6 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "presets": _cmd_presets,
         "status": remote.cmd_status,
         "events": remote.cmd_events,
+        "fleet": fleet.cmd_fleet,
     }[args.command]
     try:
         return handler(args)
@@ -96,6 +98,7 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("presets", help="list the built-in presets and their files")
     remote.add_parsers(sub)  # status, events: clients of a running daemon's HTTP API
+    fleet.add_parser(sub)  # every host's credentials from the MQTT retained states
     return parser
 
 
