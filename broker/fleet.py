@@ -73,6 +73,7 @@ class Row:
             "status": s.status.value,
             "generation": s.generation,
             "sequence": s.sequence,
+            "fingerprint": s.fingerprint,
             "expires_at": s.to_dict()["expires_at"],
             "expires_in": None if s.expires_at is None else round(s.expires_at - now, 3),
             "consumers": [c.to_dict() for c in self.consumers],

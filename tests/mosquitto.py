@@ -168,6 +168,8 @@ class Mosquitto:
     acl_file: Path | None = None
     tls: TlsFiles | None = None
     require_certificate: bool = False
+    #: More config lines (a bridge, queue limits).
+    extra: list[str] = field(default_factory=list)
     _proc: subprocess.Popen[bytes] | None = None
 
     def __post_init__(self) -> None:
@@ -214,6 +216,7 @@ class Mosquitto:
                 f"keyfile {self.tls.server_key}",
                 f"require_certificate {'true' if self.require_certificate else 'false'}",
             ]
+        lines += self.extra
         return "\n".join(lines) + "\n"
 
     def start(self) -> Mosquitto:

@@ -8,9 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.consumers import ReportError, parse_report
+from broker.consumers import parse_report
 from broker.convergence import (
     CONSUMER_ID_RE,
+    ReportError,
     assess,
     check_consumer_id,
     check_report,

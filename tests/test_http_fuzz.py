@@ -87,7 +87,8 @@ async def test_schemathesis_finds_no_server_error_and_no_deviation(
     # It really reached every operation, with successes and refusals.
     operations = {(m, p) for m, p, _ in answered}
     assert len(operations) == sum(
-        1 for item in OPENAPI["paths"].values() for m in item if m in ("get", "post", "put", "delete")
+        1 for item in OPENAPI["paths"].values() for m in item
+        if m in ("get", "post", "put", "delete")
     ), answered
     statuses = {s for _, _, s in answered}
     assert {200, 400, 401, 404} <= statuses, answered
