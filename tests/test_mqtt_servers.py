@@ -3,9 +3,9 @@
 The publish / retained state / consumer report (with a Last Will) / fleet view flow, end to
 end, with the daemon's publisher told to speak MQTT 3.1.1 (amqtt does not answer its
 MQTT 5 CONNECT: see the README). (nats-server's MQTT gateway is covered in test_mqtt.py:
-it refuses the "." of every event topic; RabbitMQ 3.x, by its documentation, delivers retained messages only to exact topic filters, so the
-wildcard subscriptions of consumer reports and ``credbroker fleet`` get no retained
-messages there: see the README.)
+it refuses the "." of every event topic. RabbitMQ 3.x, by its documentation, delivers
+retained messages only to exact topic filters, so the wildcard subscriptions of consumer
+reports and ``credbroker fleet`` get no retained messages there: see the README.)
 """
 
 from __future__ import annotations
