@@ -234,7 +234,12 @@ def check_now(config: Config, names: Sequence[str] = ()) -> list[State]:
                 used, obs, _ = observed[index]
                 obs = apply_findings(obs, [verdict.problem])
                 observed[index] = (used, obs, transition(used, None, obs, now).state)
-    return [state for _, _, state in observed]
+    from broker.consumers import persisted_consumers
+
+    states = [state for _, _, state in observed]
+    return persisted_consumers(
+        config.broker.state_dir, states, {spec.name: spec for spec in specs}, now
+    )
 
 
 def _read_key(config: Config) -> bytes:
@@ -248,7 +253,10 @@ def _read_key(config: Config) -> bytes:
 
 
 def print_table(states: Sequence[State], out: TextIO, now: float | None = None) -> None:
-    """The human table of ``check`` and ``status``: status, time left, fingerprint, problems."""
+    """The human table of ``check`` and ``status``: status, time left, fingerprint, problems
+    and consumers."""
+    from broker.consumers import consumer_lines
+
     now = time.time() if now is None else now
     rows = [("CREDENTIAL", "STATUS", "EXPIRES IN", "FINGERPRINT")]
     for s in states:
@@ -265,6 +273,8 @@ def print_table(states: Sequence[State], out: TextIO, now: float | None = None) 
             print(f"    ! {problem.code}: {problem.message}", file=out)
             if problem.remedy:
                 print(f"      fix: {problem.remedy}", file=out)
+        for line in consumer_lines(states[i - 1], now):
+            print(line, file=out)
 
 
 # -- presets --------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,6 +40,7 @@ from broker.convergence import (
     lagging_reason,
     record,
 )
+from broker.durations import format_duration
 from broker.events import encode
 from broker.state import Consumer, State
 from broker.store import _atomic_write
@@ -448,15 +449,38 @@ def load_consumers(path: Path) -> dict[str, _Credential]:
     return out
 
 
-def consumer_lines(state: State, lagging: Mapping[str, Consumer] | None = None) -> list[str]:
-    """Lines for the human tables of ``check``, ``status`` and ``fleet``: one per consumer."""
+def consumer_lines(state: State, now: float, lagging: Iterable[str] = ()) -> list[str]:
+    """Lines for the human tables of ``check`` and ``status``: one per consumer.
+
+    A consumer is *current* when it holds the content there is now (same fingerprint),
+    which also holds for ``check``, which does not know the daemon's generation numbers.
+    """
+    marked = set(lagging)
     lines = []
     for c in state.consumers:
-        if c.generation == state.generation:
+        if c.fingerprint == state.fingerprint:
             note = "current"
         else:
-            note = f"{state.generation - c.generation} behind"
-        if lagging is not None and c.id in lagging:
+            note = f"old content, for {format_duration(now - c.since)}"
+        if c.id in marked:
             note += ", LAGGING"
-        lines.append(f"consumer {c.id}: generation {c.generation} ({note}) via {c.via}")
+        lines.append(f"    consumer {c.id}: generation {c.generation} ({note}) via {c.via}")
     return lines
+
+
+def persisted_consumers(
+    state_dir: Path, states: Iterable[State], specs: Mapping[str, Any], now: float
+) -> list[State]:
+    """``states`` with the consumers the daemon last persisted (``credbroker check``),
+    less those silent for longer than their credential's ``consumer_ttl``."""
+    known = load_consumers(state_dir / CONSUMERS_FILE)
+    out = []
+    for state in states:
+        cred = known.get(state.credential)
+        spec = specs.get(state.credential)
+        if cred is None or spec is None:
+            out.append(state)
+            continue
+        kept, _ = forget_silent(cred.consumers, spec.consumer_ttl, now)
+        out.append(replace(state, consumers=tuple(kept[i] for i in sorted(kept))))
+    return out

@@ -126,6 +126,7 @@ class _LiveCollector:
         yield from self._engine()
         yield from self._mqtt()
         yield from self._deliveries()
+        yield from self._consumers()
         stats = self._stream_stats()
         yield _gauge("credbroker_sse_clients", "Connected Server-Sent Events clients.",
                      stats.clients)
@@ -241,6 +242,45 @@ class _LiveCollector:
         ):
             yield _counter(f"credbroker_mqtt_{attr}", help_text, _number(getattr(sink, attr, 0)))
 
+
+    def _consumers(self) -> Iterator[Any]:
+        tracker = self._broker.sinks.get("consumers")
+        stats = getattr(tracker, "stats", None)
+        if stats is None:
+            return
+        count = GaugeMetricFamily(
+            "credbroker_consumers", "Consumers that reported which generation they use.",
+            labels=["credential"],
+        )
+        lagging = GaugeMetricFamily(
+            "credbroker_consumers_lagging",
+            "Consumers lagging: an older generation lag_after after a refresh, or an "
+            "expired/invalid one.",
+            labels=["credential"],
+        )
+        oldest = GaugeMetricFamily(
+            "credbroker_consumer_lag_seconds",
+            "Seconds since the oldest lagging consumer reported the generation it holds; "
+            "absent when none lags.",
+            labels=["credential"],
+        )
+        for entry in stats():
+            count.add_metric([entry.credential], entry.consumers)
+            lagging.add_metric([entry.credential], entry.lagging)
+            if entry.oldest_lag_seconds is not None:
+                oldest.add_metric([entry.credential], entry.oldest_lag_seconds)
+        yield from (count, lagging, oldest)
+        reports = self._broker.sinks.get("consumer-reports")
+        ignored = getattr(getattr(reports, "log", None), "counts", None)
+        if isinstance(ignored, dict):
+            family = CounterMetricFamily(
+                "credbroker_consumer_reports_ignored",
+                "MQTT consumer reports ignored, by why (unknown-credential, invalid-report, ...).",
+                labels=["code"],
+            )
+            for code, value in sorted(ignored.items()):
+                family.add_metric([code], value)
+            yield family
 
     def _deliveries(self) -> Iterator[Any]:
         delivered = CounterMetricFamily(

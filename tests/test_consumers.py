@@ -344,3 +344,46 @@ async def test_hostile_mqtt_reports_are_ignored_and_logged_once_per_kind(
         assert sorted(r.__dict__["code"] for r in warnings) == sorted(counts)
         await h.fence()
         assert h.types("svc") == ["credentials.refreshed", "credentials.converged"]
+
+
+async def test_metrics_status_and_check_show_consumers_and_lag(
+    harness_factory: Any, tmp_path: Path, secrets: SecretRegistry,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from broker.cli import check_now, main
+
+    path = tmp_path / "svc"
+    write_atomic(path, secrets.token())
+    creds = [{"name": "svc", "files": {"token": str(path)}, "lag_after": "0.5s"}]
+    async with serving(harness_factory, creds, secrets) as (h, api, client):
+        await h.fence()
+        old = h.broker.state("svc")
+        for consumer in ("behind", "ahead"):
+            await anyio.to_thread.run_sync(
+                curl_put, f"{api.url}/v1/credentials/svc/consumers/{consumer}", old)
+        write_atomic(path, secrets.token())
+        new = (await next_of_type(h, "svc", "credentials.refreshed")).data
+        await anyio.to_thread.run_sync(
+            curl_put, f"{api.url}/v1/credentials/svc/consumers/ahead", new)
+        lagging = await next_of_type(h, "svc", "credentials.lagging")
+        assert "behind" in lagging.data.reason
+        metrics = (await client.get("/metrics")).body.decode()
+        assert 'credbroker_consumers{credential="svc"} 2.0' in metrics
+        assert 'credbroker_consumers_lagging{credential="svc"} 1.0' in metrics
+        assert 'credbroker_consumers{credential="fence"} 0.0' in metrics
+        [lag] = [line for line in metrics.splitlines()
+                 if line.startswith('credbroker_consumer_lag_seconds{credential="svc"}')]
+        assert float(lag.split()[-1]) >= 0.5
+        assert "credbroker_consumer_lag_seconds{credential=\"fence\"}" not in metrics
+
+        capsys.readouterr()
+        code = await anyio.to_thread.run_sync(main, ["status", "--url", api.url or ""])
+        out = capsys.readouterr().out
+        assert code == 0
+        assert "consumer ahead: generation 2 (current) via http" in out
+        assert "consumer behind: generation 1 (old content, for" in out
+        config = h.broker.config
+    # `check` reads the files, and the consumers the daemon persisted.
+    [state] = await anyio.to_thread.run_sync(check_now, config, ["svc"])
+    assert {c.id: c.fingerprint == state.fingerprint for c in state.consumers} == {
+        "ahead": True, "behind": False}
