@@ -340,3 +340,64 @@ async def test_fleet_of_20_daemons_by_100_credentials_across_bridged_servers(
 ) -> None:
     await run_fleet(tmp_path, secrets, cleanup, daemons=20, credentials=100, rotations=100,
                     name="fleet-20x100")
+
+
+def test_fleet_exits_1_when_the_server_is_unreachable_and_2_on_a_bad_url() -> None:
+    code, out, err, _ = fleet_cli(f"mqtt://127.0.0.1:{free_port()}")
+    assert code == 1 and "unreachable" in err and out == ""
+    code, _, err, _ = fleet_cli("http://127.0.0.1:1")
+    assert code == 2 and "credbroker fleet:" in err
+
+
+async def test_fleet_watch_follows_changes_and_exit_1_for_a_bad_credential(
+    harness_factory: Any, tmp_path: Path, secrets: SecretRegistry
+) -> None:
+    server = Mosquitto(tmp_path / "mqtt")
+    server.start()
+    try:
+        good, bad = tmp_path / "good", tmp_path / "bad"
+        write_atomic(good, secrets.token())
+        write_atomic(bad, "")  # empty: invalid
+        mqtt = {"url": server.url, "topic_prefix": PREFIX}
+        creds = [{"name": "good", "files": {"token": str(good)}},
+                 {"name": "bad", "files": {"token": str(bad)}}]
+        async with harness_factory(creds, mqtt=mqtt) as h:
+            await h.fence()
+            watcher = StateWatcher(server.port)
+            async with anyio.create_task_group() as tg:
+                await tg.start(watcher.run)
+                await watcher.wait_for({(HOST_ID, n): h.broker.state(n).generation
+                                        for n in ("good", "bad", "fence")})
+                tg.cancel_scope.cancel()
+            code, out, _, _ = await anyio.to_thread.run_sync(fleet_cli, server.url)
+            assert code == 1 and "1 not valid/expiring" in out
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "broker", "fleet", "--mqtt", server.url, "--prefix",
+                 PREFIX, "--watch", "--json"], stdout=subprocess.PIPE, text=True,
+            )
+            try:
+                assert proc.stdout is not None
+                stdout = proc.stdout
+
+                async def line() -> Any:
+                    return json.loads(await anyio.to_thread.run_sync(
+                        stdout.readline, abandon_on_cancel=True))
+
+                first = await line()
+                rows = {r["credential"]: r for r in first["credentials"]}
+                assert rows["good"]["generation"] == 1 and rows["bad"]["status"] == "invalid"
+                write_atomic(good, secrets.token())
+                with anyio.fail_after(WAIT):
+                    while True:
+                        doc = await line()
+                        rows = {r["credential"]: r for r in doc["credentials"]}
+                        if rows["good"]["generation"] == 2:
+                            break
+            finally:
+                proc.kill()
+                proc.wait(timeout=10)
+    finally:
+        server.kill()
+
+
+HOST_ID = "test-host"
