@@ -46,9 +46,12 @@ async def test_schemathesis_finds_no_server_error_and_no_deviation(
     strategy = st.one_of(
         schema.as_strategy(generation_mode=GenerationMode.POSITIVE),
         schema.as_strategy(generation_mode=GenerationMode.NEGATIVE),
-        # Random names are almost never configured ones: also aim at a real credential.
+        # Random names are almost never configured ones: also aim at a real credential,
+        # on every route that takes one, and on the two that answer its state.
         schema.as_strategy(generation_mode=GenerationMode.POSITIVE,
                            path_parameters={"name": "svc"}),
+        schema.include(path_regex=r"^/v1/credentials/\{name\}(/check)?$").as_strategy(
+            generation_mode=GenerationMode.POSITIVE, path_parameters={"name": "svc"}),
     )
     auth = {"Authorization": f"Bearer {token}"}
     answered: dict[tuple[str, str, int], int] = {}
