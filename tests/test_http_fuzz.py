@@ -46,6 +46,10 @@ async def test_schemathesis_finds_no_server_error_and_no_deviation(
     strategy = st.one_of(
         schema.as_strategy(generation_mode=GenerationMode.POSITIVE),
         schema.as_strategy(generation_mode=GenerationMode.NEGATIVE),
+        # The consumer routes answer most bad input with 404/409: keep refusals (400) of
+        # the other routes as likely as before they came.
+        schema.exclude(path_regex="/consumers/").as_strategy(
+            generation_mode=GenerationMode.NEGATIVE),
         # Random names are almost never configured ones: also aim at a real credential,
         # on every route that takes one, and on the two that answer its state.
         schema.as_strategy(generation_mode=GenerationMode.POSITIVE,
