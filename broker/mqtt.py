@@ -31,7 +31,6 @@ import functools
 import logging
 import math
 import os
-import random
 import ssl
 import time
 from collections import deque
@@ -50,6 +49,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from broker.backoff import BACKOFF_CAP, BACKOFF_INITIAL, Backoff
 from broker.events import CONTENT_TYPE, Event, make_event
 from broker.state import Status
 
@@ -80,8 +80,6 @@ ONLINE = b"online"
 OFFLINE = b"offline"
 STATUS_CONTENT_TYPE = "text/plain; charset=utf-8"
 
-BACKOFF_INITIAL = 0.5
-BACKOFF_CAP = 30.0
 #: Unacknowledged publishes in flight at once: paho's own default in-flight limit, so that
 #: paho never has to queue behind our back, and a few PUBACK round trips cover a burst.
 WINDOW = 20
@@ -221,43 +219,6 @@ async def read_password_file(path: str | os.PathLike[str]) -> str:
         # The codec's own message would quote the offending byte of the password.
         raise ValueError(f"{path}: the password is not valid UTF-8") from None
     return text.rstrip("\r\n")
-
-
-class Backoff:
-    """Capped exponential backoff with full jitter: 0.5 s doubling to 30 s.
-
-    Each delay is drawn uniformly below the current ceiling, but never below a tenth of it:
-    a server that refuses instantly can then never make a client spin.
-    """
-
-    def __init__(
-        self,
-        initial: float = BACKOFF_INITIAL,
-        cap: float = BACKOFF_CAP,
-        *,
-        rng: random.Random | None = None,
-    ) -> None:
-        if not 0 < initial <= cap:
-            raise ValueError("need 0 < initial <= cap")
-        self.initial = initial
-        self.cap = cap
-        self.attempt = 0
-        self._rng = rng or random.Random()
-
-    def ceiling(self) -> float:
-        """The upper bound of the next delay."""
-        # min() before the power would overflow for a long outage; 2**64 is plenty.
-        return min(self.cap, self.initial * 2.0 ** min(self.attempt, 64))
-
-    def next(self) -> float:
-        """The delay before the next attempt (and count the attempt)."""
-        ceiling = self.ceiling()
-        self.attempt += 1
-        return float(self._rng.uniform(ceiling / 10, ceiling))
-
-    def reset(self) -> None:
-        """Back to the initial delay (after a connection that worked)."""
-        self.attempt = 0
 
 
 def tls_context(

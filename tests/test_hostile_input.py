@@ -454,7 +454,7 @@ async def test_no_object_shows_a_secret_in_its_repr(
             assert refreshed in jwt_path.read_text()
             assert validated[0].endswith(json.loads(json.dumps(token_path.read_text())))
             cache: CredentialCache[str] = CredentialCache(load_token, credential="svc")
-            assert await cache.get() == token_path.read_text()
+            assert await cache.aget() == token_path.read_text()
             assert config.mqtt is not None
             client = BrokerClient(mosquitto_server.url, host_id="test-host",
                                   prefix=config.mqtt.topic_prefix, username="credbroker",

@@ -811,8 +811,8 @@ async def test_credential_cache_reloads_once_after_a_refresh_in_process(
     ):
         tg.start_soon(cache.follow, tap(events))
         await h.fence()  # past the first-sight events
-        first = await cache.get()
-        assert cache.loads == 1 and await cache.get() == first and cache.loads == 1
+        first = await cache.aget()
+        assert cache.loads == 1 and await cache.aget() == first and cache.loads == 1
         new = secrets.token("svc")
         write_atomic(path, new)
         change = await h.next("svc")
@@ -821,8 +821,8 @@ async def test_credential_cache_reloads_once_after_a_refresh_in_process(
             while change not in observed:
                 await passed.wait()
         assert cache.stale
-        assert await cache.get() == new and cache.loads == 2
-        assert await cache.get() == new and cache.loads == 2
+        assert await cache.aget() == new and cache.loads == 2
+        assert await cache.aget() == new and cache.loads == 2
         assert cache.observe(change) is False  # the same refresh again changes nothing
         tg.cancel_scope.cancel()
 
@@ -852,8 +852,8 @@ async def test_credential_cache_on_a_broker_client(
             # make the next get load again.
             while (await stream.get()).subject != "svc":
                 pass
-        first = await cache.get()
-        assert await cache.get() == first and cache.loads == 1
+        first = await cache.aget()
+        assert await cache.aget() == first and cache.loads == 1
         new = secrets.token("svc")
         write_atomic(path, new)
         change = await h.next("svc")
@@ -862,8 +862,8 @@ async def test_credential_cache_on_a_broker_client(
                 pass
         # on_event ran before the stream had it: whoever reacts to the event reloads.
         assert cache.stale
-        assert await cache.get() == new and cache.loads == 2
-        assert await cache.get() == new and cache.loads == 2
+        assert await cache.aget() == new and cache.loads == 2
+        assert await cache.aget() == new and cache.loads == 2
         # The same refresh again (its retained copy, a reconnect) changes nothing.
         assert not cache.observe(client.states[(HOST, "svc")])
 

@@ -1,0 +1,51 @@
+"""Capped exponential backoff with full jitter, shared by every reconnecting loop.
+
+Kept free of any transport library so that the consumer client's HTTP path can use it without
+importing MQTT.
+"""
+
+from __future__ import annotations
+
+import random
+
+__all__ = ["BACKOFF_CAP", "BACKOFF_INITIAL", "Backoff"]
+
+BACKOFF_INITIAL = 0.5
+BACKOFF_CAP = 30.0
+
+
+class Backoff:
+    """Capped exponential backoff with full jitter: 0.5 s doubling to 30 s.
+
+    Each delay is drawn uniformly below the current ceiling, but never below a tenth of it:
+    a server that refuses instantly can then never make a client spin.
+    """
+
+    def __init__(
+        self,
+        initial: float = BACKOFF_INITIAL,
+        cap: float = BACKOFF_CAP,
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
+        if not 0 < initial <= cap:
+            raise ValueError("need 0 < initial <= cap")
+        self.initial = initial
+        self.cap = cap
+        self.attempt = 0
+        self._rng = rng or random.Random()
+
+    def ceiling(self) -> float:
+        """The upper bound of the next delay."""
+        # min() before the power would overflow for a long outage; 2**64 is plenty.
+        return min(self.cap, self.initial * 2.0 ** min(self.attempt, 64))
+
+    def next(self) -> float:
+        """The delay before the next attempt (and count the attempt)."""
+        ceiling = self.ceiling()
+        self.attempt += 1
+        return float(self._rng.uniform(ceiling / 10, ceiling))
+
+    def reset(self) -> None:
+        """Back to the initial delay (after a connection that worked)."""
+        self.attempt = 0

@@ -1,0 +1,254 @@
+"""The HTTP transport: ``GET /v1/credentials`` for the current state, then ``/v1/events`` (SSE).
+
+The stream is always requested unfiltered (the client filters by credential itself), so the
+broker-wide sequence in ``id:`` has no holes and any hole is a gap. It resumes with
+``Last-Event-ID``; ``event: reset`` (the broker no longer has the events asked for) and any
+gap make it re-read the current state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import quote, urlsplit
+
+import aiohttp
+import anyio
+
+from broker.events import Event
+from broker.state import State
+
+from .follower import SOURCE_PREFIX, state_event
+from .reports import HttpReporter
+
+if TYPE_CHECKING:
+    from .follower import BrokerClient
+
+__all__ = ["HttpEndpoint", "SseTransport"]
+
+log = logging.getLogger("broker.client")
+
+CONNECT_TIMEOUT = 10.0
+#: The daemon sends a keep-alive comment every 15 s: four of them missing means it is gone.
+READ_TIMEOUT = 60.0
+
+
+class HttpError(Exception):
+    """The daemon answered, but not with what was asked for (status and error code only)."""
+
+
+class HttpEndpoint:
+    """Where the daemon's HTTP API is and how to authenticate: ``http(s)://`` or ``unix:``."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        token: str | None = None,
+        token_file: str | Path | None = None,
+        ca_file: str | Path | None = None,
+        cert_file: str | Path | None = None,
+        key_file: str | Path | None = None,
+    ) -> None:
+        if token is not None and token_file is not None:
+            raise ValueError("pass token or token_file, not both")
+        self._socket: str | None = None
+        if url.startswith("unix:"):
+            self._socket = url[len("unix:"):]
+            if not self._socket:
+                raise ValueError("unix: needs a socket path, e.g. unix:/run/credbroker.sock")
+            self.base = "http://localhost"
+            self.description = url
+        else:
+            parts = urlsplit(url)
+            if "@" in parts.netloc:
+                raise ValueError("credentials in the url are not accepted; pass token_file")
+            if not parts.hostname:
+                raise ValueError("the url has no host")
+            self.base = f"{parts.scheme}://{parts.netloc}".rstrip("/")
+            self.description = self.base
+        self._tls = url.startswith("https:")
+        self._token = token
+        self._token_file = token_file
+        self._ca_file, self._cert_file, self._key_file = ca_file, cert_file, key_file
+
+    async def _headers(self) -> dict[str, str]:
+        if self._token_file is not None:
+            # Read at every connect: a rotated API token is picked up on reconnect.
+            raw = await anyio.Path(self._token_file).read_text()
+            return {"Authorization": f"Bearer {raw.strip()}"}
+        if self._token is not None:
+            return {"Authorization": f"Bearer {self._token}"}
+        return {}
+
+    def _connector(self) -> aiohttp.BaseConnector:
+        if self._socket is not None:
+            return aiohttp.UnixConnector(path=self._socket)
+        context: ssl.SSLContext | bool = False
+        if self._tls:
+            context = ssl.create_default_context(
+                cafile=None if self._ca_file is None else str(self._ca_file)
+            )
+            if self._cert_file is not None:
+                context.load_cert_chain(
+                    str(self._cert_file),
+                    None if self._key_file is None else str(self._key_file),
+                )
+        return aiohttp.TCPConnector(ssl=context if self._tls else False)
+
+    @asynccontextmanager
+    async def session(self, read_bufsize: int = 2**16) -> AsyncIterator[aiohttp.ClientSession]:
+        """An aiohttp session for this daemon (its bearer token read now)."""
+        session = aiohttp.ClientSession(
+            connector=self._connector(),
+            headers=await self._headers(),
+            timeout=aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT,
+                                          sock_connect=CONNECT_TIMEOUT,
+                                          sock_read=READ_TIMEOUT),
+            read_bufsize=read_bufsize,
+            raise_for_status=False,
+        )
+        async with session:
+            yield session
+
+    def path(self, *parts: str) -> str:
+        return self.base + "/" + "/".join(quote(p, safe="") for p in parts)
+
+
+async def error_of(response: aiohttp.ClientResponse) -> HttpError:
+    """An :class:`HttpError` naming the status and the API's error code, never the body."""
+    code = ""
+    try:
+        doc = await response.json(content_type=None)
+        code = str(doc["error"]["code"])[:64]
+    except Exception:  # not our JSON error: the status says enough
+        code = ""
+    what = f"HTTP {response.status}" + (f" ({code})" if code else "")
+    return HttpError(f"{response.method} {response.url.path}: {what}")
+
+
+class SseTransport:
+    """Follow the daemon's HTTP API (see the module doc)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        host_id: str,
+        credential: str | None,
+        token: str | None,
+        token_file: str | Path | None,
+        ca_file: str | Path | None,
+        cert_file: str | Path | None,
+        key_file: str | Path | None,
+        max_payload: int,
+    ) -> None:
+        self.endpoint = HttpEndpoint(url, token=token, token_file=token_file, ca_file=ca_file,
+                                     cert_file=cert_file, key_file=key_file)
+        self.description = self.endpoint.description
+        # One daemon: its host_id is that of its events. Until one is seen the states read
+        # back carry host "" (unless the caller named the host), and are re-keyed then.
+        self._source = None if host_id == "+" else SOURCE_PREFIX + host_id
+        self._credential = credential
+        self._max_payload = max_payload
+        self._last_id: int | None = None
+        #: State re-reads (initial, after a reset, after a gap).
+        self.rereads = 0
+
+    def reporter(self, credential: str, consumer_id: str, host: str) -> HttpReporter:
+        return HttpReporter(self.endpoint, credential, consumer_id)
+
+    async def session(self, client: BrokerClient) -> None:
+        async with self.endpoint.session(read_bufsize=self._max_payload + 4096) as http:
+            newest = await self._read_states(http, client)
+            since = self._last_id if self._last_id is not None else newest
+            headers = {"Accept": "text/event-stream"}
+            if since is not None:
+                headers["Last-Event-ID"] = str(since)
+            async with http.get(self.endpoint.path("v1", "events"), headers=headers) as stream:
+                if stream.status != 200:
+                    raise await error_of(stream)
+                client.connected_now()
+                await self._follow(http, stream, client)
+            raise HttpError("the event stream ended")
+
+    async def _read_states(self, http: aiohttp.ClientSession, client: BrokerClient) -> int | None:
+        """Read every credential's state; return the newest sequence among them."""
+        async with http.get(self.endpoint.path("v1", "credentials")) as response:
+            if response.status != 200:
+                raise await error_of(response)
+            try:
+                doc = json.loads(await response.read())
+                states = [State.from_dict(s) for s in doc["credentials"]]
+            except Exception:  # never quote the body: it is the daemon's, but still
+                raise HttpError("GET /v1/credentials: not a credentials document") from None
+        self.rereads += 1
+        source = self._source or SOURCE_PREFIX
+        for state in states:
+            client.accept(state_event(state, source), live=False)
+        return max((s.sequence for s in states), default=None)
+
+    async def _follow(
+        self, http: aiohttp.ClientSession, stream: aiohttp.ClientResponse, client: BrokerClient
+    ) -> None:
+        frame: dict[str, list[str]] = {}
+        size = 0
+        async for raw in stream.content:
+            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            if line:
+                if line.startswith(":"):
+                    continue
+                name, _, value = line.partition(":")
+                size += len(value)
+                if size <= self._max_payload:
+                    frame.setdefault(name, []).append(value.removeprefix(" "))
+                continue
+            if frame and size <= self._max_payload:
+                await self._dispatch(http, frame, client)
+            elif frame:
+                client.ignore("sse", f"frame larger than {self._max_payload} bytes")
+            frame, size = {}, 0
+            if client.take_resync():
+                await self._read_states(http, client)
+
+    async def _dispatch(
+        self, http: aiohttp.ClientSession, frame: dict[str, list[str]], client: BrokerClient
+    ) -> None:
+        kind = frame.get("event", ["message"])[-1]
+        ident = _int(frame.get("id", [""])[-1])
+        data = "\n".join(frame.get("data", []))
+        if kind == "reset":
+            log.info("broker client stream reset; re-reading the current state",
+                     extra={"server": self.description, "id": ident})
+            await self._read_states(http, client)
+            if ident is not None:
+                self._last_id = ident
+            return
+        if not data:
+            return
+        try:
+            event = Event.from_json(data)
+        except Exception:  # hostile input: nothing may escape, nothing quoted
+            client.ignore("sse", "not a credbroker event")
+            return
+        if ident is not None and ident != event.sequence:
+            client.ignore("sse", "the frame id is not the event's sequence")
+            return
+        if self._source is None and event.source.startswith(SOURCE_PREFIX):
+            self._source = event.source
+            client.rehost(event.source)
+        elif event.source != self._source:
+            client.ignore("sse", "an event of another broker")
+            return
+        client.accept(event, live=True, contiguous=True)
+        self._last_id = event.sequence
+
+
+def _int(text: str) -> int | None:
+    return int(text) if text.isdigit() else None
+
