@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -330,3 +332,16 @@ async def test_mqtt_reports_are_retained_and_withdrawn(
                 and json.loads(x.payload)["generation"] == state.generation + 1 for x in m))
         # Leaving: an empty retained message clears the report.
         await sub.wait_for(lambda m: m[-1].topic == topic and m[-1].payload == b"")
+
+
+def test_importing_the_client_for_http_loads_no_engine_config_pydantic_or_mqtt() -> None:
+    code = (
+        "import sys, broker.client\n"
+        "broker.client.BrokerClient('http://127.0.0.1:9')\n"
+        "bad = [m for m in ('broker.engine', 'broker.config', 'broker.app', 'pydantic',"
+        " 'aiomqtt', 'paho') if m in sys.modules]\n"
+        "print(bad)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    assert out.strip() == "[]"
