@@ -316,6 +316,63 @@ PRESETS: Mapping[str, Preset] = MappingProxyType(
                 "(-----BEGIN PRIVATE KEY-----)",
             },
         ),
+        # The three below are the files SkyPilot-style services build cached clients from
+        # (issue 15); pair them with broker.client's `invalidates` to clear those caches.
+        "kubeconfig": Preset(
+            name="kubeconfig",
+            description="the kubeconfig kubectl and Kubernetes clients read (YAML, checked as "
+            "text; exec plugins and tokens inside carry no expiry the broker can read)",
+            files={"kubeconfig": "${KUBECONFIG:-~/.kube/config}"},
+            format="text",
+            expiry="none",
+            remedies={
+                "file-missing": "write it with your cluster's tool (aws eks update-kubeconfig, "
+                "gcloud container clusters get-credentials, az aks get-credentials) or set "
+                "KUBECONFIG; kubectl config view checks it",
+                "empty": "{path} is empty; write it again with your cluster's tool "
+                "(e.g. aws eks update-kubeconfig)",
+            },
+            notes="KUBECONFIG with several files (a:b) is not split: name one file in files.",
+        ),
+        "cloudflare-r2": Preset(
+            name="cloudflare-r2",
+            description="Cloudflare R2 access keys (AWS-style INI, profile r2) and the "
+            "account ID, where SkyPilot reads them",
+            files={
+                "credentials": "~/.cloudflare/r2.credentials",
+                "account_id": "~/.cloudflare/accountid",
+            },
+            format="text",
+            expiry="none",
+            expiry_file="credentials",
+            remedies={
+                "file-missing:credentials": "create an R2 API token in the Cloudflare "
+                "dashboard, then: AWS_SHARED_CREDENTIALS_FILE={path} aws configure "
+                "--profile r2",
+                "empty:credentials": "AWS_SHARED_CREDENTIALS_FILE={path} aws configure "
+                "--profile r2",
+                "file-missing:account_id": "echo <your Cloudflare account ID> > {path}",
+                "empty:account_id": "echo <your Cloudflare account ID> > {path}",
+            },
+        ),
+        "nebius-object-storage": Preset(
+            name="nebius-object-storage",
+            description="the nebius profile of the AWS shared credentials file: Nebius "
+            "Object Storage's S3 access keys (no expiry); other profiles do not count",
+            files={"credentials": "${AWS_SHARED_CREDENTIALS_FILE:-~/.aws/credentials}"},
+            format="ini",
+            select="ini-section:{profile}",
+            expiry="none",
+            parameters={"profile": "nebius"},
+            remedies={
+                "file-missing": "create an access key (nebius iam access-key create), then: "
+                "aws configure --profile {profile}",
+                "section-missing": "create an access key (nebius iam access-key create), then: "
+                "aws configure --profile {profile}",
+                "malformed-ini": "{path} must parse as INI; fix its syntax or re-create the "
+                "profile: aws configure --profile {profile}",
+            },
+        ),
     }
 )
 

@@ -261,7 +261,58 @@ def _tls_valid(home: Path, secrets: SecretRegistry, ctx: dict[str, Any]) -> None
     put(home / "tls/tls.crt", cert_pem(ctx["key"], now - 10 * 86400, now + 80 * 86400))
 
 
+def kubeconfig(secrets: SecretRegistry) -> str:
+    return ("apiVersion: v1\nkind: Config\ncurrent-context: c\nusers:\n- name: u\n  user:\n"
+            f"    token: {secrets.token('k8s')}\n")
+
+
+def r2_ini(secrets: SecretRegistry) -> str:
+    return (f"[r2]\naws_access_key_id = {secrets.token('r2id')}\n"
+            f"aws_secret_access_key = {secrets.token('r2')}\n")
+
+
+def r2_credentials(home: Path, secrets: SecretRegistry) -> None:
+    put(home / ".cloudflare/accountid", "0123456789abcdef0123456789abcdef\n")
+    put(home / ".cloudflare/r2.credentials", r2_ini(secrets))
+
+
+def nebius_s3_ini(secrets: SecretRegistry) -> str:
+    return (f"[default]\naws_access_key_id = A\naws_secret_access_key = {secrets.token()}\n\n"
+            f"[nebius]\naws_access_key_id = {secrets.token('nbid')}\n"
+            f"aws_secret_access_key = {secrets.token('nb')}\n")
+
+
 SCENARIOS: dict[str, Scenario] = {
+    "kubeconfig": Scenario(
+        table={"preset": "kubeconfig"},
+        valid=lambda home, secrets, ctx: put(home / ".kube/config", kubeconfig(secrets)),
+        rotate=lambda home, secrets, ctx: put(home / ".kube/config", kubeconfig(secrets)),
+        expire=None,  # no expiry the broker can read
+        remove=lambda home: (home / ".kube/config").unlink(),
+        missing_code="file-missing",
+        missing_remedy="aws eks update-kubeconfig",
+    ),
+    "cloudflare-r2": Scenario(
+        table={"preset": "cloudflare-r2"},
+        valid=lambda home, secrets, ctx: r2_credentials(home, secrets),
+        rotate=lambda home, secrets, ctx: put(home / ".cloudflare/r2.credentials",
+                                              r2_ini(secrets)),
+        expire=None,
+        remove=lambda home: (home / ".cloudflare/r2.credentials").unlink(),
+        missing_code="file-missing",
+        missing_remedy="aws configure --profile r2",
+    ),
+    "nebius-object-storage": Scenario(
+        table={"preset": "nebius-object-storage"},
+        valid=lambda home, secrets, ctx: put(home / ".aws/credentials",
+                                             nebius_s3_ini(secrets)),
+        rotate=lambda home, secrets, ctx: put(home / ".aws/credentials",
+                                              nebius_s3_ini(secrets)),
+        expire=None,
+        remove=lambda home: (home / ".aws/credentials").write_text("[default]\nregion = x\n"),
+        missing_code="section-missing",
+        missing_remedy="aws configure --profile nebius",
+    ),
     "nebius": Scenario(
         table={"preset": "nebius"},
         valid=_nebius_valid,
