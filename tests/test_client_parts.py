@@ -20,6 +20,7 @@ import anyio
 import pytest
 from aiohttp import web
 
+from broker.backoff import Backoff
 from broker.client import BrokerClient, CredentialCache, invalidates
 from broker.events import Event, make_event
 from broker.state import FileInfo, State, Status
@@ -359,3 +360,55 @@ def test_client_latency_benchmark_smoke_runs() -> None:
         row = rows[f"{transport}: BrokerClient callback in a worker"]
         assert row["n"] == 10 and row["p50_ms"] > 0 and row["ratio_p50"] > 0
         assert rows[f"{transport}: floor, bare reader in the same worker"]["n"] == 10
+
+
+def test_follow_in_thread_restarts_after_a_failure_and_stops() -> None:
+    client = BrokerClient("http://127.0.0.1:9")  # nothing listens: it keeps retrying
+    failures: list[int] = []
+
+    async def fails_once() -> None:
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("a worker bug")
+        await anyio.sleep_forever()
+
+    client.attach(fails_once)
+    follower = client.follow_in_thread()
+    deadline = time.monotonic() + WAIT
+    while follower.restarts < 1:
+        assert time.monotonic() < deadline, "the follower did not restart the client"
+        time.sleep(0.01)
+    assert follower.alive
+    follower.stop(timeout=WAIT)
+    assert not follower.alive
+    follower.stop()  # idempotent
+
+
+async def test_unix_socket_with_a_bearer_token(
+    harness_factory: Any, tmp_path: Path, secrets: SecretRegistry
+) -> None:
+    path = tmp_path / "creds" / "token"
+    path.parent.mkdir()
+    write_atomic(path, secrets.token())
+    api_token = tmp_path / "api-token"
+    write_atomic(api_token, secrets.token("api") + "\n")
+    socket = tmp_path / "api.sock"
+    http = {"listen": f"unix:{socket}", "token_file": str(api_token)}
+    async with harness_factory([{"name": "svc", "files": {"token": str(path)}}],
+                               http=http) as h:
+        refused = BrokerClient(f"unix:{socket}", backoff=Backoff(0.05, 0.1))
+        async with refused:
+            await anyio.sleep(0.3)
+            assert not refused.connected and not refused.states  # 401 without the token
+        async with BrokerClient(f"unix:{socket}", token_file=api_token) as client:
+            with anyio.fail_after(WAIT):
+                await client.wait_connected()
+            await h.fence()  # past the first-sight events
+            assert generation_of(client, "svc") == h.broker.state("svc").generation
+            write_atomic(path, secrets.token())
+            change = await h.next("svc")
+            with anyio.fail_after(WAIT):
+                while client.states.get(("test-host", "svc")) is None or (
+                    client.states[("test-host", "svc")].id != change.id
+                ):
+                    await anyio.sleep(0.01)
