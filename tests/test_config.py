@@ -361,7 +361,8 @@ def test_bad_expiry_source_message_is_verbatim(tmp_path: Path, env: dict[str, st
         (cred(name="a" * 65), "name", "longer than 64"),
         (cred(name=7), "name", "expected a string"),
         (cred(preset="nebuis"), "preset", 'unknown preset "nebuis" (did you mean "nebius"?); '
-         "known presets: aws, aws-sso, gcp, gcp-token, kubernetes, nebius, tls"),
+         "known presets: aws, aws-sso, cloudflare-r2, gcp, gcp-token, kubeconfig, "
+         "kubernetes, nebius, nebius-object-storage, tls"),
         (cred(files={}), "files", "at least one file"),
         (cred(files="/x"), "files", "expected a table"),
         (cred(files={"t": "/x", "u": "/x"}), "files.u", 'same file as role "t"'),
