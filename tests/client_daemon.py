@@ -85,6 +85,13 @@ class Daemon:
         doc = get_json(self.url + "/v1/credentials")
         return {s["credential"]: s for s in doc["credentials"]}
 
+    def kill(self) -> None:
+        """SIGKILL: no goodbye; only what the servers do for a dead client happens."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
@@ -165,6 +172,13 @@ class Worker:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=10)
+
+    def kill(self) -> None:
+        """SIGKILL: no goodbye; only what the servers do for a dead client happens."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 import uuid
 from pathlib import Path
 
+import anyio
 import pytest
 
 from tests.conftest import SecretRegistry, write_atomic
 from tests.client_daemon import Daemon, Worker
 from tests.mosquitto import (
     Mosquitto,
+    Subscriber,
     mosquitto_fixture,  # noqa: F401 - fixture "mosquitto"
     mosquitto_server_fixture,  # noqa: F401 - fixture "mosquitto_server"
 )
@@ -122,3 +125,38 @@ def test_worker_processes_follow_slow_rotations_across_restarts(
     for worker in workers:
         secrets.assert_absent(worker.log_text(), "a worker's log")
     secrets.assert_absent(daemon.log_text(), "the daemon's log")
+
+
+async def _wait_report(sub: Subscriber, topic: str, present: bool) -> None:
+    await sub.wait_for(lambda m: bool(m) and any(x.topic == topic for x in m)
+                       and bool([x for x in m if x.topic == topic][-1].payload) == present)
+
+
+@pytest.mark.anyio
+async def test_a_killed_workers_mqtt_report_is_cleared_by_its_last_will(
+    tmp_path: Path, secrets: SecretRegistry, mosquitto_server: Mosquitto
+) -> None:
+    token_file = tmp_path / "token"
+    write_atomic(token_file, secrets.token())
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    mqtt = {"url": mosquitto_server.url, "topic_prefix": prefix}
+    topic = f"{prefix}/daemon/consumers/svc/worker-1"
+    with Daemon(tmp_path / "daemon", {"svc": token_file}, mqtt=mqtt) as daemon:
+        worker = Worker(tmp_path, ["--url", mosquitto_server.url, "--token-file",
+                                   str(token_file), "--prefix", prefix,
+                                   "--consumer-id", "worker-1"])
+        async with Subscriber(mosquitto_server.port, [f"{prefix}/+/consumers/#"],
+                              secrets) as sub:
+            try:
+                await anyio.to_thread.run_sync(worker.start)
+                await _wait_report(sub, topic, present=True)
+                report = json.loads(sub.on(topic)[-1].payload)
+                state = daemon.states()["svc"]
+                assert (report["consumer"], report["credential"]) == ("worker-1", "svc")
+                assert (report["generation"], report["fingerprint"]) == (
+                    state["generation"], state["fingerprint"])
+                worker.kill()
+                await _wait_report(sub, topic, present=False)  # the Will, retained
+            finally:
+                worker.stop()
+    secrets.assert_absent(worker.log_text(), "a worker's log")
