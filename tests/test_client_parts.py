@@ -412,3 +412,50 @@ async def test_unix_socket_with_a_bearer_token(
                     client.states[("test-host", "svc")].id != change.id
                 ):
                     await anyio.sleep(0.01)
+
+
+async def test_a_dropped_mqtt_message_is_a_gap_healed_by_resubscribing(
+    harness_factory: Any, tmp_path: Path, secrets: SecretRegistry, mosquitto_server: Mosquitto
+) -> None:
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    paths = {name: tmp_path / name / "token" for name in ("a", "b")}
+    for path in paths.values():
+        path.parent.mkdir()
+        write_atomic(path, secrets.token())
+    mqtt = {"url": mosquitto_server.url, "topic_prefix": prefix}
+    creds = [{"name": n, "files": {"token": str(p)}} for n, p in paths.items()]
+    async with harness_factory(creds, mqtt=mqtt) as h:
+        client = BrokerClient(mosquitto_server.url, prefix=prefix)
+        transport: Any = client._transport
+        deliver = transport._on_message
+        dropped: list[str] = []
+
+        def lossy(client: BrokerClient, message: Any) -> None:
+            # What an MQTT server does to a subscriber whose queue is full: live messages
+            # vanish; the retained copy stays on the server.
+            payload = message.payload
+            if (not message.retain and payload and b'"subject":"a"' in payload
+                    and b'"generation":2,' in payload):
+                dropped.append(message.topic.value)
+                return
+            deliver(client, message)
+
+        transport._on_message = lossy
+        async with client:
+            with anyio.fail_after(WAIT):
+                await client.wait_connected()
+            await h.fence()
+            with anyio.fail_after(WAIT):
+                while set(client.states) != {("test-host", n) for n in ("a", "b", "fence")}:
+                    await anyio.sleep(0.01)
+            write_atomic(paths["a"], secrets.token())
+            await h.next("a")
+            with anyio.fail_after(WAIT):
+                while len(dropped) < 2:  # its state and its event message
+                    await anyio.sleep(0.01)
+            assert client.states[("test-host", "a")].data.generation == 1
+            write_atomic(paths["b"], secrets.token())  # the next event shows the hole
+            with anyio.fail_after(WAIT):
+                while client.states[("test-host", "a")].data.generation < 2:
+                    await anyio.sleep(0.01)
+            assert client.gaps == 1 and transport.rereads == 1
