@@ -19,9 +19,11 @@ import aiohttp
 import anyio
 import pytest
 from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from broker.backoff import Backoff
-from broker.client import BrokerClient, CredentialCache, invalidates
+from broker.client import BrokerClient, CredentialCache, GenerationGate, invalidates
 from broker.events import Event, make_event
 from broker.state import FileInfo, State, Status
 from tests.conftest import SecretRegistry, write_atomic
@@ -459,3 +461,38 @@ async def test_a_dropped_mqtt_message_is_a_gap_healed_by_resubscribing(
                 while client.states[("test-host", "a")].data.generation < 2:
                     await anyio.sleep(0.01)
             assert client.gaps == 1 and transport.rereads == 1
+
+
+def _event(name: str, generation: int, sequence: int) -> Event:
+    state = State(credential=name, status=Status.VALID, generation=generation,
+                  sequence=sequence, fingerprint=f"hmac-sha256:{generation:016x}")
+    return make_event("credentials.refreshed", state, source=SOURCE, now=1e9 + sequence)
+
+
+@given(order=st.permutations(range(12)), repeats=st.lists(st.integers(0, 11), max_size=8),
+       live=st.booleans())
+@settings(max_examples=200, deadline=None)
+def test_delivery_is_once_in_order_and_generations_act_once(
+    order: list[int], repeats: list[int], live: bool
+) -> None:
+    """Events of two credentials, shuffled and duplicated: each callback sees each credential's
+    events in increasing sequence, at most once, ending at the latest; a gate acts once per
+    generation it sees."""
+    events = [_event("ab"[i % 2], i // 2 + 1, i + 1) for i in range(12)]
+    client = BrokerClient("http://127.0.0.1:9")
+    gate_a = GenerationGate("a")
+    seen: list[Event] = []
+    acted: list[int] = []
+    client.on_event(seen.append)
+    client.on_event(lambda e: acted.append(e.data.generation) if gate_a.new(e) else None)
+    for i in [*order, *repeats]:
+        client.accept(events[i], live=live, contiguous=True)
+    for name in "ab":
+        sequences = [e.sequence for e in seen if e.subject == name]
+        assert sequences == sorted(set(sequences))
+        assert client.states[("unit", name)].sequence == max(
+            e.sequence for e in events if e.subject == name)
+    assert acted == sorted(set(acted)) and acted[-1] == 6
+    # In-order delivery, or a state read back, is never a gap.
+    if not live or order == sorted(order):
+        assert client.gaps == 0
