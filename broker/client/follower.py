@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from contextlib import suppress
 from functools import partial
 from pathlib import Path
@@ -31,6 +31,8 @@ from broker.state import State, Status
 from broker.timefmt import format_time, parse_time
 
 if TYPE_CHECKING:
+    from aiomqtt import ProtocolVersion
+
     from broker.client.reports import Reporter
 
 __all__ = ["SOURCE_PREFIX", "BrokerClient", "EventStream", "Follower", "Transport"]
@@ -157,7 +159,7 @@ class BrokerClient:
         buffer: int = 1024,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         backoff: Backoff | None = None,
-        protocols: Any = None,
+        protocols: Sequence[ProtocolVersion] | None = None,
     ) -> None:
         scheme = url.split(":", 1)[0].lower()
         self.url = url
