@@ -352,12 +352,13 @@ def test_importing_the_client_for_http_loads_no_engine_config_pydantic_or_mqtt()
 
 def test_client_latency_benchmark_smoke_runs() -> None:
     """Its figures are not asserted (machine speed varies); that it runs and reports is."""
-    out = subprocess.run(
+    done = subprocess.run(
         [sys.executable, "-m", "benchmarks.client_latency", "--smoke", "--json"],
-        capture_output=True, text=True, check=True, timeout=100,
+        capture_output=True, text=True, check=False, timeout=100,
         cwd=Path(__file__).resolve().parent.parent,
-    ).stdout
-    rows = json.loads(out)
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(done.stdout)
     for transport in ("HTTP", "MQTT"):
         row = rows[f"{transport}: BrokerClient callback in a worker"]
         assert row["n"] == 10 and row["p50_ms"] > 0 and row["ratio_p50"] > 0
