@@ -1,4 +1,5 @@
-"""A real `credbroker run` subprocess for tests of consumers, and consumer worker processes."""
+"""A real `credbroker run` subprocess (on a free port, log to a file) for the consumer
+client's tests, and consumer worker processes; tests/daemon.py reads a daemon's JSON log."""
 
 from __future__ import annotations
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from tests.conftest import SecretRegistry, write_atomic
 from tests.client_daemon import Daemon, Worker
+from tests.conftest import SecretRegistry, write_atomic
 from tests.mosquitto import (
     Mosquitto,
     Subscriber,

@@ -26,8 +26,8 @@ from broker.backoff import Backoff
 from broker.client import BrokerClient, CredentialCache, GenerationGate, invalidates
 from broker.events import Event, make_event
 from broker.state import FileInfo, State, Status
-from tests.conftest import SecretRegistry, write_atomic
 from tests.client_daemon import Daemon
+from tests.conftest import SecretRegistry, write_atomic
 from tests.mosquitto import (
     Mosquitto,
     Subscriber,

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SecretRegistry, write_atomic
 from tests.client_daemon import ROOT, Daemon
+from tests.conftest import SecretRegistry, write_atomic
 from tests.mosquitto import (
     Mosquitto,
     mosquitto_fixture,  # noqa: F401 - fixture "mosquitto"
