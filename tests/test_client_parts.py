@@ -38,6 +38,7 @@ from tests.mosquitto import (
 pytestmark = pytest.mark.anyio
 WAIT = 15.0
 SOURCE = "urn:credbroker:unit"
+FAST_RETRIES = (0.001,) * 10
 
 
 def announce(path: Path, generation: int, sequence: int | None = None,
@@ -88,7 +89,8 @@ def test_a_file_that_never_matches_keeps_the_last_good_value(
     path = tmp_path / "token"
     first = secrets.token()
     write_atomic(path, first)
-    cache: CredentialCache[str] = CredentialCache(path.read_text, credential="svc")
+    cache: CredentialCache[str] = CredentialCache(path.read_text, credential="svc",
+                                                  retry_delays=FAST_RETRIES)
     cache.observe(announce(path, 1))
     assert cache.get() == first  # sync get, no client: loads in the caller's thread
     write_atomic(path, secrets.token())
@@ -113,7 +115,8 @@ async def test_a_failing_loader_keeps_the_last_good_value(
             raise RuntimeError(f"parse error near {path.read_text()}")  # quotes content
         return path.read_text()
 
-    cache: CredentialCache[str] = CredentialCache(load, credential="svc")
+    cache: CredentialCache[str] = CredentialCache(load, credential="svc",
+                                                  retry_delays=FAST_RETRIES)
     cache.observe(announce(path, 1))
     assert await cache.aget() == first
     fail = True

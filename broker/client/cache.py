@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterable, Callable, Iterator
+from collections.abc import AsyncIterable, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast, overload
 
 import anyio
@@ -141,6 +141,7 @@ class CredentialCache(Generic[T]):
     or keeps racing a writer keeps the last good value. With ``consumer_id``, the cache
     reports the generation it holds (SPEC section 3) over the client's transport, every
     ``report_interval`` seconds, and withdraws the report when the client stops.
+    ``retry_delays``: the waits between attempts at a load that raced a writer or failed.
 
     Without a client it works lazily: feed it events with ``observe`` (or ``follow`` over any
     event stream, e.g. an in-process :meth:`broker.Broker.subscribe`) and the next ``get``
@@ -158,6 +159,7 @@ class CredentialCache(Generic[T]):
         host_id: str | None = None,
         wait: float = DEFAULT_WAIT,
         report_interval: float = REPORT_INTERVAL,
+        retry_delays: Sequence[float] = RETRY_DELAYS,
     ) -> None: ...
 
     @overload
@@ -171,6 +173,7 @@ class CredentialCache(Generic[T]):
         host_id: str | None = None,
         wait: float = DEFAULT_WAIT,
         report_interval: float = REPORT_INTERVAL,
+        retry_delays: Sequence[float] = RETRY_DELAYS,
     ) -> None: ...
 
     def __init__(
@@ -183,6 +186,7 @@ class CredentialCache(Generic[T]):
         host_id: str | None = None,
         wait: float = DEFAULT_WAIT,
         report_interval: float = REPORT_INTERVAL,
+        retry_delays: Sequence[float] = RETRY_DELAYS,
     ) -> None:
         if consumer_id is not None and client is None:
             raise ValueError("consumer_id needs a client to report over")
@@ -192,6 +196,7 @@ class CredentialCache(Generic[T]):
         self._client = client
         self._gate = GenerationGate(credential, host_id)
         self._wait = wait
+        self._retry_delays = tuple(retry_delays)
         self._report_interval = report_interval
         self._cond = threading.Condition()
         self._alock = anyio.Lock()
@@ -344,7 +349,7 @@ class CredentialCache(Generic[T]):
 
     def _attempts(self) -> Iterator[float]:
         yield 0.0
-        yield from RETRY_DELAYS
+        yield from self._retry_delays
 
     async def _load_for(self, event: Event | None, version: int) -> bool:
         """Load the content ``event`` announced; True when accepted (then it is held)."""
