@@ -500,3 +500,29 @@ def test_delivery_is_once_in_order_and_generations_act_once(
     # In-order delivery, or a state read back, is never a gap.
     if not live or order == sorted(order):
         assert client.gaps == 0
+
+
+async def test_http_reports_reach_a_real_daemon_and_are_withdrawn(
+    tmp_path: Path, secrets: SecretRegistry
+) -> None:
+    path = tmp_path / "creds" / "token"
+    path.parent.mkdir()
+    write_atomic(path, secrets.token())
+
+    def consumers(daemon: Daemon) -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = daemon.states()["svc"].get("consumers", [])
+        return found
+
+    with Daemon(tmp_path / "daemon", {"svc": path}) as daemon:
+        async with BrokerClient(daemon.url) as client:
+            cache: CredentialCache[str] = CredentialCache(
+                path.read_text, credential="svc", client=client, consumer_id="api-1")
+            with anyio.fail_after(WAIT):
+                while not (now := await anyio.to_thread.run_sync(consumers, daemon)):
+                    await anyio.sleep(0.02)
+            state = daemon.states()["svc"]
+            [report] = now
+            assert (report["id"], report["generation"], report["fingerprint"]) == (
+                "api-1", state["generation"], state["fingerprint"])
+            assert cache.generation == state["generation"]
+        assert consumers(daemon) == []  # DELETE when the client stopped
