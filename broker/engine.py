@@ -20,7 +20,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from broker.bus import Bus
-from broker.config import CredentialSettings
+from broker.config import CredentialSettings, is_glob
 from broker.events import Event, make_event
 from broker.fingerprint import Fingerprinter
 from broker.machine import (
@@ -32,7 +32,7 @@ from broker.machine import (
     tick,
     transition,
 )
-from broker.reader import CredentialRead, Signature, read_credential, stat_signature
+from broker.reader import CredentialRead, Signature, glob_paths, read_credential, stat_signature
 from broker.state import Consumer, Problem, State, Status
 from broker.store import Store
 from broker.timefmt import format_time
@@ -59,6 +59,17 @@ POLL_INTERVAL = 2.0
 FAULT_RETRY = 0.5
 #: Such faults are logged at most once per this many seconds (with a count), never per read.
 FAULT_LOG_INTERVAL = 60.0
+#: A writer that keeps its file open never closes it: once it has not modified the file
+#: for this long, the content is read, and read again this long later; the same both
+#: times, it is published even though the writer still holds the file.
+WRITER_QUIET = 0.25
+#: Content a held-open writer leaves unparsable (``cmd > file`` before the command writes)
+#: is far more often half-done than final: it must hold still this long to be published.
+WRITER_QUIET_INVALID = 5.0
+#: A watched directory with at least this many events a second for names nothing watches,
+#: over a resync interval (and at least NOISY_MIN of them), floods the broker.
+NOISY_RATE = 200.0
+NOISY_MIN = 1000
 
 
 @dataclass(slots=True)
@@ -88,6 +99,7 @@ class _Pending:
     force: bool = False  # read even if a writer seems busy (explicit check, start-up)
     respec: bool = False  # the credential's settings changed
     announce: tuple[str, str] | None = None  # also publish (event type, reason) with the state
+    held: bool = False  # publish while a writer holds it, if the content is what we read last
 
 
 class Engine:
@@ -129,7 +141,12 @@ class Engine:
         self._scheduled: dict[str, float] = {}
         self._lock = anyio.Lock()
         self._progress = anyio.Event()
-        self.watcher = Watcher(self._on_paths)
+        self._writers = anyio.Event()
+        self.watcher = Watcher(self._on_paths, self._on_writing)
+        # name -> (fingerprint, when first read) of content a writer holds, not yet published.
+        self._held: dict[str, tuple[str | None, float]] = {}
+        # name -> the noisy directories its files live in (reported as a problem).
+        self._noisy: dict[str, frozenset[str]] = {}
         self.ready = anyio.Event()
         self.last_resync_seconds = 0.0
         #: Reads that failed for the broker's own reasons (a metric); see FAULT_RETRY.
@@ -169,14 +186,28 @@ class Engine:
         While a change that leaves the credential invalid or missing waits out ``settle``,
         the answer is that unpublished state with a ``settling`` problem: what the files say
         now, never the published state it is about to replace.
+
+        Never returns a state known to be stale: content a writer still holds is read twice,
+        WRITER_QUIET apart, and published if it held still. While a writer holds a file the
+        state returned carries a ``writer-active`` problem (not published: no event for it).
         """
         if name not in self._tracked:
             raise KeyError(name)
+        self._held.pop(name, None)
         await self._evaluate({name: _Pending(scan=True, force=True)})
+        if name in self._held:
+            await anyio.sleep(WRITER_QUIET)
+            await self._evaluate({name: _Pending(scan=True, force=True, held=True)})
         tracked = self._tracked[name]
         if tracked.held is not None and tracked.held_since is not None:
-            return self._with_consumers(settling(tracked.held, tracked.held_since + self.settle))
-        return self.state(name)
+            state = self._with_consumers(settling(tracked.held, tracked.held_since + self.settle))
+        else:
+            state = self.state(name)
+        present = [f.path for f in state.files if f.present]
+        busy = await anyio.to_thread.run_sync(open_for_writing, present)
+        if busy and not any(p.code == "writer-active" for p in state.problems):
+            state = replace(state, problems=(*state.problems, writer_active(sorted(busy))))
+        return state
 
     async def announce(
         self, name: str, event_type: str, reason: str, *, generation: int
@@ -290,6 +321,7 @@ class Engine:
                 tg.start_soon(self._schedule_loop)
                 tg.start_soon(self._resync_loop)
                 tg.start_soon(self._poll_loop)
+                tg.start_soon(self._writer_loop)
 
     # -- inputs -----------------------------------------------------------------------------
 
@@ -318,6 +350,9 @@ class Engine:
         for path in paths:
             names |= self._by_path.get(path, set())
         self._mark(names, scan=scan)
+
+    def _on_writing(self) -> None:
+        self._writers.set()
 
     def _mark(self, names: Iterable[str], *, scan: bool) -> None:
         for name in names:
@@ -363,9 +398,64 @@ class Engine:
     async def _resync_loop(self) -> None:
         rounds = 0
         while True:
+            started = time.monotonic()
             await anyio.sleep(self.resync_interval)
             rounds += 1
+            await self._report_noise(time.monotonic() - started)
             await self.resync(full=rounds % FULL_REHASH_EVERY == 0)
+
+    async def _writer_loop(self) -> None:
+        """Publish what writers that keep their files open have stopped changing."""
+        while True:
+            if not self.watcher.writing:
+                await self._writers.wait()
+            self._writers = anyio.Event()
+            await anyio.sleep(WRITER_QUIET)
+            cutoff = time.monotonic() - WRITER_QUIET
+            quiet = {
+                p for p in self.watcher.writing if self.watcher.modified_at.get(p, 0.0) <= cutoff
+            }
+            names = {n for p in quiet for n in self._by_path.get(p, ())}
+            if names:
+                await self._evaluate({n: _Pending(scan=True, force=True, held=True) for n in names})
+
+    async def _report_noise(self, elapsed: float) -> None:
+        """Annotate (once) each credential whose directory floods the broker with events for
+        other files, and clear it when the directory calms down. A problem, not a status, so
+        it publishes no event: the content did not change."""
+        noise = self.watcher.take_noise()
+        loud = {
+            d: n for d, n in noise.items()
+            if n >= NOISY_MIN and n / max(elapsed, 1e-3) >= NOISY_RATE
+        }
+        flagged: dict[str, set[str]] = {}
+        for directory in loud:
+            for path in self.watcher.paths_in(directory):
+                for name in self._by_path.get(path, ()):
+                    flagged.setdefault(name, set()).add(directory)
+        for name in set(flagged) | set(self._noisy):
+            dirs = frozenset(flagged.get(name, ()))
+            if dirs == self._noisy.get(name, frozenset()) or name not in self._tracked:
+                continue
+            problem = None
+            if dirs:
+                self._noisy[name] = dirs
+                where = ", ".join(sorted(dirs))
+                total = sum(loud[d] for d in dirs)
+                log.warning(
+                    "directory floods the broker with changes to unrelated files",
+                    extra={"credential": name, "directory": where, "events": total},
+                )
+                problem = Problem(
+                    "noisy-directory",
+                    f"{where} had {total} changes to files no credential watches in "
+                    f"{elapsed:.0f}s; they cost the broker work and can overflow its "
+                    "inotify queue",
+                    f"give the credential its own directory (move its files out of {where})",
+                )
+            else:
+                del self._noisy[name]
+            await self.set_problem(name, "watch", problem)
 
     async def _poll_loop(self) -> None:
         interval = min(POLL_INTERVAL, self.resync_interval)
@@ -379,11 +469,26 @@ class Engine:
     async def resync(self, *, full: bool = False) -> None:
         """The safety net: re-stat every file, re-read what changed (``full``: re-read all)."""
         started = time.perf_counter()
+        await self._release_gone_writers()
         if full:
             self._mark(self._tracked, scan=True)
         else:
             await self._mark_stat_changes(set(self._tracked))
         self.last_resync_seconds = time.perf_counter() - started
+
+    async def _release_gone_writers(self) -> None:
+        # "A writer has it open" came from an event that may be long past (a lost close-write,
+        # a writer killed): ask /proc again, or the file would be skipped forever.
+        writing = set(self.watcher.writing)
+        if not writing:
+            return
+
+        def gone() -> set[str]:
+            files = {p: glob_paths(p) if is_glob(p) else [p] for p in writing}
+            busy = open_for_writing(f for matches in files.values() for f in matches)
+            return {p for p, matches in files.items() if not busy.intersection(matches)}
+
+        self.watcher.release(await anyio.to_thread.run_sync(gone))
 
     async def _mark_stat_changes(self, names: set[str]) -> None:
         known = {n: dict(self._tracked[n].signatures) for n in names if n in self._tracked}
@@ -448,17 +553,44 @@ class Engine:
             if scanned:
                 # The files actually read: a pattern's matches, the fallback's when in use.
                 read_paths = {n: [r.info.path for r in reads[n].reads] for n in scanned}
-                busy = await anyio.to_thread.run_sync(
-                    open_for_writing, [p for n in scanned for p in read_paths[n]]
+                busy, moved = await anyio.to_thread.run_sync(
+                    _writers_and_moves,
+                    [p for n in scanned for p in read_paths[n]],
+                    {n: reads[n].signatures for n in scanned},
                 )
                 for name in scanned:
-                    if any(p in busy for p in read_paths[name]):
-                        # Found by a scan while a writer holds it: its close-write (or, for
-                        # a polled path, the next poll) brings it back complete.
+                    held = sorted(p for p in read_paths[name] if p in busy)
+                    tr = results[name][1]
+                    if held and batch[name].held and self._held_still(name, tr.state):
+                        # Held open, but the content held still: publish it.
+                        results[name] = (results[name][0], _with_problem(tr, writer_active(held)))
+                    elif held:
+                        # Found by a scan while a writer holds it: its close-write, or the
+                        # writer loop once the content holds still, brings it back.
                         log.debug("file open for writing; waiting", extra={"credential": name})
+                        seen = self._held.get(name)
+                        if seen is None or seen[0] != tr.state.fingerprint:
+                            self._held[name] = (tr.state.fingerprint, time.monotonic())
+                        self.watcher.hold(self._tracked[name].paths)
                         del results[name]
+                    elif name in moved:
+                        # Changed since it was read (a writer that closed meanwhile): the
+                        # event that change made reads it again.
+                        del results[name]
+            for name in results:
+                self._held.pop(name, None)
+                if batch[name].held:
+                    self.watcher.release(self._tracked[name].paths)
             await self._commit(results)
         self._progressed()
+
+    def _held_still(self, name: str, state: State) -> bool:
+        """Whether content a writer holds is what the last read saw, long enough ago."""
+        seen = self._held.get(name)
+        if seen is None or seen[0] != state.fingerprint:
+            return False
+        usable = state.status not in (Status.INVALID, Status.MISSING)
+        return time.monotonic() - seen[1] >= (WRITER_QUIET if usable else WRITER_QUIET_INVALID)
 
     def _progressed(self) -> None:
         self._progress.set()
@@ -631,6 +763,35 @@ def settling(state: State, until: float) -> State:
 
 def _no_consumers(name: str) -> tuple[Consumer, ...]:
     return ()
+
+
+def writer_active(paths: Iterable[str]) -> Problem:
+    """The problem a state carries while a process holds one of its files open for writing."""
+    return Problem(
+        "writer-active",
+        f"a process has {', '.join(paths)} open for writing; the content may still change",
+        "none needed if the writer rewrites the file in place; otherwise let it finish",
+    )
+
+
+def _with_problem(tr: Transition, problem: Problem) -> Transition:
+    def add(state: State) -> State:
+        return replace(state, problems=(*state.problems, problem))
+
+    return replace(tr, state=add(tr.state), events=tuple((t, add(s)) for t, s in tr.events))
+
+
+def _writers_and_moves(
+    paths: list[str], signatures: Mapping[str, Mapping[str, Signature | None]]
+) -> tuple[set[str], set[str]]:
+    """Which ``paths`` a writer holds open, and which credentials' files changed since
+    they were read (their ``signatures``)."""
+    busy = open_for_writing(paths)
+    moved = {
+        name for name, sigs in signatures.items()
+        if any(stat_signature(p) != sig for p, sig in sigs.items())
+    }
+    return busy, moved
 
 
 def _read_all(specs: Mapping[str, CredentialSettings]) -> dict[str, CredentialRead]:
