@@ -4,8 +4,9 @@
 
 Runs, in order: bus latency with the raw inotify floor, delivery to every consumer (bus,
 MQTT, SSE) with the raw MQTT floor, the MQTT reconnect flush, scale to 10,000 credentials,
-fan-out, and the baselines (watchdog + paho, a re-read loop) measured the same way. Each
-target of the benchmark issue is checked and printed as met or missed.
+the cost of events for unrelated names next to a bare reader, fan-out, and the baselines
+(watchdog + paho, a re-read loop) measured the same way. Each target of the benchmark issue
+is checked and printed as met or missed.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 import anyio
 
-from benchmarks import baseline, delivery, fanout, latency, scale
+from benchmarks import baseline, delivery, fanout, latency, scale, unrelated
 from benchmarks.common import markdown
 
 LAT_COLUMNS = ["path", "n", "p50_ms", "p99_ms", "max_ms"]
@@ -74,6 +75,9 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
         check(f"mass rotation -> MQTT ({layout})", s["rotation_to_mqtt_s"], 5, "s")
         lost = s["lost"] + s["duplicated"] + s["mqtt_lost"] + s["mqtt_duplicated"]
         check(f"lost + duplicated events ({layout})", lost, 0, "events")
+    if "unrelated" in r:
+        u = r["unrelated"]
+        check("daemon CPU per unrelated-name event", u["daemon_us_per_event"], u["target_us"], "µs")
     return rows
 
 
@@ -116,6 +120,8 @@ def report(r: dict[str, Any]) -> str:
     ratios = r["latency"].get("ratios", {})
     out += [markdown([{"ratio": k, "value": v} for k, v in ratios.items()], ["ratio", "value"]), ""]
     out += ["## Scale", "", scale.table(r["scale"]), ""]
+    if "unrelated" in r:
+        out += ["## Events for unrelated names", "", unrelated.table(r["unrelated"]), ""]
     out += ["## Fan-out", ""]
     out += [
         markdown(
@@ -158,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     r["delivery"] = anyio.run(delivery.measure, changes)
     print("scale ...", file=sys.stderr)
     r["scale"] = scale.run(count, idle)
+    print("unrelated names ...", file=sys.stderr)
+    r["unrelated"] = unrelated.run(20_000 if args.smoke else 200_000)
     print("fan-out ...", file=sys.stderr)
     sizes = (50, 20, 5) if args.smoke else (1000, 1000, 200)
     r["fanout"] = anyio.run(fanout.run, *sizes)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -95,3 +98,21 @@ def markdown(rows: list[dict[str, Any]], columns: list[str]) -> str:
     for row in rows:
         out.append("| " + " | ".join(str(row.get(c, "")) for c in columns) + " |")
     return "\n".join(out)
+
+
+def start_daemon(config: Path) -> subprocess.Popen[str]:
+    """``credbroker run -c config`` as a subprocess, returned once it logged "broker started"
+    (its stderr is left open: the caller reads or drains it, and terminates the process)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "broker", "run", "-c", str(config), "--log-format", "json"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    while True:
+        line = proc.stderr.readline()
+        if not line:
+            proc.wait(timeout=30)
+            raise RuntimeError("the daemon exited before it started")
+        if json.loads(line).get("message") == "broker started":
+            return proc
