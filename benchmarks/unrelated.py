@@ -131,7 +131,8 @@ def run(writes: int) -> dict[str, Any]:
         "ratio_to_floor": round(daemon_us / max(floor_us, 1e-9), 2),
         "overflows": overflows,
         "target_us": TARGET_US,
-        "met": daemon_us <= TARGET_US,
+        # A reader that fell behind lost events it was never charged for: not a figure.
+        "met": daemon_us <= TARGET_US and overflows == 0,
     }
 
 

@@ -331,7 +331,7 @@ async def test_a_queue_overflow_that_swallows_the_close_write(
             with open(token_path, "w") as fh:
                 fh.write(content[:5])
                 fh.flush()
-                flood(token_path.parent, 6, 1200)  # 21,600 events
+                flood(token_path.parent, 6, 1000)  # 18,000 events
                 fh.write(content[5:])
             await expect_refresh(h, len(content), 2 + i)
             assert watcher.overflows == overflows + 1
