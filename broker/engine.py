@@ -206,7 +206,8 @@ class Engine:
         present = [f.path for f in state.files if f.present]
         busy = await anyio.to_thread.run_sync(open_for_writing, present)
         if busy and not any(p.code == "writer-active" for p in state.problems):
-            state = replace(state, problems=(*state.problems, writer_active(sorted(busy))))
+            problem = writer_active(self._tracked[name].spec, sorted(busy))
+            state = replace(state, problems=(*state.problems, problem))
         return state
 
     async def announce(
@@ -451,7 +452,6 @@ class Engine:
                     f"{where} had {total} changes to files no credential watches in "
                     f"{elapsed:.0f}s; they cost the broker work and can overflow its "
                     "inotify queue",
-                    f"give the credential its own directory (move its files out of {where})",
                 )
             else:
                 del self._noisy[name]
@@ -563,7 +563,8 @@ class Engine:
                     tr = results[name][1]
                     if held and batch[name].held and self._held_still(name, tr.state):
                         # Held open, but the content held still: publish it.
-                        results[name] = (results[name][0], _with_problem(tr, writer_active(held)))
+                        problem = writer_active(reads[name].spec, held)
+                        results[name] = (results[name][0], _with_problem(tr, problem))
                     elif held:
                         # Found by a scan while a writer holds it: its close-write, or the
                         # writer loop once the content holds still, brings it back.
@@ -765,12 +766,12 @@ def _no_consumers(name: str) -> tuple[Consumer, ...]:
     return ()
 
 
-def writer_active(paths: Iterable[str]) -> Problem:
+def writer_active(spec: CredentialSettings, paths: Iterable[str]) -> Problem:
     """The problem a state carries while a process holds one of its files open for writing."""
     return Problem(
         "writer-active",
         f"a process has {', '.join(paths)} open for writing; the content may still change",
-        "none needed if the writer rewrites the file in place; otherwise let it finish",
+        spec.remedy("writer-active", spec.expiry_file),
     )
 
 

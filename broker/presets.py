@@ -56,6 +56,8 @@ PROBLEM_CODES: frozenset[str] = frozenset(
         "expiring",
         "expired",
         "watch-polling",
+        "writer-active",  # a process holds the file open for writing
+        "noisy-directory",  # the file's directory floods the broker with unrelated events
         "validator-unreachable",  # SPEC section 2, validate
         "validator-unexpected-status",  # the validator answered neither expect nor 401/403
         "rejected-by-validator",  # 401/403 from the validator: the content is invalid
@@ -420,6 +422,10 @@ _DEFAULT_REMEDIES: Mapping[str, str] = MappingProxyType(
         "refresh-failed": "run the credential's refresh command by hand to see why it fails",
         "settling": "nothing to do yet: a writer may still be completing {path}; check again "
         "after the settle window",
+        "writer-active": "nothing, if the writer rewrites {path} in place and keeps it open; "
+        "otherwise let it finish (the content is published once it holds still)",
+        "noisy-directory": "give the credential its own directory: move {path} where nothing "
+        "else writes",
     }
 )
 
