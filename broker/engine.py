@@ -238,6 +238,7 @@ class Engine:
         *,
         fingerprint: str | None = None,
         announce: str | None = None,
+        scan: bool = False,
     ) -> State:
         """Attach (``problem``) or clear (``None``) a finding from outside the files.
 
@@ -246,7 +247,9 @@ class Engine:
         reported without changing the status. ``fingerprint`` ties the finding to one
         version of the content: once the content changes, the finding is dropped.
         ``announce`` publishes an event of that type (``credentials.refresh_failed``) with
-        the resulting state. Returns the state after the re-read.
+        the resulting state. ``scan``: the re-read holds back content a writer still has
+        open (for findings that say nothing about the content). Returns the state after the
+        re-read.
         """
         if name not in self._tracked:
             raise KeyError(name)
@@ -256,7 +259,7 @@ class Engine:
         else:
             slots[source] = (fingerprint, problem)
         said = (announce, problem.message if problem else "") if announce else None
-        await self._evaluate({name: _Pending(force=True, announce=said)})
+        await self._evaluate({name: _Pending(scan=scan, force=True, announce=said)})
         return self.state(name)
 
     def _with_external(self, name: str, spec: CredentialSettings, obs: Observation) -> Observation:
@@ -455,7 +458,7 @@ class Engine:
                 )
             else:
                 del self._noisy[name]
-            await self.set_problem(name, "watch", problem)
+            await self.set_problem(name, "watch", problem, scan=True)
 
     async def _poll_loop(self) -> None:
         interval = min(POLL_INTERVAL, self.resync_interval)
@@ -549,7 +552,13 @@ class Engine:
                     said = replace(tr.state, reason=announce[1] or tr.state.reason)
                     tr = replace(tr, events=(*tr.events, (announce[0], said)))
                 results[name] = (read, tr)
-            scanned = [n for n, (_, tr) in results.items() if tr.events and batch[n].scan]
+            # An event can be older than the file: a close-write read late, after the writer's
+            # next truncate. So content that became unusable is checked for writers too; the
+            # usual case (new content that parses) pays nothing.
+            scanned = [
+                n for n, (_, tr) in results.items()
+                if tr.events and (batch[n].scan or tr.state.status in _UNUSABLE)
+            ]
             if scanned:
                 # The files actually read: a pattern's matches, the fallback's when in use.
                 read_paths = {n: [r.info.path for r in reads[n].reads] for n in scanned}
@@ -590,7 +599,7 @@ class Engine:
         seen = self._held.get(name)
         if seen is None or seen[0] != state.fingerprint:
             return False
-        usable = state.status not in (Status.INVALID, Status.MISSING)
+        usable = state.status not in _UNUSABLE
         return time.monotonic() - seen[1] >= (WRITER_QUIET if usable else WRITER_QUIET_INVALID)
 
     def _progressed(self) -> None:
@@ -764,6 +773,9 @@ def settling(state: State, until: float) -> State:
 
 def _no_consumers(name: str) -> tuple[Consumer, ...]:
     return ()
+
+
+_UNUSABLE = (Status.INVALID, Status.MISSING)
 
 
 def writer_active(spec: CredentialSettings, paths: Iterable[str]) -> Problem:

@@ -211,6 +211,10 @@ class _LiveCollector:
             "descriptors or memory); the last state is kept and the read retried.",
             engine.read_faults,
         )
+        yield _counter("credbroker_inotify_overflows", "inotify queue overflows (each one "
+                       "re-reads every watched file).", watcher.overflows)
+        yield _counter("credbroker_unrelated_events", "inotify events for names no credential "
+                       "watches, dropped by the name filter.", watcher.unrelated_total)
         yield _gauge(
             "credbroker_resync_duration_seconds",
             "How long the last resync (re-stat of every file) took.",

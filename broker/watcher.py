@@ -442,30 +442,25 @@ def _index(entry: _Dir, kind: _Kind) -> dict[str, set[str]]:
 def _plan(path: str) -> frozenset[_Entry]:
     """Which (directory, name) pairs to watch so that any change to ``path`` is seen."""
     path = os.path.abspath(path)
+    links: set[tuple[str, str]] = set()
     parent, name = os.path.split(path)
-    ancestor, child = parent, name
+    if is_glob(name):
+        # Matches are taken as they are; a symlinked match's target directory is not watched.
+        real_parent, real_name, kind = _resolve(parent, links), name, _Kind.GLOB
+    else:
+        real_parent, real_name = os.path.split(_resolve(path, links))
+        kind = _Kind.DIRECT
+    # A directory that does not exist (yet), maybe behind a dangling link: wait for its
+    # first missing component under the nearest existing ancestor.
+    ancestor, child = real_parent, real_name
     while not os.path.isdir(ancestor):
         up = os.path.dirname(ancestor)
         if up == ancestor:
-            return frozenset()
+            return frozenset((d, n, _Kind.LINK) for d, n in links)
         ancestor, child = up, os.path.basename(ancestor)
-    links: set[tuple[str, str]] = set()
-    if ancestor != parent:
-        real_ancestor = _resolve(ancestor, links)
-        return frozenset(
-            {(real_ancestor, child, _Kind.PENDING), *((d, n, _Kind.LINK) for d, n in links)}
-        )
-    if is_glob(path):
-        # Matches are taken as they are; a symlinked match's target directory is not watched.
-        real_parent = _resolve(parent, links)
-        entries = {(real_parent, name, _Kind.GLOB)}
-    else:
-        real_parent, real_name = os.path.split(_resolve(path, links))
-        entries = {(real_parent, real_name, _Kind.DIRECT)}
-        if not os.path.isdir(real_parent):
-            # A dangling link: wait for the link to change (it is watched below).
-            entries = set()
-    return frozenset({*entries, *((d, n, _Kind.LINK) for d, n in links)})
+    if ancestor != real_parent:
+        kind = _Kind.PENDING
+    return frozenset({(ancestor, child, kind), *((d, n, _Kind.LINK) for d, n in links)})
 
 
 def _resolve(path: str, links: set[tuple[str, str]], depth: int = 0) -> str:

@@ -776,7 +776,8 @@ async def test_metrics_report_live_values_from_a_registry_of_their_own(
                       {"route": "/v1/credentials/{name}", "method": "GET", "code": "404"}) == 1
         scraped = await client.get("/metrics")
         for name in ("credbroker_resync_duration_seconds", "credbroker_inotify_watches",
-                     "credbroker_event_sequence", "credbroker_http_request_duration_seconds"):
+                     "credbroker_event_sequence", "credbroker_http_request_duration_seconds",
+                     "credbroker_inotify_overflows_total", "credbroker_unrelated_events_total"):
             assert name.encode() in scraped.body
         openmetrics = await client.get(
             "/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})

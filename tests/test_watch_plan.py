@@ -1,0 +1,76 @@
+"""What the watcher decides to watch for a path: the real directory, and every symlink on it."""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from broker.watcher import _Kind, _plan, _resolve
+
+NAMES = ["a", "b", "c", "d"]
+
+# A tree under a fresh directory: each name at the top is a directory or a symlink (to a
+# name, to "..", or to a path through another name); each directory holds the same names.
+targets = st.sampled_from(["a", "b", "c", "d", "..", "a/b", "../a", "b/../c", "."])
+trees = st.dictionaries(
+    st.sampled_from([f"{x}/{y}" for x in NAMES for y in ["", *NAMES]]),
+    st.one_of(st.just(None), targets),  # None: a directory
+    max_size=8,
+)
+paths = st.lists(st.sampled_from([*NAMES, ".."]), min_size=1, max_size=5)
+
+
+def build(root: str, tree: dict[str, str | None]) -> None:
+    for name in NAMES:
+        os.makedirs(os.path.join(root, "real", name), exist_ok=True)
+    for key, target in sorted(tree.items(), key=lambda kv: kv[0].count("/")):
+        where = os.path.join(root, key.rstrip("/"))
+        if os.path.lexists(where) or not os.path.isdir(os.path.dirname(where)):
+            continue
+        if target is None:
+            os.makedirs(where)
+        else:
+            os.symlink(target, where)
+
+
+@settings(max_examples=150, deadline=None)
+@given(tree=trees, parts=paths)
+def test_resolve_agrees_with_the_kernel_and_records_every_link(
+    tree: dict[str, str | None], parts: list[str]
+) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = os.path.realpath(tmp)
+        build(root, tree)
+        path = os.path.join(root, *parts, "token")
+        try:
+            os.stat(os.path.dirname(path))
+        except OSError as exc:
+            assume(exc.errno != errno.ELOOP)
+        links: set[tuple[str, str]] = set()
+        assert _resolve(path, links) == os.path.realpath(path)
+        for directory, name in links:
+            assert os.path.islink(os.path.join(directory, name))
+            assert os.path.realpath(directory) == directory  # watched by its real path
+
+
+def test_plan_for_a_symlinked_directory() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = os.path.realpath(tmp)
+        os.mkdir(os.path.join(root, "v1"))
+        os.symlink("v1", os.path.join(root, "current"))
+        plan = _plan(os.path.join(root, "current", "token"))
+        assert plan == {
+            (os.path.join(root, "v1"), "token", _Kind.DIRECT),
+            (root, "current", _Kind.LINK),
+        }
+        # A dangling link: the link, and the creation of what it points to, are awaited.
+        os.unlink(os.path.join(root, "current"))
+        os.symlink("v2/sub", os.path.join(root, "current"))
+        assert _plan(os.path.join(root, "current", "token")) == {
+            (root, "v2", _Kind.PENDING),
+            (root, "current", _Kind.LINK),
+        }
