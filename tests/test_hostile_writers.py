@@ -24,6 +24,7 @@ from anyio.abc import Process
 from broker import engine as engine_module
 from broker.state import Status
 from tests.conftest import Harness, SecretRegistry, write_atomic
+from tests.test_http import serving
 
 pytestmark = pytest.mark.anyio
 
@@ -149,6 +150,26 @@ async def test_check_right_after_an_in_place_rewrite_is_never_stale(
             assert (checked.generation, checked.files[0].size) == (2 + i, len(content))
             assert "writer-active" in [p.code for p in checked.problems]
         await assert_only_refreshes(h, 3)
+
+
+async def test_post_check_over_http_is_never_stale(
+    harness_factory: Any, token_path: Path, secrets: SecretRegistry
+) -> None:
+    write_atomic(token_path, secrets.token())
+    async with serving(harness_factory, [cred(token_path)], secrets) as (h, _api, client):
+        async with held_writer(token_path) as writer:
+            content = secrets.token() + "http"
+            await writer.rewrite(content)
+            reply = await client.call("POST", "/v1/credentials/{name}/check", name="svc")
+            state = reply.json()
+            assert (state["generation"], state["files"][0]["size"]) == (2, len(content))
+            assert "writer-active" in [p["code"] for p in state["problems"]]
+        # The writer is gone: the next check says so, and nothing was published for it.
+        reply = await client.call("POST", "/v1/credentials/{name}/check", name="svc")
+        assert reply.json()["generation"] == 2
+        assert "writer-active" not in [p["code"] for p in reply.json()["problems"]]
+        await h.fence()
+        assert h.types("svc") == [REFRESHED, REFRESHED]
 
 
 async def test_held_open_writer_across_a_restart(
