@@ -143,8 +143,9 @@ class Engine:
         self._progress = anyio.Event()
         self._writers = anyio.Event()
         self.watcher = Watcher(self._on_paths, self._on_writing)
-        # name -> (fingerprint, when first read) of content a writer holds, not yet published.
-        self._held: dict[str, tuple[str | None, float]] = {}
+        # name -> (fingerprint, when first read, the state it would get) of content a writer
+        # holds, not yet published.
+        self._held: dict[str, tuple[str | None, float, State]] = {}
         # name -> the noisy directories its files live in (reported as a problem).
         self._noisy: dict[str, frozenset[str]] = {}
         self.ready = anyio.Event()
@@ -187,20 +188,19 @@ class Engine:
         the answer is that unpublished state with a ``settling`` problem: what the files say
         now, never the published state it is about to replace.
 
-        Never returns a state known to be stale: content a writer still holds is read twice,
-        WRITER_QUIET apart, and published if it held still. While a writer holds a file the
-        state returned carries a ``writer-active`` problem (not published: no event for it).
+        Likewise while a writer holds a file: the answer carries a ``writer-active``
+        problem, and is what the files say now even if it is not published yet (content
+        a writer holds is published once it holds still, WRITER_QUIET apart).
         """
         if name not in self._tracked:
             raise KeyError(name)
-        self._held.pop(name, None)
-        await self._evaluate({name: _Pending(scan=True, force=True)})
-        if name in self._held:
-            await anyio.sleep(WRITER_QUIET)
-            await self._evaluate({name: _Pending(scan=True, force=True, held=True)})
+        await self._evaluate({name: _Pending(scan=True, force=True, held=True)})
         tracked = self._tracked[name]
+        unpublished = self._held.get(name)
         if tracked.held is not None and tracked.held_since is not None:
             state = self._with_consumers(settling(tracked.held, tracked.held_since + self.settle))
+        elif unpublished is not None:
+            state = self._with_consumers(unpublished[2])
         else:
             state = self.state(name)
         present = [f.path for f in state.files if f.present]
@@ -579,8 +579,10 @@ class Engine:
                         # writer loop once the content holds still, brings it back.
                         log.debug("file open for writing; waiting", extra={"credential": name})
                         seen = self._held.get(name)
-                        if seen is None or seen[0] != tr.state.fingerprint:
-                            self._held[name] = (tr.state.fingerprint, time.monotonic())
+                        since = time.monotonic()
+                        if seen is not None and seen[0] == tr.state.fingerprint:
+                            since = seen[1]
+                        self._held[name] = (tr.state.fingerprint, since, tr.state)
                         self.watcher.hold(self._tracked[name].paths)
                         del results[name]
                     elif name in moved:
