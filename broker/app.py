@@ -194,6 +194,14 @@ class Broker:
             from broker.http import HttpApi
 
             factories.append(HttpApi)
+        if self._config.actions:
+            from broker.actions import Actions
+
+            factories.append(Actions)
+        if self._config.webhooks:
+            from broker.webhooks import Webhooks
+
+            factories.append(Webhooks)
         factories.extend(self._extra_sinks)
         return factories
 

@@ -41,6 +41,7 @@ import os
 import pwd
 import re
 import shlex
+import signal
 import socket
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
@@ -1362,6 +1363,125 @@ def _must_be_one_file(role: str, info: ValidationInfo, why: str) -> None:
         )
 
 
+_SIGNAL_NAMES = frozenset(s.name.removeprefix("SIG") for s in signal.Signals)
+
+
+def _globs(value: Any) -> Any:
+    if isinstance(value, str):
+        raise ValueError('expected an array of names or globs, e.g. ["web-tls", "api-*"]')
+    return value
+
+
+def _check_globs(value: tuple[str, ...], what: str) -> tuple[str, ...]:
+    for item in value:
+        if not item or any(c.isspace() or c == "\0" for c in item):
+            raise ValueError(f"{what} must be non-empty names or globs without whitespace")
+    return value
+
+
+class SignalSettings(_Model):
+    """``signal = {pidfile, name}``: send a signal to the process whose pid is in a file."""
+
+    pidfile: ExpandedPath
+    name: str = "HUP"
+
+    @field_validator("name")
+    @classmethod
+    def _check_signal(cls, value: str) -> str:
+        bare = value.upper().removeprefix("SIG")
+        if bare not in _SIGNAL_NAMES:
+            raise ValueError(f"unknown signal {_show(value)}; e.g. HUP, USR1, USR2, TERM")
+        return bare
+
+
+class ActionSettings(_Model):
+    """``[[actions]]``: signal a process or run argv (no shell) when credentials change."""
+
+    name: str
+    credentials: tuple[str, ...] = ("*",)
+    on: tuple[str, ...] = ("credentials.refreshed",)
+    signal: SignalSettings | None = None
+    command: tuple[str, ...] | None = Field(default=None, min_length=1)
+    coalesce: Duration = 0.5
+    timeout: PositiveDuration = 30.0
+
+    @field_validator("credentials", "on", mode="before")
+    @classmethod
+    def _not_a_string(cls, value: Any) -> Any:
+        return _globs(value)
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        return _check_ident(value, "action name")
+
+    @field_validator("credentials", "on")
+    @classmethod
+    def _check_patterns(cls, value: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        return _check_globs(value, str(info.field_name))
+
+    @field_validator("command", mode="before")
+    @classmethod
+    def _command_not_a_string(cls, value: Any) -> Any:
+        return RefreshSettings._not_a_string(value)
+
+    @field_validator("command")
+    @classmethod
+    def _check_command(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        return None if value is None else RefreshSettings._check_command(value)
+
+    @model_validator(mode="after")
+    def _signal_xor_command(self) -> Self:
+        if (self.signal is None) == (self.command is None):
+            raise ValueError(
+                'set either signal = {pidfile = "...", name = "HUP"} or command = [...]'
+                + ("; not both" if self.signal is not None else "")
+            )
+        return self
+
+
+class WebhookSettings(_Model):
+    """``[[webhooks]]``: POST each matching event (CloudEvents HTTP binding, Standard Webhooks)."""
+
+    name: str
+    url: str
+    credentials: tuple[str, ...] = ("*",)
+    on: tuple[str, ...] = ("credentials.*",)
+    secret_file: ExpandedPath | None = None
+    mode: Literal["structured", "binary"] = "structured"
+    timeout: PositiveDuration = 10.0
+
+    @field_validator("credentials", "on", mode="before")
+    @classmethod
+    def _not_a_string(cls, value: Any) -> Any:
+        return _globs(value)
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        return _check_ident(value, "webhook name")
+
+    @field_validator("credentials", "on")
+    @classmethod
+    def _check_patterns(cls, value: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        return _check_globs(value, str(info.field_name))
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        return ValidateSettings._check_url(value)
+
+
+def _check_unique(items: Sequence[ActionSettings | WebhookSettings], what: str) -> None:
+    seen: set[str] = set()
+    for index, item in enumerate(items):
+        if item.name in seen:
+            raise _errors_at(
+                [((index, "name"), f"duplicate {what} name {_show(item.name)}; names are unique")]
+            )
+        seen.add(item.name)
+
+
 class Config(_Model):
     """The whole configuration file. Build it with :func:`load_config` or :func:`parse_config`."""
 
@@ -1369,6 +1489,8 @@ class Config(_Model):
     mqtt: MqttSettings | None = None
     http: HttpSettings | None = None
     credentials: tuple[CredentialSettings, ...] = Field(default=(), validate_default=True)
+    actions: tuple[ActionSettings, ...] = ()
+    webhooks: tuple[WebhookSettings, ...] = ()
     source_path: Path | None = None  # set by the loader; not a TOML key
 
     @model_validator(mode="before")
@@ -1400,6 +1522,18 @@ class Config(_Model):
                     ]
                 )
             seen.add(credential.name)
+        return value
+
+    @field_validator("actions")
+    @classmethod
+    def _check_actions(cls, value: tuple[ActionSettings, ...]) -> tuple[ActionSettings, ...]:
+        _check_unique(value, "action")
+        return value
+
+    @field_validator("webhooks")
+    @classmethod
+    def _check_webhooks(cls, value: tuple[WebhookSettings, ...]) -> tuple[WebhookSettings, ...]:
+        _check_unique(value, "webhook")
         return value
 
     @model_validator(mode="after")
@@ -1464,6 +1598,12 @@ def _model_at(loc: tuple[str | int, ...]) -> type[BaseModel] | None:
             return ValidateSettings
         case ("credentials", int(), "fallback"):
             return FallbackSettings
+        case ("actions", int()):
+            return ActionSettings
+        case ("actions", int(), "signal"):
+            return SignalSettings
+        case ("webhooks", int()):
+            return WebhookSettings
     return None
 
 

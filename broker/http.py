@@ -298,6 +298,7 @@ class HttpApi:
         router.add_get("/v1/openapi.json", self._openapi_doc, allow_head=False)
         router.add_get("/metrics", self._metrics, allow_head=False)
         self._page.add_routes(router)  # GET /: the status page (broker/statuspage.py)
+        router.add_get("/v1/deliveries", self._deliveries, allow_head=False)
         health = router.add_resource("/healthz")
         health.add_route("GET", self._health)
         self._health_resource = health
@@ -447,6 +448,11 @@ class HttpApi:
         else:
             mqtt = "connected" if getattr(sink, "state", None) == "connected" else "disconnected"
         return _json({"status": "ok", "mqtt": mqtt})
+
+    async def _deliveries(self, request: web.Request) -> web.Response:
+        from broker.webhooks import outcomes_of
+
+        return _json({"deliveries": [o.to_dict() for o in outcomes_of(self._broker.sinks)]})
 
     async def _metrics(self, request: web.Request) -> web.Response:
         body, content_type = self.metrics.render(request.headers.get("Accept", ""))
