@@ -63,7 +63,7 @@ class SecretError(Exception):
 def read_secret(path: Path) -> bytes:
     """The HMAC key from a ``whsec_<base64>`` file that only its owner may read."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise SecretError(f"secret_file {path} not found") from None
     except OSError as exc:
