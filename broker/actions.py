@@ -38,14 +38,15 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import anyio
 from anyio.abc import TaskStatus
 
 from broker.config import ActionSettings
+from broker.deliveries import Outcome, OutcomeFile
 from broker.events import Event
 from broker.refresh import (
     _STDERR_KEEP,
@@ -70,7 +71,6 @@ __all__ = [
     "ACTION_FAILED_CODE",
     "ActionResult",
     "Actions",
-    "Outcome",
     "action_env",
     "matches",
     "run_action",
@@ -253,34 +253,6 @@ async def run_action(
 # The sink
 
 
-@dataclass(slots=True)
-class Outcome:
-    """What an action (or webhook) last did, for ``check``, ``/v1/deliveries`` and metrics."""
-
-    kind: str
-    name: str
-    runs: int = 0
-    failures: int = 0
-    last_at: float | None = None
-    last_ok: bool | None = None
-    last_reason: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        from broker.timefmt import format_time
-
-        return {
-            "kind": self.kind,
-            "name": self.name,
-            "runs": self.runs,
-            "failures": self.failures,
-            "last_at": format_time(self.last_at) if self.last_at is not None else None,
-            "last_ok": self.last_ok,
-            "last_reason": self.last_reason,
-            **self.extra,
-        }
-
-
 class _Worker:
     """One action's queue and loop: one run at a time, coalesced, retried."""
 
@@ -342,6 +314,7 @@ class _Worker:
         self.outcome.last_reason = result.reason
         if not result.ok:
             self.outcome.failures += 1
+        self.owner.outcome_file.changed()
         return result
 
 
@@ -373,6 +346,7 @@ class Actions:
         self.started_at: list[float] = []
         # Subscribed now, before the engine's first read: first-sight events count too.
         self._events = broker.subscribe("credentials.*", buffer=65536)
+        self.outcome_file = OutcomeFile(broker.config.broker.state_dir, self.name, self.outcomes)
 
     def close(self) -> None:
         self._events.close()
@@ -382,6 +356,7 @@ class Actions:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         async with self._events as events, anyio.create_task_group() as tg:
+            tg.start_soon(self.outcome_file.run, name="actions outcome file")
             for worker in self.workers:
                 tg.start_soon(worker.loop, name=f"action {worker.action.name}")
             task_status.started()

@@ -180,10 +180,17 @@ def _cmd_check(args: argparse.Namespace) -> int:
         )
         return EXIT_USAGE
     states = check_now(config, args.names)
+    from broker.deliveries import configured_outcomes, print_outcomes
+
+    deliveries = configured_outcomes(config)
     if args.json:
-        print(json.dumps({"credentials": [s.to_dict() for s in states]}, indent=2))
+        doc: dict[str, object] = {"credentials": [s.to_dict() for s in states]}
+        if deliveries:
+            doc["deliveries"] = deliveries
+        print(json.dumps(doc, indent=2))
     else:
         print_table(states, sys.stdout)
+        print_outcomes(deliveries, sys.stdout)
     return EXIT_OK if all(s.status in _HEALTHY for s in states) else EXIT_PROBLEM
 
 

@@ -450,7 +450,7 @@ class HttpApi:
         return _json({"status": "ok", "mqtt": mqtt})
 
     async def _deliveries(self, request: web.Request) -> web.Response:
-        from broker.webhooks import outcomes_of
+        from broker.deliveries import outcomes_of
 
         return _json({"deliveries": [o.to_dict() for o in outcomes_of(self._broker.sinks)]})
 

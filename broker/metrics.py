@@ -127,7 +127,7 @@ class _LiveCollector:
         yield from self._mqtt()
         yield from self._deliveries()
         yield from self._consumers()
-        from broker.webhooks import delivery_metrics
+        from broker.deliveries import delivery_metrics
 
         yield from delivery_metrics(self._broker.sinks)
         stats = self._stream_stats()

@@ -26,17 +26,17 @@ import os
 import random
 import stat
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import aiohttp
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from broker.actions import Outcome, matches
+from broker.actions import matches
 from broker.config import WebhookSettings
+from broker.deliveries import Outcome, OutcomeFile
 from broker.events import CONTENT_TYPE, DATACONTENTTYPE, SPECVERSION, Event, encode
 from broker.outbox import DEFAULT_LIMIT, Outbox
 from broker.refresh import backoff_delay
@@ -200,6 +200,7 @@ class _Endpoint:
         if 200 <= status < 300:
             self.outcome.last_at, self.outcome.last_ok = time.time(), True
             self.outcome.last_reason = f"HTTP {status}"
+            self.owner.outcome_file.changed()
             return True
         return self._failed(f"HTTP {status}")
 
@@ -214,6 +215,7 @@ class _Endpoint:
             False,
             reason,
         )
+        self.owner.outcome_file.changed()
         return False
 
 
@@ -243,6 +245,7 @@ class Webhooks:
         state_dir = broker.config.broker.state_dir
         self.endpoints = [_Endpoint(self, h, state_dir) for h in broker.config.webhooks]
         self._events = broker.subscribe("credentials.*", buffer=65536)
+        self.outcome_file = OutcomeFile(state_dir, self.name, self.outcomes)
 
     def close(self) -> None:
         self._events.close()
@@ -274,6 +277,7 @@ class Webhooks:
                         auto_decompress=False,
                     )
                     ep.kick(tg)
+                tg.start_soon(self.outcome_file.run, name="webhooks outcome file")
                 task_status.started()
                 while True:
                     batch = [await events.get()]
@@ -315,54 +319,3 @@ class Webhooks:
                 if e.id in live:
                     ep.queued_at.setdefault(e.id, now)
             ep.kick(tg)
-
-
-def outcomes_of(sinks: Mapping[str, object]) -> list[Outcome]:
-    """Every action's and webhook's last outcome, from a broker's running sinks."""
-    found: list[Outcome] = []
-    for key in ("actions", "webhooks"):
-        sink = sinks.get(key)
-        get = getattr(sink, "outcomes", None)
-        if get is not None:
-            found.extend(get())
-    return found
-
-
-def delivery_metrics(sinks: Mapping[str, object]) -> Iterator[Any]:
-    """Prometheus families per action and webhook (read at scrape time)."""
-    outcomes = outcomes_of(sinks)
-    if not outcomes:
-        return
-    runs = CounterMetricFamily(
-        "credbroker_delivery_attempts", "Action runs and webhook requests.", labels=["kind", "name"]
-    )
-    failed = CounterMetricFamily(
-        "credbroker_delivery_failures",
-        "Failed action runs and webhook requests.",
-        labels=["kind", "name"],
-    )
-    delivered = CounterMetricFamily(
-        "credbroker_webhook_delivered", "Events a webhook accepted (2xx).", labels=["name"]
-    )
-    retrying = GaugeMetricFamily(
-        "credbroker_webhook_retrying",
-        "Credentials whose next event waits for a retry.",
-        labels=["name"],
-    )
-    pending = GaugeMetricFamily(
-        "credbroker_webhook_pending", "Events in the webhook's outbox.", labels=["name"]
-    )
-    oldest = GaugeMetricFamily(
-        "credbroker_webhook_oldest_undelivered_seconds",
-        "Age of the oldest event not yet delivered (0 when none).",
-        labels=["name"],
-    )
-    for o in outcomes:
-        runs.add_metric([o.kind, o.name], o.runs)
-        failed.add_metric([o.kind, o.name], o.failures)
-        if o.kind == "webhook":
-            delivered.add_metric([o.name], o.extra.get("delivered", 0))
-            retrying.add_metric([o.name], o.extra.get("retrying", 0))
-            pending.add_metric([o.name], o.extra.get("pending", 0))
-            oldest.add_metric([o.name], o.extra.get("oldest_undelivered_seconds", 0.0))
-    yield from (runs, failed, delivered, retrying, pending, oldest)

@@ -495,3 +495,55 @@ def test_secret_file_rules(tmp_path: Path, secrets: SecretRegistry) -> None:
     path.write_text("whsec_" + "!" * 30)
     with pytest.raises(SecretError, match="not base64"):
         read_secret(path)
+
+
+# -- last outcomes: /v1/deliveries, metrics, `credbroker check` --------------------------------
+
+
+@pytest.mark.anyio
+async def test_last_outcomes_over_http_in_metrics_and_in_check(
+    harness_factory: Any, tmp_path: Path, secrets: SecretRegistry, capsys: Any
+) -> None:
+    import aiohttp
+
+    from broker.cli import main
+    from tests.test_http import ApiClient
+
+    a = tmp_path / "a"
+    write_atomic(a, secrets.token())
+    async with receiving(None) as receiver:
+        receiver.statuses = [500]
+        hook = {"name": "ops", "url": receiver.url, "credentials": ["a"]}
+        async with harness_factory(
+            [cred("a", a)],
+            sinks=[partial(Webhooks, base=0.05, cap=0.05)],
+            webhooks=[hook],
+            http={"listen": "127.0.0.1:0"},
+        ) as h:
+            api = h.broker.sinks["http"]
+            await wait_for(lambda: len(receiver.got) == 2)
+            async with aiohttp.ClientSession() as session:
+                client = ApiClient(session, api.url, secrets)
+                doc = (await client.get("/v1/deliveries")).json()
+                (entry,) = doc["deliveries"]
+                assert entry["kind"] == "webhook" and entry["name"] == "ops"
+                assert entry["last_ok"] is True and entry["failures"] == 1
+                assert entry["delivered"] == 1 and entry["pending"] == 0
+                metrics = (await client.get("/metrics")).body
+            assert b'credbroker_webhook_delivered_total{name="ops"} 1.0' in metrics
+            assert b'credbroker_delivery_failures_total{kind="webhook",name="ops"} 1.0' in metrics
+    config = tmp_path / "broker.toml"
+    config.write_text(
+        f'[broker]\nstate_dir = "{tmp_path / "state"}"\nhost_id = "test-host"\n'
+        f'[[credentials]]\nname = "a"\nfiles = {{ token = "{a}" }}\n'
+        f'[[webhooks]]\nname = "ops"\nurl = "{receiver.url}"\n'
+        '[[webhooks]]\nname = "new"\nurl = "https://hooks.example.com/x"\n'
+    )
+    capsys.readouterr()
+    assert main(["check", "-c", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "webhook ops  ok at " in out and ": HTTP 204 (pending 0, retrying 0)" in out
+    assert "webhook new  no run yet" in out
+    assert main(["check", "-c", str(config), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [d["name"] for d in doc["deliveries"]] == ["ops", "new"]
