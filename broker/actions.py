@@ -75,6 +75,7 @@ __all__ = [
     "matches",
     "run_action",
     "send_signal",
+    "wants",
 ]
 
 log = logging.getLogger("broker.actions")
@@ -101,6 +102,20 @@ def matches(action_patterns: Sequence[str], value: str) -> bool:
 def own_failure(action: str, event: Event) -> bool:
     """Whether ``event`` announces this action's own failure (never a reason to run it)."""
     return event.type == ACTION_FAILED and event.data.reason.startswith(f"action {action}:")
+
+
+def wants(action: ActionSettings, event: Event) -> bool:
+    """Whether ``event`` is one for ``action`` to run on.
+
+    ``credentials.action_failed`` counts only when ``on`` names it literally (a glob such
+    as ``credentials.*`` does not take it), and never an action's own: two failing actions
+    must not keep each other running.
+    """
+    if not matches(action.credentials, event.subject):
+        return False
+    if event.type == ACTION_FAILED:
+        return ACTION_FAILED in action.on and not own_failure(action.name, event)
+    return matches(action.on, event.type)
 
 
 def action_env(
@@ -362,12 +377,7 @@ class Actions:
             task_status.started()
             async for event in events:
                 for worker in self.workers:
-                    a = worker.action
-                    if (
-                        matches(a.credentials, event.subject)
-                        and matches(a.on, event.type)
-                        and not own_failure(a.name, event)
-                    ):
+                    if wants(worker.action, event):
                         worker.offer(event)
 
     def secrets(self, names: Sequence[str]) -> list[bytes]:

@@ -248,7 +248,7 @@ class Broker:
 
     async def reload(self, config: Config) -> None:
         """Apply a new config's credentials (SIGHUP), keeping every credential's state."""
-        for section in ("mqtt", "http"):
+        for section in ("mqtt", "http", "actions", "webhooks"):
             if getattr(config, section) != getattr(self._config, section):
                 log.warning(f"[{section}] changed; restart the broker to apply it")
         for key, sink in (("refresh", "refresh"), ("validate_", "validate")):

@@ -18,7 +18,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from broker.actions import ACTION_FAILED, Actions, action_env, matches, own_failure, send_signal
+from broker.actions import (
+    ACTION_FAILED,
+    Actions,
+    action_env,
+    matches,
+    own_failure,
+    send_signal,
+    wants,
+)
+from broker.config import ActionSettings
 from broker.events import make_event
 from broker.state import Problem, State, Status
 from tests.conftest import Harness, SecretRegistry, write_atomic
@@ -362,6 +371,22 @@ def test_an_action_never_runs_for_its_own_failure_but_for_anothers() -> None:
     assert not own_failure("nginx-2", event)
     refreshed = make_event("credentials.refreshed", failed, source="urn:x", now=0)
     assert not own_failure("nginx", refreshed)
+
+
+def test_action_failed_is_taken_only_when_named_literally() -> None:
+    from dataclasses import replace
+
+    failed = replace(_state("a", 1, 1), reason="action other: exit code 1")
+    event = make_event(ACTION_FAILED, failed, source="urn:x", now=0)
+    glob = ActionSettings(name="n", command=("true",), on=("credentials.*",))
+    literal = ActionSettings(name="n", command=("true",), on=(ACTION_FAILED,))
+    own = ActionSettings(name="other", command=("true",), on=(ACTION_FAILED,))
+    assert not wants(glob, event)  # two failing actions on "*" must not feed each other
+    assert wants(literal, event)
+    assert not wants(own, event)
+    refreshed = make_event("credentials.refreshed", failed, source="urn:x", now=0)
+    assert wants(glob, refreshed)
+    assert not wants(glob.model_copy(update={"credentials": ("b*",)}), refreshed)
 
 
 @given(st.text(alphabet="ab-*?", min_size=1, max_size=6), st.text(alphabet="ab-", max_size=6))

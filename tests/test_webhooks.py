@@ -228,6 +228,46 @@ async def test_unsafe_secret_file_delivers_nothing_until_fixed(
     observe(secrets, receiver)
 
 
+@pytest.mark.anyio
+async def test_a_redirect_is_not_followed_but_retried(
+    webhook_harness: Any, tmp_path: Path, secrets: SecretRegistry
+) -> None:
+    a = tmp_path / "a"
+    write_atomic(a, secrets.token())
+    followed: list[str] = []
+    async with receiving(None) as receiver:
+        assert receiver.runner is not None
+        receiver.statuses = [307]
+        original = receiver.handle
+
+        async def handle(request: web.Request) -> web.Response:
+            response = await original(request)
+            if response.status == 307:
+                response.headers["Location"] = "/elsewhere"
+            return response
+
+        receiver.handle = handle  # type: ignore[method-assign]
+        await receiver.stop()
+        app = web.Application()
+        app.router.add_post("/hook", handle)
+
+        async def elsewhere(request: web.Request) -> web.Response:
+            followed.append(request.path)
+            return web.Response(status=204)
+
+        app.router.add_post("/elsewhere", elsewhere)
+        receiver.runner = web.AppRunner(app)
+        await receiver.runner.setup()
+        await web.TCPSite(receiver.runner, "127.0.0.1", receiver.port).start()
+        hook = {"name": "ops", "url": receiver.url, "credentials": ["a"]}
+        async with webhook_harness([cred("a", a)], [hook], base=0.05, cap=0.05) as h:
+            await wait_for(lambda: len(receiver.got) == 2)
+            outcome = h.broker.sinks["webhooks"].outcomes()[0]
+            assert outcome.failures == 1
+    assert followed == []
+    assert receiver.got[0].headers["webhook-id"] == receiver.got[1].headers["webhook-id"]
+
+
 # -- at least once, in order, across faults ---------------------------------------------------
 
 
