@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -40,6 +41,7 @@ from broker.deliveries import Outcome, OutcomeFile
 from broker.events import CONTENT_TYPE, DATACONTENTTYPE, SPECVERSION, Event, encode
 from broker.outbox import DEFAULT_LIMIT, Outbox
 from broker.refresh import backoff_delay
+from broker.timefmt import parse_time
 
 if TYPE_CHECKING:
     from broker.app import Broker
@@ -134,14 +136,22 @@ class _Endpoint:
         self.delivered = 0
         self.retrying: set[str] = set()
         self.active: set[str] = set()
-        self.queued_at: dict[str, float] = {}  # event id -> when it entered the outbox
         self.limiter = anyio.Semaphore(MAX_CONCURRENT)
         self.session: aiohttp.ClientSession | None = None
         self.lock = anyio.Lock()  # outbox writes, one at a time, in a worker thread
 
     def oldest_age(self, now: float) -> float:
-        ages = [now - t for t in self.queued_at.values()]
-        return max(ages, default=0.0)
+        """Age of the oldest undelivered event, from its own CloudEvent ``time``.
+
+        The event's time survives restarts, unlike a note of when it was queued.
+        """
+        ages: list[float] = []
+        for name in self.outbox.credentials():
+            head = self.outbox.head(name)
+            if head is not None:
+                with contextlib.suppress(ValueError):
+                    ages.append(now - parse_time(head.time))
+        return max(0.0, max(ages, default=0.0))
 
     def kick(self, tg: TaskGroup) -> None:
         # A running loop picks up what was queued behind its head by itself.
@@ -154,14 +164,25 @@ class _Endpoint:
         attempt = 0
         try:
             while (event := self.outbox.head(name)) is not None:
-                ok = await self.deliver(event)
+                try:
+                    ok = await self.deliver(event)
+                except Exception:  # a bug here must not stop the broker: retry later
+                    log.exception("webhook error", extra={"webhook": self.hook.name})
+                    ok = False
                 if ok:
                     attempt = 0
                     self.retrying.discard(name)
                     self.delivered += 1
-                    self.queued_at.pop(event.id, None)
-                    async with self.lock:
-                        await anyio.to_thread.run_sync(self.outbox.done, [event.id])
+                    try:
+                        async with self.lock:
+                            await anyio.to_thread.run_sync(self.outbox.done, [event.id])
+                    except OSError as exc:
+                        # Delivered, but the outbox still lists it: after a restart it is
+                        # sent again, with the same webhook-id (at least once).
+                        log.error(
+                            "webhook outbox write failed",
+                            extra={"webhook": self.hook.name, "error": exc.strerror or str(exc)},
+                        )
                     continue
                 self.retrying.add(name)
                 delay = backoff_delay(attempt, self.owner.base, self.owner.cap, self.owner.rand)
@@ -266,8 +287,6 @@ class Webhooks:
             await anyio.to_thread.run_sync(ep.outbox.load)
             for problem in ep.outbox.problems:
                 log.warning("webhook outbox problem", extra={"problem": problem})
-            now = time.time()
-            ep.queued_at = {e.id: now for e in ep.outbox.events()}
         connector_limit = MAX_CONCURRENT
         async with self._events as events, anyio.create_task_group() as tg:
             try:
@@ -312,10 +331,4 @@ class Webhooks:
                     "webhook outbox write failed",
                     extra={"webhook": hook.name, "error": exc.strerror or str(exc)},
                 )
-            now = time.time()
-            live = {e.id for e in ep.outbox.events()}
-            ep.queued_at = {i: t for i, t in ep.queued_at.items() if i in live}
-            for e in mine:
-                if e.id in live:
-                    ep.queued_at.setdefault(e.id, now)
             ep.kick(tg)
