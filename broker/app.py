@@ -70,6 +70,9 @@ class Broker:
         self.source = f"urn:credbroker:{config.broker.host_id}"
         #: Running sinks by name ("mqtt", "http"), for health and metrics.
         self.sinks: dict[str, Sink] = {}
+        #: The states persisted by the last run, as loaded at start (for sinks that recover
+        #: what a crash may have kept from them, such as the webhook outbox).
+        self.loaded_states: dict[str, State] = {}
 
     def __repr__(self) -> str:
         host_id, count = self._config.broker.host_id, len(self._config.credentials)
@@ -91,6 +94,7 @@ class Broker:
         loaded, key = await anyio.to_thread.run_sync(self._open_store)
         for problem in loaded.problems:
             log.warning("state store problem", extra={"problem": problem})
+        self.loaded_states = dict(loaded.states)
         self._engine = Engine(
             self._config.credentials,
             bus=self.bus,

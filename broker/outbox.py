@@ -2,9 +2,12 @@
 
 One append-only file per webhook in ``state_dir`` (``outbox-<name>.jsonl``), a JSON record a
 line: ``{"add": <CloudEvent>}`` when an event is queued, ``{"done": "<event id>"}`` once it
-was delivered (or coalesced away). Every append is fsync'ed before it counts. Loading
-replays the file (a torn last line, from a crash mid-write, is skipped); the file is
-rewritten atomically with only what is pending once mostly ``done`` records.
+was delivered (or coalesced away), ``{"seen": {credential: sequence}}`` for the newest event
+of each credential the webhook took in (queued or not its type). ``seen`` is what lets a
+restart tell that the broker published something a SIGKILL kept from the outbox. Every
+append is fsync'ed before it counts. Loading replays the file (a torn last line, from a
+crash mid-write, is skipped); the file is rewritten atomically with only what is pending
+once mostly ``done`` records.
 
 The outbox is bounded: past ``limit`` events, older events of a credential that has a newer
 one queued are dropped, so each credential's latest event is never lost. The ordering
@@ -18,7 +21,7 @@ import json
 import logging
 import os
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 from broker.events import Event, encode
@@ -40,6 +43,10 @@ class Outbox:
         self.path = path
         self.limit = limit
         self._queues: dict[str, deque[Event]] = {}
+        #: Per credential, the sequence of the newest event taken in.
+        self.seen: dict[str, int] = {}
+        #: Whether the file existed at load (a webhook that ran before).
+        self.existed = False
         self._size = 0
         self._lines = 0
         #: Events dropped because the outbox was full (their credential had a newer one).
@@ -73,7 +80,9 @@ class Outbox:
             return
         except OSError as exc:
             self.problems.append(f"cannot read {self.path}: {exc.strerror or exc}")
+            self.existed = True  # it did run: do not mistake this for a first start
             return
+        self.existed = True
         added: dict[str, Event] = {}
         for number, line in enumerate(raw.splitlines(), 1):
             if not line.strip():
@@ -83,9 +92,13 @@ class Outbox:
                 if "add" in record:
                     event = Event.from_dict(record["add"])
                     added[event.id] = event
+                    self._see(event.subject, event.sequence)
+                elif "seen" in record:
+                    for name, sequence in record["seen"].items():
+                        self._see(str(name), int(sequence))
                 else:
                     added.pop(str(record["done"]), None)
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, AttributeError):
                 self.problems.append(f"{self.path} line {number} unreadable; skipped")
         for event in sorted(added.values(), key=lambda e: e.sequence):
             self._queues.setdefault(event.subject, deque()).append(event)
@@ -93,15 +106,24 @@ class Outbox:
         self._lines = len(raw.splitlines())
         self._rewrite()
 
-    def add(self, events: Iterable[Event]) -> None:
-        """Queue ``events`` durably (one write and fsync for all of them)."""
+    def add(self, events: Iterable[Event], seen: Mapping[str, int] | None = None) -> None:
+        """Queue ``events`` durably (one write and fsync for all of them).
+
+        ``seen``: the newest sequence per credential taken in, queued or not.
+        """
         lines: list[bytes] = []
+        advanced = {n: q for n, q in (seen or {}).items() if q > self.seen.get(n, 0)}
+        if advanced:
+            for name, sequence in advanced.items():
+                self._see(name, sequence)
+            lines.append(encode({"seen": advanced}))
         for event in events:
             queue = self._queues.setdefault(event.subject, deque())
             if queue and queue[-1].sequence >= event.sequence:
                 continue  # already queued (a replay of what was loaded)
             queue.append(event)
             self._size += 1
+            self._see(event.subject, event.sequence)
             lines.append(encode({"add": event.to_dict()}))
         if len(self) > self.limit:
             lines.extend(self._coalesce())
@@ -120,6 +142,10 @@ class Outbox:
         self._append(lines)
         if self._lines > 1000 and self._lines > 4 * self._size:
             self._rewrite()
+
+    def _see(self, name: str, sequence: int) -> None:
+        if sequence > self.seen.get(name, 0):
+            self.seen[name] = sequence
 
     def _coalesce(self) -> list[bytes]:
         """Drop the oldest events of credentials that have newer ones, down to ``limit``.
@@ -149,10 +175,11 @@ class Outbox:
         self._lines += len(lines)
 
     def _rewrite(self) -> None:
-        data = b"".join(encode({"add": e.to_dict()}) + b"\n" for e in self.events())
+        head = [encode({"seen": self.seen}) + b"\n"] if self.seen else []
+        data = b"".join([*head, *(encode({"add": e.to_dict()}) + b"\n" for e in self.events())])
         try:
             _atomic_write(self.path, data)
-            self._lines = self._size
+            self._lines = self._size + len(head)
         except OSError as exc:
             with contextlib.suppress(Exception):
                 log.warning("outbox compaction failed", extra={"error": str(exc)})

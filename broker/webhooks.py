@@ -38,7 +38,8 @@ from anyio.abc import TaskGroup, TaskStatus
 from broker.actions import matches
 from broker.config import WebhookSettings
 from broker.deliveries import Outcome, OutcomeFile
-from broker.events import CONTENT_TYPE, DATACONTENTTYPE, SPECVERSION, Event, encode
+from broker.events import CONTENT_TYPE, DATACONTENTTYPE, SPECVERSION, Event, encode, make_event
+from broker.machine import EXPIRED, EXPIRING, INVALID, MISSING, REFRESHED
 from broker.outbox import DEFAULT_LIMIT, Outbox
 from broker.refresh import backoff_delay
 from broker.timefmt import parse_time
@@ -50,6 +51,14 @@ __all__ = ["Webhooks", "read_secret", "request_for", "sign"]
 
 log = logging.getLogger("broker.webhooks")
 
+#: The event that announces a status (for re-announcing a persisted state).
+_STATUS_EVENT = {
+    "valid": REFRESHED,
+    "expiring": EXPIRING,
+    "expired": EXPIRED,
+    "invalid": INVALID,
+    "missing": MISSING,
+}
 BACKOFF_BASE = 1.0
 BACKOFF_CAP = 600.0
 #: Requests in flight per webhook at once (over all credentials).
@@ -287,6 +296,14 @@ class Webhooks:
             await anyio.to_thread.run_sync(ep.outbox.load)
             for problem in ep.outbox.problems:
                 log.warning("webhook outbox problem", extra={"problem": problem})
+            lost = self._published_but_not_queued(ep)
+            if lost:
+                log.warning(
+                    "webhook outbox: re-queueing the state of credentials whose last event "
+                    "the previous run published but did not queue (a crash in between)",
+                    extra={"webhook": ep.hook.name, "credentials": [e.subject for e in lost]},
+                )
+                await anyio.to_thread.run_sync(ep.outbox.add, lost, None)
         connector_limit = MAX_CONCURRENT
         async with self._events as events, anyio.create_task_group() as tg:
             try:
@@ -312,19 +329,39 @@ class Webhooks:
                         if ep.session is not None:
                             await ep.session.close()
 
+    def _published_but_not_queued(self, ep: _Endpoint) -> list[Event]:
+        """Events for states the last run persisted after its outbox last took one in.
+
+        The engine records a state before publishing it; a SIGKILL between that and the
+        outbox's write would lose the event. Each such credential's persisted state is sent
+        again as the event of its status (a new id: it is a re-announcement). Nothing is
+        done at a webhook's first start (no outbox yet): first-sight events come anyway.
+        """
+        if not ep.outbox.existed:
+            return []
+        hook, source, lost = ep.hook, self._broker.source, []
+        for name, state in self._broker.loaded_states.items():
+            event_type = _STATUS_EVENT.get(state.status.value)
+            if (
+                event_type is not None
+                and state.sequence > ep.outbox.seen.get(name, 0)
+                and matches(hook.credentials, name)
+                and matches(hook.on, event_type)
+            ):
+                lost.append(make_event(event_type, state, source=source, now=time.time()))
+        return sorted(lost, key=lambda e: e.sequence)
+
     async def _intake(self, batch: list[Event], tg: TaskGroup) -> None:
         for ep in self.endpoints:
             hook = ep.hook
-            mine = [
-                e
-                for e in batch
-                if matches(hook.credentials, e.subject) and matches(hook.on, e.type)
-            ]
-            if not mine:
+            ours = [e for e in batch if matches(hook.credentials, e.subject)]
+            mine = [e for e in ours if matches(hook.on, e.type)]
+            seen = {e.subject: e.sequence for e in ours}
+            if not mine and all(q <= ep.outbox.seen.get(n, 0) for n, q in seen.items()):
                 continue
             try:
                 async with ep.lock:
-                    await anyio.to_thread.run_sync(ep.outbox.add, mine)
+                    await anyio.to_thread.run_sync(ep.outbox.add, mine, seen)
             except OSError as exc:
                 # Not durable, but still deliverable: losing persistence beats losing the event.
                 log.error(

@@ -351,7 +351,7 @@ def _outbox_ids(path: Path) -> set[str]:
             continue
         if "add" in record:
             ids.add(record["add"]["id"])
-        else:
+        elif "done" in record:
             ids.discard(record["done"])
     return ids
 
@@ -413,6 +413,46 @@ async def test_sigkill_with_undelivered_events_loses_none(
         last[data["credential"]] = data["generation"]
     assert last == {"c0": 5, "c1": 5, "c2": 5}  # every credential's latest arrived
     check_order(receiver, [])
+
+
+@pytest.mark.anyio
+async def test_an_event_published_but_never_queued_before_a_crash_is_re_announced(
+    tmp_path: Path, secrets: SecretRegistry
+) -> None:
+    from broker import Broker
+
+    a = tmp_path / "a"
+    write_atomic(a, secrets.token())
+    receiver = Receiver(None)
+    config = make_config(
+        tmp_path,
+        [cred("a", a)],
+        webhooks=[{"name": "ops", "url": receiver.url, "timeout": "1s"}],
+    )
+    outbox = tmp_path / "state" / "outbox-ops.jsonl"
+    await receiver.start()
+    try:
+        async with Broker(config, sinks=[partial(Webhooks, base=0.05, cap=0.1)]):
+            await wait_for(lambda: len(receiver.got) == 1)
+            await wait_for(lambda: _outbox_ids(outbox) == set())
+            before = outbox.read_bytes()  # the outbox once generation 1 was delivered
+            await receiver.stop()
+            write_atomic(a, secrets.token())
+            await wait_for(lambda: b'"generation":2' in outbox.read_bytes())
+        # As if SIGKILLed after the engine recorded generation 2 but before the outbox did.
+        outbox.write_bytes(before)
+        await receiver.start()
+        for _ in range(2):  # the second restart must not announce it again
+            async with Broker(config, sinks=[partial(Webhooks, base=0.05, cap=0.1)]) as b:
+                await wait_for(lambda: len(receiver.got) >= 2)
+                await wait_for(lambda: _outbox_ids(outbox) == set())
+                assert b.state("a").generation == 2
+    finally:
+        await receiver.stop()
+    observe(secrets, receiver)
+    assert len(receiver.got) == 2
+    again = json.loads(receiver.got[1].body)
+    assert (again["type"], again["data"]["generation"]) == ("credentials.refreshed", 2)
 
 
 # -- the outbox ---------------------------------------------------------------------------------
