@@ -60,7 +60,7 @@ for cred in creds:
     sys.stderr.write("the token " + open(cred).read() + " was refused\\n")
 code = 0
 if mode == "slow":
-    time.sleep(0.6)
+    time.sleep(1.5)
 elif mode == "hang":
     time.sleep(60)
 elif mode == "fail":
@@ -152,16 +152,16 @@ async def test_changes_within_coalesce_make_one_run_with_metadata_and_no_secret(
         "name": "reload",
         "credentials": ["a", "b"],
         "command": [str(script), str(work), "ok"],
-        "coalesce": "400ms",
+        "coalesce": "1s",  # wide enough for a loaded machine to see both changes in it
     }
     async with action_harness([cred("a", a), cred("b", b)], [action]) as h:
         # First sight of both is one run (their refreshed events came within the window).
         await wait_for(lambda: len(runs(work)) == 1)
-        await anyio.sleep(0.6)
+        await anyio.sleep(0.3)
         write_atomic(a, secrets.token())
         write_atomic(b, secrets.token())
         await wait_for(lambda: len(runs(work)) == 2)
-        await anyio.sleep(0.8)  # no further run comes
+        await anyio.sleep(1.2)  # no further run comes
         await h.fence()
         assert len(runs(work)) == 2
         run = runs(work)[1]
@@ -202,7 +202,7 @@ async def test_events_during_a_run_make_exactly_one_more_and_never_two_at_once(
     }
     async with action_harness([cred("a", a)], [action]) as h:
         await wait_for(lambda: len(starts(work)) == 1)
-        for _ in range(4):  # all during the first (0.6 s) run
+        for _ in range(4):  # all during the first (1.5 s) run
             write_atomic(a, secrets.token())
             await anyio.sleep(0.05)
         await wait_for(lambda: len(starts(work)) == 2)
