@@ -248,9 +248,8 @@ async def test_each_certbot_renewal_reloads_nginx_once_and_a_touch_never(
     assert "credentials.action_failed" not in h.types("web-tls")
 
 
-# The broker publishes the transient `invalid` until the `settle` window (another change)
-# withholds a state that the next change resolves.
-@pytest.mark.xfail(reason="needs settle window", strict=False)
+# The `settle` window withholds the certificate-with-the-old-key state that the second swap
+# resolves: it is never published, so never acted on.
 @pytest.mark.anyio
 async def test_the_transient_key_mismatch_between_the_swaps_is_never_acted_on(
     harness_factory: Any, site: Any
