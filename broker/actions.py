@@ -65,6 +65,7 @@ from broker.wakeup import Wakeup
 
 if TYPE_CHECKING:
     from broker.app import Broker
+    from broker.metrics import DeliveryStats
 
 __all__ = [
     "ACTION_FAILED",
@@ -368,6 +369,15 @@ class Actions:
 
     def outcomes(self) -> list[Outcome]:
         return [w.outcome for w in self.workers]
+
+    def delivery_stats(self) -> DeliveryStats:
+        """For ``credbroker_sink_*{sink="actions"}``: runs ok, runs failed, events waiting."""
+        from broker.metrics import DeliveryStats
+
+        runs = sum(w.outcome.runs for w in self.workers)
+        failures = sum(w.outcome.failures for w in self.workers)
+        pending = sum(len(w.pending) for w in self.workers)
+        return DeliveryStats(delivered=runs - failures, failures=failures, pending=pending)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         async with self._events as events, anyio.create_task_group() as tg:

@@ -46,6 +46,7 @@ from broker.timefmt import parse_time
 
 if TYPE_CHECKING:
     from broker.app import Broker
+    from broker.metrics import DeliveryStats
 
 __all__ = ["Webhooks", "read_secret", "request_for", "sign"]
 
@@ -279,6 +280,16 @@ class Webhooks:
 
     def close(self) -> None:
         self._events.close()
+
+    def delivery_stats(self) -> DeliveryStats:
+        """For ``credbroker_sink_*{sink="webhooks"}``: events delivered, failed requests, outbox."""
+        from broker.metrics import DeliveryStats
+
+        return DeliveryStats(
+            delivered=sum(ep.delivered for ep in self.endpoints),
+            failures=sum(ep.outcome.failures for ep in self.endpoints),
+            pending=sum(len(ep.outbox) for ep in self.endpoints),
+        )
 
     def outcomes(self) -> list[Outcome]:
         now = time.time()
