@@ -165,6 +165,23 @@ async def fetch_states(endpoint: Endpoint, seconds: float = 10.0) -> list[State]
                           f"({type(exc).__name__})") from None
 
 
+async def fetch_deliveries(endpoint: Endpoint, seconds: float = 10.0) -> list[dict[str, Any]]:
+    """Each action's and webhook's last outcome (``GET /v1/deliveries``); ``[]`` when the
+    daemon has none or predates the route (best effort: the states are what status needs).
+    """
+    try:
+        async with (
+            endpoint.session(aiohttp.ClientTimeout(total=seconds)) as session,
+            session.get(f"{endpoint.base}/v1/deliveries") as response,
+        ):
+            if response.status != 200:
+                return []
+            found = json.loads(await response.read())["deliveries"]
+    except (TimeoutError, aiohttp.ClientError, ValueError, KeyError, TypeError):
+        return []
+    return [d for d in found if isinstance(d, dict)] if isinstance(found, list) else []
+
+
 @dataclass(frozen=True, slots=True)
 class SseMessage:
     """One dispatched Server-Sent Event."""
@@ -336,17 +353,23 @@ def add_parsers(sub: Any) -> None:
 def cmd_status(args: argparse.Namespace) -> int:
     """``credbroker status``: 0 with a table (or JSON), 1 when the daemon cannot be asked."""
     from broker.cli import print_table
+    from broker.deliveries import print_outcomes
 
     try:
         endpoint = resolve_endpoint(args.url, args.config, args.token_file)
         states = anyio.run(fetch_states, endpoint)
+        deliveries = anyio.run(fetch_deliveries, endpoint)
     except RemoteError as exc:
         print(f"credbroker: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
     if args.json:
-        print(json.dumps({"credentials": [s.to_dict() for s in states]}, indent=2))
+        doc: dict[str, Any] = {"credentials": [s.to_dict() for s in states]}
+        if deliveries:
+            doc["deliveries"] = deliveries
+        print(json.dumps(doc, indent=2))
     else:
         print_table(states, sys.stdout)
+        print_outcomes(deliveries, sys.stdout)
     return EXIT_OK
 
 

@@ -619,6 +619,10 @@ async def test_last_outcomes_over_http_in_metrics_and_in_check(
                 metrics = (await client.get("/metrics")).body
             assert b'credbroker_webhook_delivered_total{name="ops"} 1.0' in metrics
             assert b'credbroker_sink_delivered_events_total{sink="webhooks"} 1.0' in metrics
+            capsys.readouterr()
+            code = await anyio.to_thread.run_sync(main, ["status", "--url", api.url])
+            assert code == 0
+            assert "webhook ops  ok at " in capsys.readouterr().out
             assert b'credbroker_delivery_failures_total{kind="webhook",name="ops"} 1.0' in metrics
     config = tmp_path / "broker.toml"
     config.write_text(
