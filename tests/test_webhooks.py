@@ -608,7 +608,11 @@ async def test_last_outcomes_over_http_in_metrics_and_in_check(
             http={"listen": "127.0.0.1:0"},
         ) as h:
             api = h.broker.sinks["http"]
-            await wait_for(lambda: len(receiver.got) == 2)
+            sink = h.broker.sinks["webhooks"]
+            # The receiver holds a request before the broker has read its answer: wait for
+            # the broker's own count, not the receiver's.
+            await wait_for(lambda: sink.outcomes()[0].extra["delivered"] == 1)
+            assert len(receiver.got) == 2
             async with aiohttp.ClientSession() as session:
                 client = ApiClient(session, api.url, secrets)
                 doc = (await client.get("/v1/deliveries")).json()
