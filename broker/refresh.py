@@ -54,6 +54,7 @@ from broker.config import CredentialSettings, RefreshSettings
 from broker.fingerprint import Fingerprinter
 from broker.machine import REFRESH_FAILED, observe
 from broker.reader import FileRead, read_credential
+from broker.redaction import REDACTED, Redactor
 from broker.state import FileInfo, Problem, State, Status
 from broker.store import JOURNAL, SNAPSHOT
 from broker.wakeup import Wakeup
@@ -64,6 +65,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BACKOFF_BASE",
     "BACKOFF_CAP",
+    "REDACTED",
     "REFRESH_FAILED_CODE",
     "Refresher",
     "RunResult",
@@ -85,12 +87,6 @@ BACKOFF_CAP = 300.0
 #: What of the command's stderr a problem shows: the last lines, at most this many characters.
 STDERR_TAIL_LINES = 20
 STDERR_TAIL_CHARS = 2048
-REDACTED = "[redacted]"
-#: Whitespace-separated pieces of a secret this long or longer are redacted on their own.
-MIN_TOKEN = 8
-#: Whole secret values shorter than this are not redacted (a one-character file would
-#: otherwise blank every such character of stderr; such a value is no secret anyway).
-MIN_VALUE = 4
 #: stderr kept in memory (the tail is cut from it after redaction).
 _STDERR_KEEP = 16 * 1024
 #: After the command exits, how long a leftover child may keep its pipes open.
@@ -98,8 +94,6 @@ _PIPE_GRACE = 2.0
 #: After SIGTERM to the process group on timeout, how long before SIGKILL.
 _KILL_GRACE = 1.0
 _ENV_PASSED = ("LANG", "TZ")
-# Punctuation that separates a secret from its surroundings in JSON, INI, JWTs and headers.
-_SUBTOKEN_SPLIT = re.compile(rb"[\s\"'`,;:=.{}\[\]()<>]+")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
 
@@ -131,60 +125,17 @@ def _passwd_home() -> str | None:
         return None
 
 
-def secret_needles(values: Iterable[bytes]) -> list[bytes]:
-    """What to redact for these secret values, longest first.
-
-    Each whole value (and its stripped form), each whitespace-separated token of
-    :data:`MIN_TOKEN`+ bytes, and each such piece between JSON/INI/JWT punctuation (so that a
-    JSON field's value or one part of a JWT is caught without its quotes or dots).
-    """
-    found: set[bytes] = set()
-    for value in values:
-        for whole in (value, value.strip()):
-            if len(whole.strip()) >= MIN_VALUE:
-                found.add(whole)
-        for token in value.split():
-            if len(token) >= MIN_TOKEN:
-                found.add(token)
-            for piece in _SUBTOKEN_SPLIT.split(token):
-                if len(piece) >= MIN_TOKEN:
-                    found.add(piece)
-    return sorted(found, key=len, reverse=True)
+def secret_needles(values: Iterable[bytes]) -> Redactor:
+    """What to redact for these secret values (see :mod:`broker.redaction`)."""
+    return Redactor.of(values)
 
 
-def redact(data: bytes, needles: Iterable[bytes]) -> bytes:
-    """``data`` with every occurrence of every needle replaced by ``[redacted]``.
-
-    Matches are found on the original bytes and overlapping or touching matches merge into
-    one marker, so no replacement can create or expose another match.
-    """
-    spans: list[tuple[int, int]] = []
-    for needle in needles:
-        if not needle or len(needle) > len(data):
-            continue
-        start = data.find(needle)
-        while start >= 0:
-            spans.append((start, start + len(needle)))
-            start = data.find(needle, start + 1)
-    if not spans:
-        return data
-    spans.sort()
-    out = bytearray()
-    pos = 0
-    cur_start, cur_end = spans[0]
-    for start, end in spans[1:]:
-        if start <= cur_end:
-            cur_end = max(cur_end, end)
-            continue
-        out += data[pos:cur_start] + REDACTED.encode()
-        pos = cur_end
-        cur_start, cur_end = start, end
-    out += data[pos:cur_start] + REDACTED.encode()
-    out += data[cur_end:]
-    return bytes(out)
+def redact(data: bytes, redactor: Redactor) -> bytes:
+    """``data`` with everything that could reveal one of the redactor's secrets blanked."""
+    return redactor.redact(data)
 
 
-def stderr_tail(data: bytes, needles: Iterable[bytes], *, truncated: bool = False) -> str:
+def stderr_tail(data: bytes, redactor: Redactor, *, truncated: bool = False) -> str:
     """The last lines of stderr, redacted, on one line (``" | "`` between lines).
 
     ``truncated``: ``data`` is the end of a longer stream, so its first line may be the tail
@@ -198,7 +149,7 @@ def stderr_tail(data: bytes, needles: Iterable[bytes], *, truncated: bool = Fals
             # One long line: drop up to the first whitespace (the possibly cut token).
             parts = data.split(None, 1)
             data = parts[1] if len(parts) == 2 else b""
-    text = redact(data, needles).decode("utf-8", "replace").replace("\t", " ")
+    text = redactor.redact(data).decode("utf-8", "replace").replace("\t", " ")
     lines = [_CONTROL.sub("?", line).rstrip() for line in text.splitlines()]
     lines = [line for line in lines if line.strip()][-STDERR_TAIL_LINES:]
     kept: list[str] = []

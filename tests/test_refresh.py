@@ -441,13 +441,13 @@ def test_json_and_jwt_pieces_are_redacted() -> None:
 
 def test_stderr_tail_keeps_the_last_lines_on_one_line() -> None:
     data = "".join(f"line {i}\n" for i in range(100)).encode() + b"\x1b[31mred\x1b[0m\n"
-    out = stderr_tail(data, [])
+    out = stderr_tail(data, secret_needles([]))
     parts = out.split(" | ")
     assert len(parts) == 20
     assert parts[0] == "line 81"
     assert parts[-1] == "?[31mred?[0m"
     long = ("x" * 5000).encode()
-    out = stderr_tail(long, [])
+    out = stderr_tail(long, secret_needles([]))
     assert len(out) <= 2048
     assert out.startswith("...")
 
