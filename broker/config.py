@@ -553,8 +553,13 @@ def _check_ident(value: str, what: str) -> str:
 
 
 def _is_loopback(host: str) -> bool:
+    """Only ``localhost`` and literal loopback addresses.
+
+    Not ``*.localhost``: without nss-myhostname such a name is resolved through DNS, and a
+    secret sent there in clear would leave the machine.
+    """
     name = host.lower().rstrip(".")
-    if name == "localhost" or name.endswith(".localhost"):  # RFC 6761
+    if name == "localhost":
         return True
     try:
         return ipaddress.ip_address(name.split("%", 1)[0]).is_loopback
@@ -826,6 +831,27 @@ class HttpSettings(_Model):
 
     listen: str = "127.0.0.1:8790"
     token_file: ExpandedPath | None = None
+    #: ``Host`` values accepted besides loopback names and the listen address (DNS rebinding).
+    allowed_hosts: tuple[str, ...] = ()
+    #: Origins a browser may read answers from (CORS); none by default.
+    cors_origins: tuple[str, ...] = ()
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _check_allowed_hosts(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(_check_host(host.strip("[]")) for host in value)
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _check_origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for origin in value:
+            scheme, sep, rest = origin.partition("://")
+            if scheme not in ("http", "https") or not sep or not rest or "/" in rest:
+                raise ValueError(
+                    f"{_show(origin)} is not an origin; expected "
+                    '"https://host" or "https://host:port" (no path, no "*")'
+                )
+        return tuple(origin.lower() for origin in value)
 
     @field_validator("listen")
     @classmethod

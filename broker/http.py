@@ -25,13 +25,16 @@ to re-read the state.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import hmac
 import importlib.resources
 import logging
+import math
 import os
 import re
+import resource
 import socket
 import stat
 import time
@@ -77,6 +80,18 @@ SHUTDOWN_GRACE = 0.5
 RETRY_MS = 2000
 #: No route takes a body; a larger one is refused with 413 (a smaller one is read, ignored).
 MAX_BODY = 64 * 1024
+#: Open connections at most (further ones first evict the oldest idle one, else are closed),
+#: and never more than this fraction of the descriptor limit: the broker needs the rest for
+#: credential files, the state directory and MQTT.
+MAX_CONNECTIONS = 4096
+CONNECTIONS_PER_FD = 0.25
+#: A connection that has not sent a whole request's headers this long after it opened or
+#: after its last answer (idle keep-alive) is closed.
+IDLE_TIMEOUT = 10.0
+#: At most one log line per this many seconds for failed accept() calls (EMFILE, ENFILE).
+ACCEPT_ERROR_LOG_INTERVAL = 60.0
+#: How long a browser may cache a CORS preflight answer.
+CORS_MAX_AGE = 600
 
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 _ID_RE = re.compile(r"[0-9]{1,18}")
@@ -97,6 +112,8 @@ _ERROR_CODES = {
 }
 _QUERY_PARAMETERS = {"/v1/events": frozenset({"since", "credential", "type"})}
 _KEPT_HEADERS = ("Allow", "WWW-Authenticate", "Retry-After")
+_CORS_METHODS = "GET, POST, PUT, DELETE"
+_CORS_HEADERS = "Authorization, Content-Type, Last-Event-ID"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -143,6 +160,8 @@ class HttpApi:
         sse_buffer: int | None = None,
         keepalive: float | None = None,
         max_clients: int | None = None,
+        max_connections: int | None = None,
+        idle_timeout: float | None = None,
     ) -> None:
         settings = settings or broker.config.http
         if settings is None:
@@ -154,6 +173,10 @@ class HttpApi:
         self._sse_buffer = sse_buffer or SSE_BUFFER
         self._keepalive = keepalive or KEEPALIVE
         self._max_clients = max_clients or MAX_SSE_CLIENTS
+        self._max_connections = max_connections or connection_cap()
+        self._idle_timeout = idle_timeout or IDLE_TIMEOUT
+        self._hosts = accepted_hosts(settings)
+        self._cors = frozenset(settings.cors_origins)
         # Subscribed here rather than in run(): a broker that creates its sinks before it
         # starts the engine gets the first-sight events into the ring and the counters too.
         self._ring_sub = broker.subscribe("*", buffer=self._ring.maxlen or RING_SIZE)
@@ -186,13 +209,17 @@ class HttpApi:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled; then end every stream and close the listener promptly."""
         ring_sub = self._ring_sub
-        runner: web.AppRunner | None = None
+        runner: _Runner | None = None
         unix_inode: tuple[int, int] | None = None
+        accept_errors = AcceptErrorLog(ACCEPT_ERROR_LOG_INTERVAL)
+        accept_errors.install()
         try:
             self._token = await anyio.to_thread.run_sync(self._read_token)
             self._page.set_token(self._token)
             runner = _Runner(self._make_app(), access_log=None, handle_signals=False,
-                             shutdown_timeout=SHUTDOWN_GRACE)
+                             shutdown_timeout=SHUTDOWN_GRACE,
+                             keepalive_timeout=self._idle_timeout)
+            runner.max_connections = self._max_connections
             await runner.setup()
             unix_inode = await self._listen(runner)
             log.info(
@@ -206,6 +233,7 @@ class HttpApi:
             await anyio.sleep_forever()  # the bus closed before us: keep serving state
         finally:
             ring_sub.close()
+            accept_errors.uninstall()
             if runner is not None:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(4 * SHUTDOWN_GRACE + 2):
                     await self._shutdown(runner, unix_inode)
@@ -283,8 +311,8 @@ class HttpApi:
 
     def _make_app(self) -> web.Application:
         app = web.Application(
-            middlewares=[self._measure, self._errors, self._authorize, self._limit_body,
-                         self._check_query],
+            middlewares=[self._measure, self._errors, self._check_host, self._cors_headers,
+                         self._authorize, self._limit_body, self._check_query],
             client_max_size=MAX_BODY,
         )
         router = app.router
@@ -310,11 +338,16 @@ class HttpApi:
     async def _measure(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()
         status = 500
+        protocol = request.protocol
+        if isinstance(protocol, _ParserErrors):
+            protocol.busy = True
         try:
             response = await handler(request)
             status = response.status
             return response
         finally:
+            if isinstance(protocol, _ParserErrors):
+                protocol.busy = False
             resource = request.match_info.route.resource
             route = resource.canonical if resource is not None else "unmatched"
             elapsed = time.perf_counter() - started
@@ -346,6 +379,50 @@ class HttpApi:
                        "route": resource.canonical if resource is not None else "unmatched"},
             )
             return _error(500, "internal-error", "internal error; the broker's log has details")
+
+    @web.middleware
+    async def _check_host(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        # DNS rebinding: a hostile page whose name now resolves to 127.0.0.1 reaches this
+        # port from the user's browser, but its requests still carry its own name as Host.
+        # A unix socket cannot be reached from a browser, whatever Host it is sent.
+        host = request.headers.get("Host")
+        if (
+            self.settings.unix_path is None
+            and host is not None
+            and host_name(host) not in self._hosts
+        ):
+            raise ApiError(
+                421,
+                "misdirected-request",
+                "this Host is not served here; add it to http.allowed_hosts if it is "
+                "a name of this broker",
+            )
+        return await handler(request)
+
+    @web.middleware
+    async def _cors_headers(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        # Opt-in only: without cors_origins no CORS header is ever sent, so browsers keep
+        # other origins from reading answers. A preflight is answered before authorisation
+        # (browsers send it without credentials).
+        origin = request.headers.get("Origin")
+        if origin is None or origin.lower() not in self._cors:
+            return await handler(request)
+        headers = {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
+        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+            headers.update({
+                "Access-Control-Allow-Methods": _CORS_METHODS,
+                "Access-Control-Allow-Headers": _CORS_HEADERS,
+                "Access-Control-Max-Age": str(CORS_MAX_AGE),
+            })
+            return web.Response(status=204, headers=headers)
+        try:
+            response = await handler(request)
+        except ApiError as exc:
+            exc.headers = {**(exc.headers or {}), **headers}
+            raise
+        if not response.prepared:
+            response.headers.update(headers)
+        return response
 
     @web.middleware
     async def _authorize(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -635,7 +712,13 @@ class _ParserErrors(RequestHandler):
     which can be an ``Authorization`` header.
     """
 
-    __slots__ = ()
+    __slots__ = ("busy",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: Handling a request (set by the application's outermost middleware): never
+        #: closed to make room for a new connection.
+        self.busy = False
 
     def handle_error(
         self,
@@ -673,17 +756,126 @@ class _ParserErrors(RequestHandler):
 
 
 class _Server(web.Server):
+    """aiohttp's server, with :class:`_ParserErrors` connections, at most ``max_connections``.
+
+    Over the cap, the oldest connection that is not handling a request is closed to make
+    room (an idle keep-alive or a client that never sent one); when every connection is
+    busy, the new one is closed. Either way the broker's descriptors stay bounded, whatever
+    the number of clients that connect and say nothing.
+    """
+
+    max_connections: int
+
     def __call__(self) -> RequestHandler:
         return _ParserErrors(self, loop=self._loop, **self._kwargs)
 
+    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+        super().connection_made(handler, transport)
+        connections = self._connections
+        if len(connections) <= self.max_connections:
+            return
+        # A closed connection stays listed until its handler task ends: count the open ones.
+        open_ = [c for c in connections if c.transport is not None and not c.transport.is_closing()]
+        if len(open_) <= self.max_connections:
+            return
+        victim = next((c for c in open_ if not _busy(c) and c is not handler), handler)
+        log.debug("http connection cap reached; closing one",
+                  extra={"connections": len(connections), "idle": victim is not handler})
+        victim.force_close()
+        if victim.transport is not None:
+            victim.transport.abort()
+
+
+def _busy(handler: RequestHandler) -> bool:
+    return isinstance(handler, _ParserErrors) and handler.busy
+
 
 class _Runner(web.AppRunner):
-    """An ``AppRunner`` whose connections are :class:`_ParserErrors`."""
+    """An ``AppRunner`` whose server is :class:`_Server`."""
+
+    max_connections = MAX_CONNECTIONS
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
-        server.__class__ = _Server  # the same server, with our connection factory
+        server.__class__ = _Server  # the same server, with our connection factory and cap
+        assert isinstance(server, _Server)
+        server.max_connections = self.max_connections
         return server
+
+
+def connection_cap(nofile: int | None = None) -> int:
+    """How many HTTP connections to allow with a soft descriptor limit of ``nofile``."""
+    if nofile is None:
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if nofile == resource.RLIM_INFINITY:
+            return MAX_CONNECTIONS
+    return max(8, min(MAX_CONNECTIONS, int(nofile * CONNECTIONS_PER_FD)))
+
+
+def host_name(header: str) -> str:
+    """The name in a ``Host`` header, without port, brackets or trailing dot, lower-cased."""
+    value = header.strip().lower()
+    if value.startswith("["):
+        return value[1:].partition("]")[0]
+    if value.count(":") == 1:
+        value = value.partition(":")[0]
+    return value.rstrip(".")
+
+
+def accepted_hosts(settings: HttpSettings) -> frozenset[str]:
+    """``Host`` names answered: loopback names and addresses, the listen address, the rest
+    of ``allowed_hosts``."""
+    names = {"localhost", "127.0.0.1", "::1", *settings.allowed_hosts}
+    if settings.host is not None:
+        names.add(settings.host.lower())
+    return frozenset(host_name(f"[{n}]" if ":" in n else n) for n in names)
+
+
+class AcceptErrorLog:
+    """Rate-limits asyncio's log of failed ``accept()`` calls to one line per interval.
+
+    Out of descriptors, asyncio reports every retry of the listener with a traceback; the
+    loop's exception handler is wrapped for the server's lifetime and restored after.
+    """
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.suppressed = 0
+        self._last = -math.inf
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._previous: Any = None
+
+    def install(self) -> None:
+        """Wrap the running loop's exception handler."""
+        self._loop = asyncio.get_running_loop()
+        self._previous = self._loop.get_exception_handler()
+        self._loop.set_exception_handler(self._handle)
+
+    def uninstall(self) -> None:
+        """Put the previous exception handler back."""
+        if self._loop is not None:
+            self._loop.set_exception_handler(self._previous)
+            self._loop = None
+
+    def _handle(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if not str(context.get("message", "")).startswith("socket.accept() out of system resource"):
+            if self._previous is not None:
+                self._previous(loop, context)
+            else:
+                loop.default_exception_handler(context)
+            return
+        now = time.monotonic()
+        if now - self._last < self.interval:
+            self.suppressed += 1
+            return
+        exc = context.get("exception")
+        log.error(
+            "http cannot accept connections",
+            extra={"error": getattr(exc, "strerror", None) or type(exc).__name__,
+                   "suppressed": self.suppressed, "every_seconds": self.interval},
+        )
+        self._last = now
+        self.suppressed = 0
 
 
 # -- helpers ----------------------------------------------------------------------------------

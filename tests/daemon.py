@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -71,15 +72,28 @@ class Daemon:
 
 
 @contextmanager
-def run_daemon(config: Path, env: dict[str, str] | None = None) -> Iterator[Daemon]:
-    """``python -m broker run -c config --log-format json``; killed if the test did not stop it."""
+def run_daemon(
+    config: Path, env: dict[str, str] | None = None, *, nofile: int | None = None
+) -> Iterator[Daemon]:
+    """``python -m broker run -c config --log-format json``; killed if the test did not stop it.
+
+    ``nofile`` sets the daemon's ``RLIMIT_NOFILE`` (soft and hard, as systemd's
+    ``LimitNOFILE=`` does).
+    """
+
+    def limit() -> None:
+        if nofile is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
     proc = subprocess.Popen(
         [sys.executable, "-m", "broker", "run", "-c", str(config), "--log-format", "json"],
         cwd=ROOT,
         env={**os.environ, **(env or {})},
+        stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=limit if nofile is not None else None,
     )
     try:
         yield Daemon(proc)

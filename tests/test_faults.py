@@ -262,7 +262,7 @@ async def test_stalled_consumers_stall_no_one_and_memory_stays_bounded(
             await anyio.to_thread.run_sync(stuck_sse.connect, ("127.0.0.1", api.port))
             stuck_address = stuck_sse.getsockname()
             await anyio.to_thread.run_sync(
-                stuck_sse.sendall, b"GET /v1/events HTTP/1.1\r\nHost: x\r\n\r\n")
+                stuck_sse.sendall, b"GET /v1/events HTTP/1.1\r\nHost: localhost\r\n\r\n")
             head = b""
             while b"\r\n\r\n" not in head:
                 head += await anyio.to_thread.run_sync(stuck_sse.recv, 1)

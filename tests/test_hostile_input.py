@@ -187,35 +187,38 @@ async def test_oversized_and_malformed_requests_get_a_json_4xx_promptly(
     ten_mib = 10 * 1024 * 1024
     chunk = 0x100000
     cases: list[tuple[str, bytes, int, str]] = [
-        ("100 KiB header", b"GET /v1/credentials HTTP/1.1\r\nHost: x\r\n" + auth
+        ("100 KiB header", b"GET /v1/credentials HTTP/1.1\r\nHost: localhost\r\n" + auth
          + b"X-Big: " + b"a" * 100 * 1024 + b"\r\n\r\n", 431, "headers-too-large"),
         ("the token in a 100 KiB Authorization header",
-         b"GET /v1/credentials HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + token.encode()
+         b"GET /v1/credentials HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer "
+         + token.encode()
          + b"x" * 100 * 1024 + b"\r\n\r\n", 431, "headers-too-large"),
-        ("1,000 headers", b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
+        ("1,000 headers", b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n"
          + b"".join(b"X-%d: a\r\n" % i for i in range(1000)) + b"\r\n", 431, "headers-too-large"),
-        ("64 KiB URL", b"GET /v1/credentials/" + b"a" * 65536 + b" HTTP/1.1\r\nHost: x\r\n"
+        ("64 KiB URL", b"GET /v1/credentials/" + b"a" * 65536 + b" HTTP/1.1\r\nHost: localhost\r\n"
          + auth + b"\r\n", 414, "uri-too-long"),
-        ("64 KiB query", b"GET /v1/events?since=" + b"1" * 65536 + b" HTTP/1.1\r\nHost: x\r\n"
+        ("64 KiB query",
+         b"GET /v1/events?since=" + b"1" * 65536 + b" HTTP/1.1\r\nHost: localhost\r\n"
          + auth + b"\r\n", 414, "uri-too-long"),
-        ("10 MiB body to /check", b"POST /v1/credentials/svc/check HTTP/1.1\r\nHost: x\r\n" + auth
+        ("10 MiB body to /check",
+         b"POST /v1/credentials/svc/check HTTP/1.1\r\nHost: localhost\r\n" + auth
          + b"Content-Length: %d\r\n\r\n" % ten_mib + b"z" * ten_mib, 413, "request-too-large"),
         ("10 MiB chunked body to /check",
-         b"POST /v1/credentials/svc/check HTTP/1.1\r\nHost: x\r\n" + auth
+         b"POST /v1/credentials/svc/check HTTP/1.1\r\nHost: localhost\r\n" + auth
          + b"Transfer-Encoding: chunked\r\n\r\n"
          + (b"%x\r\n" % chunk + b"z" * chunk + b"\r\n") * 10 + b"0\r\n\r\n",
          413, "request-too-large"),
-        ("10 MiB body, no token", b"POST /v1/credentials/svc/check HTTP/1.1\r\nHost: x\r\n"
+        ("10 MiB body, no token", b"POST /v1/credentials/svc/check HTTP/1.1\r\nHost: localhost\r\n"
          b"Content-Length: %d\r\n\r\n" % ten_mib + b"z" * ten_mib, 401, "unauthorized"),
-        ("1 MiB body to a GET", b"GET /v1/credentials HTTP/1.1\r\nHost: x\r\n" + auth
+        ("1 MiB body to a GET", b"GET /v1/credentials HTTP/1.1\r\nHost: localhost\r\n" + auth
          + b"Content-Length: %d\r\n\r\n" % (1 << 20) + b"z" * (1 << 20), 413,
          "request-too-large"),
-        ("malformed chunked body", b"POST /v1/credentials/svc/check HTTP/1.1\r\nHost: x\r\n"
+        ("malformed chunked body", b"POST /v1/credentials/svc/check HTTP/1.1\r\nHost: localhost\r\n"
          + auth + b"Transfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n", 400,
          "bad-request"),
         ("not HTTP", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 64 + b"\r\n\r\n",
          400, "bad-request"),
-        ("NUL in a header", b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n", 400,
+        ("NUL in a header", b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-A: a\x00b\r\n\r\n", 400,
          "bad-request"),
         ("bad request line", b"GET\r\n\r\n", 400, "bad-request"),
     ]
@@ -259,7 +262,7 @@ async def test_a_failure_outside_the_handlers_is_a_json_500_not_a_text_trace(
         # The metrics middleware wraps everything else, even the JSON error middleware.
         monkeypatch.setattr(api.metrics, "observe_request", broken)
         reply, _ = await anyio.to_thread.run_sync(
-            _exchange, api.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            _exchange, api.port, b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
         status, content_type, body = _status_and_json(reply)
         assert (status, body["error"]["code"]) == (500, "internal-error")
         assert content_type.startswith("application/json") and b"boom" not in reply
@@ -288,7 +291,7 @@ async def test_garbage_last_event_id_is_a_json_400_or_a_stream(
     async with serving(harness_factory, [cred("svc", path)], secrets) as (h, api, client):
         assert api.port is not None
         for value in fixed + fuzz:
-            request = (b"GET /v1/events HTTP/1.1\r\nHost: x\r\nLast-Event-ID: " + value
+            request = (b"GET /v1/events HTTP/1.1\r\nHost: localhost\r\nLast-Event-ID: " + value
                        + b"\r\n\r\n")
             reply = await anyio.to_thread.run_sync(_head, api.port, request)
             status = int(reply.split(b" ", 2)[1])

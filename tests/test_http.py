@@ -645,7 +645,7 @@ async def test_a_client_that_stops_reading_stalls_no_one(
     stuck.settimeout(TIMEOUT)
     try:
         async with serving(harness_factory, [cred("svc", path)], secrets) as (h, api, client):
-            request = b"GET /v1/events HTTP/1.1\r\nHost: x\r\n\r\n"
+            request = b"GET /v1/events HTTP/1.1\r\nHost: localhost\r\n\r\n"
             await anyio.to_thread.run_sync(stuck.connect, ("127.0.0.1", api.port))
             await anyio.to_thread.run_sync(stuck.sendall, request)
             head = b""
