@@ -56,6 +56,7 @@ from broker.convergence import ReportError
 from broker.events import Event, encode, stream_reset
 from broker.metrics import DeliveryStats, Metrics, StreamStats
 from broker.statuspage import StatusPage
+from broker.timefmt import format_time
 
 if TYPE_CHECKING:
     from broker.app import Broker
@@ -491,7 +492,14 @@ class HttpApi:
     async def _check(self, request: web.Request) -> web.Response:
         name = self._known(request.match_info["name"])
         state = await self._broker.check(name)
-        return _json(state.to_dict())
+        headers: dict[str, str] = {}
+        validator = self._broker.sinks.get("validate")
+        last = getattr(validator, "last_verdict", None)
+        validated_at = format_time(last(name)) if callable(last) else None
+        if validated_at is not None:
+            # Forced checks reuse a recent verdict (validate.MIN_INTERVAL): say how old it is.
+            headers["Validated-At"] = validated_at
+        return _json(state.to_dict(), headers=headers or None)
 
     async def _report_consumer(self, request: web.Request) -> web.Response:
         from broker.consumers import HTTP_FIELDS, parse_report

@@ -20,6 +20,10 @@ Decisions worth knowing:
 - The daemon validates at start, after every ``refreshed`` event of the credential, every
   ``interval``, and on a forced check (:meth:`Validator.validate_now`). Content that is
   missing, expired or invalid for reasons of its own is not sent anywhere.
+- A forced check is bounded: within :data:`MIN_INTERVAL` of the last request for the same
+  content it answers from that verdict (:meth:`Validator.last_verdict` says when it was
+  made), so no local user can make the broker hammer the remote API with the credential
+  and get it rate-limited or locked. New content is validated at once.
 - ``credbroker check`` validates too, without a daemon: :func:`validate_many`, then
   :func:`broker.machine.apply_findings` as the engine does.
 """
@@ -30,6 +34,7 @@ import logging
 import os
 import re
 import shlex
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -69,6 +74,9 @@ UNEXPECTED = "validator-unexpected-status"
 VALIDATOR_CODES = frozenset({REJECTED, UNREACHABLE, UNEXPECTED})
 #: Findings that make unchanged content invalid (the same set as the engine's).
 _REJECTING_STATUS = frozenset({401, 403})
+#: A forced check inside this many seconds of the last request for the same content reuses
+#: that request's verdict.
+MIN_INTERVAL = 30.0
 _PLACEHOLDER_RE = re.compile(r"\{([^{}]*)\}")
 # Header values may hold visible ASCII/UTF-8 and spaces/tabs; no other control characters.
 _BAD_HEADER_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
@@ -287,8 +295,11 @@ class Validator:
 
     name = "validate"
 
-    def __init__(self, broker: Broker) -> None:
+    def __init__(self, broker: Broker, *, min_interval: float | None = None) -> None:
         self._broker = broker
+        self.min_interval = MIN_INTERVAL if min_interval is None else min_interval
+        #: name -> (anyio time, wall-clock time, fingerprint) of the last request made.
+        self._last: dict[str, tuple[float, float, str | None]] = {}
         self._session: aiohttp.ClientSession | None = None
         self._locks: dict[str, anyio.Lock] = {}
         self._wakeups: dict[str, Wakeup] = {}
@@ -321,8 +332,13 @@ class Validator:
         ``KeyError`` for an unknown credential; a credential without ``validate`` settings
         (or with content not worth sending) is returned as it is.
         """
-        await self._validate(name)
+        await self._validate(name, forced=True)
         return self._broker.engine.state(name)
+
+    def last_verdict(self, name: str) -> float | None:
+        """When (wall clock) the verdict ``name``'s state carries was made; ``None`` if never."""
+        last = self._last.get(name)
+        return last[1] if last is not None else None
 
     def _poke(self, name: str) -> None:
         try:
@@ -363,7 +379,7 @@ class Validator:
         finally:
             self._wakeups.pop(name, None)
 
-    async def _validate(self, name: str) -> None:
+    async def _validate(self, name: str, *, forced: bool = False) -> None:
         engine = self._broker.engine
         spec = engine.spec(name)  # KeyError for an unknown name
         if spec.validate_ is None:
@@ -374,6 +390,17 @@ class Validator:
             state = engine.state(name)
             if session is None or not worth_validating(state):
                 return
+            last = self._last.get(name)
+            now = anyio.current_time()
+            if (
+                forced
+                and last is not None
+                and last[2] == state.fingerprint
+                and now - last[0] < self.min_interval
+            ):
+                log.debug("validation answered from the last verdict", extra={"credential": name})
+                return
+            self._last[name] = (now, time.time(), state.fingerprint)
             contents = await anyio.to_thread.run_sync(read_contents, spec)
             self.requests += 1
             try:

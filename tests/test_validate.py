@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,10 @@ async def api() -> AsyncIterator[Api]:
         server.received.close()
 
 
+#: The validator without a minimum interval between forced checks.
+UNBOUNDED = [partial(Validator, min_interval=0.0)]
+
+
 def closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -114,7 +119,8 @@ async def test_valid_rejected_unreachable(
     path = tmp_path / "token"
     token = secrets.token()
     write_atomic(path, token + "\n")
-    async with harness_factory([validated(path, api.url)]) as h:
+    # Each forced check here must reach the API: no minimum interval.
+    async with harness_factory([validated(path, api.url)], sinks=UNBOUNDED) as h:
         await h.fence()
         h.seen.clear()
         validator = h.broker.sinks["validate"]
@@ -173,7 +179,7 @@ async def test_connection_refused_is_unreachable(
     write_atomic(path, secrets.token())
     port = closed_port()
     url = f"http://127.0.0.1:{port}/whoami"
-    async with harness_factory([validated(path, url, interval="10m")]) as h:
+    async with harness_factory([validated(path, url, interval="10m")], sinks=UNBOUNDED) as h:
         validator = h.broker.sinks["validate"]
         assert isinstance(validator, Validator)
         state = await validator.validate_now("svc")
@@ -355,3 +361,52 @@ def test_only_usable_content_is_worth_sending(tmp_path: Path) -> None:
     assert not worth_validating(State("x", Status.MISSING))
     assert not worth_validating(State("x", Status.INVALID, problems=(Problem("empty", "e"),)))
     assert worth_validating(State("x", Status.INVALID, problems=(Problem(REJECTED, "401"),)))
+
+
+async def test_forced_checks_are_bounded_and_say_when_the_verdict_was_made(
+    harness_factory: Any, tmp_path: Path, api: Api, secrets: SecretRegistry
+) -> None:
+    # 200 POST checks in a burst: the API sees the credential once, not 200 times.
+    import aiohttp
+
+    from broker.http import HttpApi
+    from broker.timefmt import parse_time
+
+    token = tmp_path / "token"
+    write_atomic(token, secrets.token())
+    sinks = [HttpApi, partial(Validator, min_interval=1.5)]
+    async with harness_factory([validated(token, api.url)], sinks=sinks,
+                               http={"listen": "127.0.0.1:0"}) as h:
+        assert await api.next_header() is not None  # the validation at start
+        http = h.broker.sinks["http"]
+        assert isinstance(http, HttpApi)
+        url = f"http://127.0.0.1:{http.port}/v1/credentials/svc/check"
+        async with aiohttp.ClientSession() as session:
+
+            async def check() -> tuple[str | None, Any]:
+                async with session.post(url) as reply:
+                    assert reply.status == 200
+                    body = await reply.json()
+                    secrets.observe("check", repr(body))
+                    return reply.headers.get("Validated-At"), body
+
+            first_at, body = await check()  # within the interval of the start's request
+            assert first_at is not None and body["status"] == "valid"
+            assert parse_time(first_at) <= time.time()
+            with anyio.fail_after(TIMEOUT):
+                for _ in range(200):
+                    at, body = await check()
+                    assert at == first_at and body["status"] == "valid"
+            assert api.received is not None
+            extra = 0
+            while True:
+                try:
+                    api.received.receive_nowait()
+                    extra += 1
+                except anyio.WouldBlock:
+                    break
+            assert extra <= 1  # at most one, should the interval end during the burst
+            await anyio.sleep(1.6)  # the interval is a span of time: nothing to await instead
+            later_at, _ = await check()
+            assert await api.next_header() is not None
+            assert later_at is not None and parse_time(later_at) > parse_time(first_at)
