@@ -55,8 +55,9 @@ from broker.fingerprint import Fingerprinter
 from broker.machine import REFRESH_FAILED, observe
 from broker.reader import FileRead, read_credential
 from broker.redaction import REDACTED, Redactor
+from broker.safefile import UnsafeFile, read_regular
 from broker.state import FileInfo, Problem, State, Status
-from broker.store import JOURNAL, SNAPSHOT
+from broker.store import JOURNAL, MAX_STATE_FILE, SNAPSHOT
 from broker.wakeup import Wakeup
 
 if TYPE_CHECKING:
@@ -584,29 +585,29 @@ def persisted_refresh_problems(state_dir: Path) -> dict[str, tuple[str | None, P
     """
     latest: dict[str, Any] = {}
     try:
-        snapshot = json.loads((state_dir / SNAPSHOT).read_bytes())
+        snapshot = json.loads(read_regular(state_dir / SNAPSHOT, MAX_STATE_FILE)[0])
         creds = snapshot.get("credentials", {}) if isinstance(snapshot, dict) else {}
         if isinstance(creds, dict):
             latest.update({n: d for n, d in creds.items() if isinstance(d, dict)})
-    except (OSError, ValueError):
+    except (OSError, UnsafeFile, ValueError, RecursionError):
         pass
     try:
-        lines = (state_dir / JOURNAL).read_bytes().splitlines()
-    except OSError:
+        lines = read_regular(state_dir / JOURNAL, MAX_STATE_FILE)[0].splitlines()
+    except (OSError, UnsafeFile):
         lines = []
     for line in lines:
         try:
             entry = json.loads(line)
             for doc in entry["states"]:
                 latest[str(doc["credential"])] = doc
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             continue
     found: dict[str, tuple[str | None, Problem]] = {}
     for name, doc in latest.items():
         try:
             problems = [Problem.from_dict(p) for p in doc.get("problems", ())]
             fingerprint = doc.get("fingerprint")
-        except (KeyError, TypeError, AttributeError):
+        except (KeyError, TypeError, AttributeError, ValueError):
             continue
         for problem in problems:
             if problem.code == REFRESH_FAILED_CODE:

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import secrets
+import stat
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from broker.events import encode
+from broker.safefile import UnsafeFile, read_regular
 from broker.state import Stage, State
 
 log = logging.getLogger("broker.store")
@@ -28,6 +30,15 @@ SNAPSHOT = "state.json"
 JOURNAL = "journal.jsonl"
 KEY_FILE = "fingerprint.key"
 COMPACT_EVERY = 2000  # journal lines
+#: Larger files in state_dir are not read (set aside): the broker writes far less.
+MAX_STATE_FILE = 64 * 1024 * 1024
+MAX_KEY_FILE = 4096
+#: Times outside [0, this] (the year 3000) and counters above 2**53 are corruption.
+_MAX_TIME = 32503680000.0
+_MAX_COUNT = 2**53
+#: Everything a malformed document can raise while being decoded.
+_DECODE_ERRORS = (ValueError, KeyError, TypeError, AttributeError, OverflowError,
+                  RecursionError, IndexError)
 
 
 class StoreError(Exception):
@@ -54,16 +65,37 @@ def _encode_state(state: State) -> dict[str, Any]:
 
 
 def _decode_state(doc: Mapping[str, Any]) -> State:
+    """A stored state, range-checked; ``ValueError`` (or another decode error) if corrupt."""
     state = State.from_dict(doc)
     # Exact floats, not the millisecond-rounded text, so deadlines survive a restart intact.
-    return replace(
+    state = replace(
         state,
-        issued_at=doc.get("_issued_at"),
+        issued_at=_time(doc.get("_issued_at")),
         stage=Stage(int(doc.get("_stage", 0))),
-        expires_at=doc.get("_expires_at", state.expires_at),
-        expiring_at=doc.get("_expiring_at", state.expiring_at),
-        changed_at=doc.get("_changed_at", state.changed_at),
+        expires_at=_time(doc.get("_expires_at", state.expires_at)),
+        expiring_at=_time(doc.get("_expiring_at", state.expiring_at)),
+        changed_at=_time(doc.get("_changed_at", state.changed_at)),
     )
+    for count in (state.generation, state.sequence, *(f.size for f in state.files)):
+        if count is not None and not (isinstance(count, int) and 0 <= count <= _MAX_COUNT):
+            raise ValueError("a counter is out of range")
+    for info in state.files:
+        _time(info.mtime)
+    if state.fingerprint is not None and not isinstance(state.fingerprint, str):
+        raise ValueError("the fingerprint is not a string")
+    # Whatever made it this far must serve: the document is what every GET and event sends.
+    encode(state.to_dict())
+    return state
+
+
+def _time(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError("a time is not a number")
+    if not 0.0 <= value <= _MAX_TIME:  # also refuses NaN and infinities (1e400)
+        raise ValueError("a time is out of range")
+    return float(value)
 
 
 class Store:
@@ -83,52 +115,63 @@ class Store:
         self._unsaved_key: tuple[Path, bytes] | None = None
 
     def prepare(self) -> None:
-        """Create ``state_dir`` (0700)."""
+        """Create ``state_dir`` (0700), or tighten an existing one that others can enter."""
         try:
             self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"cannot create state_dir {self.state_dir}: {exc.strerror}") from None
+        _tighten(self.state_dir, 0o700, "state_dir")
 
     def load_key(self, key_file: Path | None = None) -> bytes:
-        """The fingerprint key: ``key_file`` if given (shared by a fleet), else generated 0600."""
+        """The fingerprint key: ``key_file`` if given (shared by a fleet), else generated 0600.
+
+        A readable key lets anyone brute-force short secrets from published fingerprints:
+        a key others can read is tightened to 0600, or refused when that is not possible.
+        """
         path = key_file or self.state_dir / KEY_FILE
         try:
-            key = path.read_bytes().strip()
+            # A configured key may be a symlink (a mounted secret); the generated one not.
+            raw, _ = read_regular(path, MAX_KEY_FILE, follow=key_file is not None)
         except FileNotFoundError:
             if key_file is not None:
                 raise StoreError(f"fingerprint_key_file {path} does not exist") from None
-            key = secrets.token_hex(32).encode()
-            try:
-                _atomic_write(path, key + b"\n")
-            except OSError as exc:
-                # Serve anyway (from memory, like any other write failure) with this key.
-                self._unsaved_key = (path, key + b"\n")
-                self._report(f"cannot write the fingerprint key to {path}: "
-                             f"{exc.strerror or exc}")
-            return key
+            return self._new_key(path)
+        except UnsafeFile as exc:
+            if key_file is not None:
+                raise StoreError(f"fingerprint_key_file: {exc}") from None
+            aside = self._set_aside(path)
+            log.warning("fingerprint key set aside; a new one is generated",
+                        extra={"problem": str(exc), "moved_to": str(aside)})
+            return self._new_key(path)
         except OSError as exc:
             raise StoreError(f"cannot read fingerprint key {path}: {exc.strerror}") from None
+        key = raw.strip()
         if len(key) < 16:
             raise StoreError(f"fingerprint key {path} is too short (need at least 16 bytes)")
+        _tighten(path, 0o600, "fingerprint key")
+        return key
+
+    def _new_key(self, path: Path) -> bytes:
+        key = secrets.token_hex(32).encode()
+        try:
+            _atomic_write(path, key + b"\n")
+        except OSError as exc:
+            # Serve anyway (from memory, like any other write failure) with this key.
+            self._unsaved_key = (path, key + b"\n")
+            self._report(f"cannot write the fingerprint key to {path}: {exc.strerror or exc}")
         return key
 
     def load(self) -> Loaded:
         """Read snapshot + journal. Corruption is reported and the bad part set aside."""
         loaded = Loaded()
-        try:
-            raw = self._snapshot.read_bytes()
-        except FileNotFoundError:
-            raw = None
-        except OSError as exc:
-            loaded.problems.append(f"cannot read {self._snapshot}: {exc.strerror}")
-            raw = None
+        raw = self._read(self._snapshot, "state snapshot", loaded)
         if raw is not None:
             try:
                 doc = json.loads(raw)
-                loaded.sequence = int(doc["sequence"])
+                loaded.sequence = _count(doc["sequence"])
                 for name, state_doc in doc["credentials"].items():
                     loaded.states[name] = _decode_state(state_doc)
-            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            except _DECODE_ERRORS as exc:
                 loaded.states.clear()
                 loaded.sequence = 0
                 aside = self._set_aside(self._snapshot)
@@ -139,20 +182,38 @@ class Store:
         self._replay_journal(loaded)
         return loaded
 
-    def _replay_journal(self, loaded: Loaded) -> None:
+    def _read(self, path: Path, what: str, loaded: Loaded) -> bytes | None:
+        """A state file's bytes; ``None`` when absent, or unusable (then set aside, reported)."""
         try:
-            lines = self._journal.read_bytes().splitlines()
+            raw, mode = read_regular(path, MAX_STATE_FILE)
         except FileNotFoundError:
-            return
+            return None
+        except UnsafeFile as exc:
+            aside = self._set_aside(path)
+            loaded.problems.append(f"{what}: {exc}; moved to {aside} and rebuilt")
+            return None
         except OSError as exc:
-            loaded.problems.append(f"cannot read {self._journal}: {exc.strerror}")
+            # The environment (EMFILE, EACCES, EIO), not corruption: keep the file for later.
+            loaded.problems.append(f"cannot read {path}: {exc.strerror}")
+            return None
+        if stat.S_IMODE(mode) & 0o077:
+            try:
+                _tighten(path, 0o600, what)
+            except StoreError as exc:
+                loaded.problems.append(str(exc))
+        return raw
+
+    def _replay_journal(self, loaded: Loaded) -> None:
+        raw = self._read(self._journal, "journal", loaded)
+        if raw is None:
             return
+        lines = raw.splitlines()
         for number, line in enumerate(lines, 1):
             try:
                 entry = json.loads(line)
                 states = [_decode_state(d) for d in entry["states"]]
-                sequence = int(entry["sequence"])
-            except (ValueError, KeyError, TypeError, AttributeError):
+                sequence = _count(entry["sequence"])
+            except _DECODE_ERRORS:
                 # A torn last line is a write cut short by a crash: it was never published.
                 if number != len(lines):
                     loaded.problems.append(
@@ -183,7 +244,8 @@ class Store:
                 self._write_snapshot(everything(), sequence)
             else:
                 line = encode({"sequence": sequence, "states": [_encode_state(s) for s in changed]})
-                with open(self._journal, "ab") as fh:
+                fd = os.open(self._journal, _JOURNAL_FLAGS | os.O_APPEND, 0o600)
+                with os.fdopen(fd, "ab") as fh:
                     fh.write(line + b"\n")
                     fh.flush()
                     os.fdatasync(fh.fileno())
@@ -211,7 +273,8 @@ class Store:
             "credentials": {name: _encode_state(s) for name, s in everything.items()},
         }
         _atomic_write(self._snapshot, encode(doc))
-        with open(self._journal, "wb") as fh:
+        fd = os.open(self._journal, _JOURNAL_FLAGS | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
             os.fsync(fh.fileno())
         self._journal_lines = 0
         self._needs_full_write = False
@@ -231,6 +294,37 @@ class Store:
         with contextlib.suppress(OSError):
             path.replace(aside)
         return aside
+
+
+# O_NOFOLLOW: a symlink put in place of the journal must not redirect the broker's writes.
+_JOURNAL_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_COUNT:
+        raise ValueError("a sequence number is out of range")
+    return value
+
+
+def _tighten(path: Path, mode: int, what: str) -> None:
+    """Make ``path`` private (``mode``) if others can read it; refuse if that fails."""
+    try:
+        current = stat.S_IMODE(os.lstat(path).st_mode)
+    except OSError as exc:
+        raise StoreError(f"cannot stat {what} {path}: {exc.strerror}") from None
+    if not current & 0o077:
+        return
+    try:
+        os.chmod(path, mode, follow_symlinks=False)
+    except OSError as exc:
+        raise StoreError(
+            f"{what} {path} is {current:04o} (readable by other users) and cannot be made "
+            f"{mode:04o}: {exc.strerror}; run: chmod {mode:o} {path}"
+        ) from None
+    log.warning(
+        "permissions tightened",
+        extra={"path": str(path), "what": what, "was": f"{current:04o}", "now": f"{mode:04o}"},
+    )
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
