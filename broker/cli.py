@@ -124,11 +124,40 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+#: A SIGHUP reload that has not finished after this long is given up (the old config stays).
+RELOAD_TIMEOUT = 10.0
+
+
 async def _serve(config: Config, path: str) -> None:
     import logging
 
     log = logging.getLogger("broker")
     notifier = Notifier()
+    stopping = False
+
+    async def reload(broker: Broker, done: anyio.Event) -> None:
+        notifier.reloading()
+        try:
+            with anyio.move_on_after(RELOAD_TIMEOUT) as scope:
+                try:
+                    # Abandoned on cancel: a read stuck on a hung mount must not hold stop.
+                    new = await anyio.to_thread.run_sync(load_config, path, abandon_on_cancel=True)
+                except ConfigError as exc:
+                    log.error(
+                        "reload refused; keeping the running config", extra={"error": str(exc)}
+                    )
+                    return
+                await broker.reload(new)
+            if scope.cancelled_caught:
+                log.error(
+                    "reload timed out; keeping the running config",
+                    extra={"error": f"reading {path} took more than {RELOAD_TIMEOUT:g}s"},
+                )
+        finally:
+            if not stopping:  # never READY after STOPPING
+                notifier.ready(broker.states())
+            done.set()
+
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with Broker(config) as broker, anyio.create_task_group() as tg:
             # Subscribed before READY, so no change after it goes without a STATUS= update.
@@ -142,22 +171,20 @@ async def _serve(config: Config, path: str) -> None:
             await tg.start(notifier.watchdog)
             if changes is not None:
                 tg.start_soon(_follow_status, broker, notifier, changes)
+            reloaded = anyio.Event()
+            reloaded.set()
             async for signum in signals:
                 if signum != signal.SIGHUP:
                     log.info("stopping", extra={"signal": signal.Signals(signum).name})
+                    stopping = True
                     notifier.stopping()
                     break
-                notifier.reloading()
-                try:
-                    new = await anyio.to_thread.run_sync(load_config, path)
-                    await broker.reload(new)
-                except ConfigError as exc:
-                    log.error(
-                        "reload refused; keeping the running config", extra={"error": str(exc)}
-                    )
-                finally:
-                    notifier.ready(broker.states())
-            tg.cancel_scope.cancel()
+                if not reloaded.is_set():
+                    log.warning("reload already under way; this SIGHUP is ignored")
+                    continue
+                reloaded = anyio.Event()
+                tg.start_soon(reload, broker, reloaded)
+            tg.cancel_scope.cancel()  # a reload under way never delays stop
 
 
 async def _follow_status(broker: Broker, notifier: Notifier, changes: Subscription) -> None:

@@ -43,6 +43,7 @@ import re
 import shlex
 import signal
 import socket
+import stat
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -1793,10 +1794,19 @@ def load_config(
             raise ConfigError([(CONFIG_ENV_VAR, str(exc))]) from None
     source = Path(os.path.abspath(path))
     try:
-        with open(source, "rb") as handle:
+        # Non-blocking, and a regular file only: a FIFO (or a device) in the config's place
+        # must not hang a start or a SIGHUP reload.
+        fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as handle:
+            mode = os.fstat(handle.fileno()).st_mode
+            if stat.S_ISDIR(mode):
+                raise IsADirectoryError
+            if not stat.S_ISREG(mode):
+                raise ConfigError([("", "is not a regular file (a FIFO, device or socket)")],
+                                  source)
             # Whoever can write the config chooses what the broker reads and runs
             # (refresh commands): refuse one that anybody may write.
-            if os.fstat(handle.fileno()).st_mode & 0o002:
+            if mode & 0o002:
                 raise ConfigError(
                     [("", f"the config file is writable by others; fix: chmod o-w {source}")],
                     source,

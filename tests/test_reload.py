@@ -1,0 +1,76 @@
+"""A SIGHUP reload never blocks the daemon: configs are regular files opened non-blocking,
+a reload runs under a timeout, and SIGTERM is acted on at once whatever a reload does."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.conftest import SecretRegistry, write_atomic
+from tests.daemon import ROOT, Daemon
+
+
+def _config(tmp_path: Path, token: Path) -> Path:
+    config = tmp_path / "broker.toml"
+    config.write_text(
+        f'[broker]\nstate_dir = "{tmp_path / "state"}"\nhost_id = "hup"\n'
+        f'[[credentials]]\nname = "svc"\nfiles = {{ token = "{token}" }}\n'
+    )
+    return config
+
+
+def test_a_config_replaced_by_a_fifo_neither_blocks_reload_nor_stop(
+    tmp_path: Path, secrets: SecretRegistry
+) -> None:
+    token = tmp_path / "token"
+    write_atomic(token, secrets.token())
+    config = _config(tmp_path, token)
+    daemon = Daemon(config)
+    try:
+        daemon.wait_for("broker started")
+        config.unlink()
+        os.mkfifo(config, 0o600)
+        daemon.signal(signal.SIGHUP)
+        record = daemon.wait_for("reload refused; keeping the running config", timeout=5)
+        assert "not a regular file" in record["error"]
+        # Still serving: a rotation is published under the running config.
+        write_atomic(token, secrets.token())
+        daemon.wait_for("credentials.refreshed", lambda r: r.get("generation") == 2)
+        started = time.monotonic()
+        assert daemon.stop(timeout=5) == 0
+        assert time.monotonic() - started < 3.0
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
+            daemon.proc.wait()
+        secrets.observe("daemon log", daemon.output())
+
+
+def test_sigterm_during_a_reload_stops_at_once(tmp_path: Path, secrets: SecretRegistry) -> None:
+    # Repeated: SIGHUP and SIGTERM back to back, whatever the reload is doing then.
+    token = tmp_path / "token"
+    write_atomic(token, secrets.token())
+    config = _config(tmp_path, token)
+    for _ in range(3):
+        daemon = Daemon(config)
+        daemon.wait_for("broker started")
+        daemon.signal(signal.SIGHUP)
+        started = time.monotonic()
+        assert daemon.stop(timeout=5) == 0
+        assert time.monotonic() - started < 3.0
+        secrets.observe("daemon log", daemon.output())
+
+
+def test_starting_on_a_fifo_config_is_a_prompt_config_error(tmp_path: Path) -> None:
+    config = tmp_path / "broker.toml"
+    os.mkfifo(config, 0o600)
+    result = subprocess.run(
+        [sys.executable, "-m", "broker", "run", "-c", str(config)],
+        cwd=ROOT, capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 2
+    assert "not a regular file" in result.stderr
