@@ -168,7 +168,9 @@ class Broker:
             self.store.error = str(exc)
             log.error("state store unavailable; running from memory", extra={"error": str(exc)})
             return Loaded(problems=[str(exc)]), secrets.token_hex(32).encode()
-        return self.store.load(), key
+        loaded = self.store.load()
+        self.store.reconcile(loaded, (c.name for c in self._config.credentials))
+        return loaded, key
 
     def _sink_factories(self) -> list[SinkFactory]:
         # Imported here so that an embedded broker without them never loads these modules.
@@ -260,4 +262,9 @@ class Broker:
             if wanted and sink not in self.sinks:
                 log.warning(f"the first `{sink}` setting needs a restart of the broker to run")
         self._config = config
-        await self.engine.reconfigure(config.credentials)
+        removed, added = await self.engine.reconfigure(config.credentials)
+        for each in self.sinks.values():
+            # Sinks that keep per-credential state outside the engine (MQTT's retained topics).
+            reconfigured = getattr(each, "reconfigured", None)
+            if callable(reconfigured):
+                reconfigured(removed, added)

@@ -294,11 +294,30 @@ class Engine:
             progress = self._progress
             await progress.wait()
 
-    async def reconfigure(self, credentials: Iterable[CredentialSettings]) -> None:
-        """Apply a reloaded config: add, drop and re-read credentials, keeping their state."""
+    async def reconfigure(
+        self, credentials: Iterable[CredentialSettings]
+    ) -> tuple[set[str], set[str]]:
+        """Apply a reloaded config: add, drop and re-read credentials, keeping their state.
+
+        Returns the names removed and added. A removed credential's state is kept as a
+        tombstone in the store, so that re-adding it continues its generation (and unchanged
+        content is silent).
+        """
+        credentials = list(credentials)
         async with self._lock:
             states = {n: t.state for n, t in self._tracked.items() if t.state is not None}
             old_specs = {n: t.spec for n, t in self._tracked.items()}
+            wanted = {c.name for c in credentials}
+            removed = set(old_specs) - wanted
+            added = wanted - set(old_specs)
+            gone = [states[n] for n in removed if n in states]
+            back = {n for n in added if n in self._store.tombstones}
+            if gone or back:
+                def tombstones() -> dict[str, State]:
+                    found = {n: s for n in back if (s := self._store.exhume(n, save=False))}
+                    self._store.bury(gone)
+                    return found
+                states.update(await anyio.to_thread.run_sync(tombstones))
             self._set_credentials(credentials, states)
             changed = {n for n, t in self._tracked.items() if old_specs.get(n) != t.spec}
             for name in changed:
@@ -307,6 +326,7 @@ class Engine:
         if changed:
             await self._evaluate({n: _Pending(scan=True, force=True, respec=True) for n in changed})
         log.info("configuration applied", extra={"credentials": len(self._tracked)})
+        return removed, added
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Watch, evaluate, schedule and resync until cancelled."""

@@ -34,7 +34,7 @@ import os
 import ssl
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from functools import partial
@@ -438,6 +438,12 @@ class MqttPublisher:
         self._latest: dict[str, Event] = {}
         #: Per connection: the event id last acknowledged on each state topic.
         self._state_sent: dict[str, str] = {}
+        #: Removed credentials whose retained state topic is still to be cleared (an empty
+        #: retained message) on this connection; refilled from the tombstones at every connect.
+        self._to_clear: set[str] = set()
+        #: Added credentials whose retained state is to be published once they have one.
+        self._resync: set[str] = set()
+        self._clearing: set[str] = set()
         self._changed = anyio.Event()
         # Subscribed now rather than in ``run``: no event published from here on is missed
         # (a broker that makes its sinks before the engine's first pass gets the first-sight
@@ -502,6 +508,21 @@ class MqttPublisher:
         """Move events from the bus into the outbox as they come: the bus never waits on us."""
         async for event in self._subscription:
             self._take(event)
+
+    def reconfigured(self, removed: Iterable[str], added: Iterable[str]) -> None:
+        """A reload removed or added credentials: clear the removed ones' retained state.
+
+        An added credential's retained state is published by the next connect, or by its
+        first event; one re-added with unchanged content (silent) gets it from the reconnect
+        sync below.
+        """
+        for name in removed:
+            self._latest.pop(name, None)
+            self._to_clear.add(name)
+        for name in added:
+            self._to_clear.discard(name)
+            self._resync.add(name)
+        self._changed.set()
 
     def _take(self, event: Event) -> None:
         self._latest[event.subject] = event
@@ -743,9 +764,15 @@ class MqttPublisher:
             await publish(
                 self.topics.status, ONLINE, True, publish_properties(protocol, STATUS_CONTENT_TYPE)
             )
+            configured = set(self._broker.engine.names)
+            self._to_clear = {n for n in self._broker.store.tombstones if n not in configured}
+            self._clearing.clear()
             async with anyio.create_task_group() as tg:
                 for event in self._snapshot():
                     await spawn(tg, partial(self._publish_state, publish, event, props))
+                for name in sorted(self._to_clear):
+                    self._clearing.add(name)
+                    await spawn(tg, partial(self._clear_state, publish, name))
         except _SessionLost as exc:
             fail(exc)
             return
@@ -758,7 +785,17 @@ class MqttPublisher:
         self._outbox.rewind()
         async with anyio.create_task_group() as tg:
             while True:
+                for name in sorted(self._to_clear - self._clearing):
+                    self._clearing.add(name)
+                    await spawn(tg, partial(self._clear_state, publish, name))
+                for name in sorted(self._resync):
+                    self._resync.discard(name)
+                    latest = self._state_event(name)
+                    if latest is not None and self._state_sent.get(name) != latest.id:
+                        await spawn(tg, partial(self._publish_state, publish, latest, props))
                 item = self._outbox.next_unsent()
+                if item is None and (self._to_clear - self._clearing or self._resync):
+                    continue
                 if item is None:
                     # No await between the check and the new Event: no wake-up is lost.
                     changed = self._changed = anyio.Event()
@@ -775,6 +812,32 @@ class MqttPublisher:
     ) -> None:
         await publish(self.topics.state(event.subject), event.payload, True, props)
         self._state_sent[event.subject] = event.id
+
+    async def _clear_state(
+        self,
+        publish: Callable[[str, bytes, bool, Properties | None], Awaitable[None]],
+        name: str,
+    ) -> None:
+        try:
+            # SPEC section 4: an empty retained message removes the topic's retained state.
+            await publish(self.topics.state(name), b"", True, None)
+            self._to_clear.discard(name)
+            self._state_sent.pop(name, None)
+        finally:
+            self._clearing.discard(name)
+
+    def _state_event(self, name: str) -> Event | None:
+        """The latest event of ``name``, made up from its state if it has none yet."""
+        event = self._latest.get(name)
+        if event is None:
+            try:
+                state = self._broker.engine.state(name)
+            except KeyError:
+                return None
+            event = make_event(_TYPE_FOR_STATUS[state.status], state,
+                               source=self._broker.source, now=time.time())
+            self._latest[name] = event
+        return event
 
     async def _publish_event(
         self,

@@ -29,6 +29,9 @@ FORMAT_VERSION = 1
 SNAPSHOT = "state.json"
 JOURNAL = "journal.jsonl"
 KEY_FILE = "fingerprint.key"
+TOMBSTONES = "tombstones.json"
+#: Removed credentials remembered (generation and fingerprint), the most recent kept.
+MAX_TOMBSTONES = 1024
 COMPACT_EVERY = 2000  # journal lines
 #: Larger files in state_dir are not read (set aside): the broker writes far less.
 MAX_STATE_FILE = 64 * 1024 * 1024
@@ -52,6 +55,8 @@ class Loaded:
     states: dict[str, State] = field(default_factory=dict)
     sequence: int = 0
     problems: list[str] = field(default_factory=list)
+    #: Credentials no longer configured (their retained MQTT state is to be cleared).
+    removed: list[str] = field(default_factory=list)
 
 
 def _encode_state(state: State) -> dict[str, Any]:
@@ -105,6 +110,9 @@ class Store:
         self.state_dir = state_dir
         self._snapshot = state_dir / SNAPSHOT
         self._journal = state_dir / JOURNAL
+        self._tombstones_path = state_dir / TOMBSTONES
+        #: name -> (removed at, last state) of removed credentials, oldest first.
+        self.tombstones: dict[str, tuple[float, State]] = {}
         self._journal_lines = 0
         self._needs_full_write = False
         #: The last write error, or None when the store is healthy.
@@ -181,6 +189,71 @@ class Store:
                 )
         self._replay_journal(loaded)
         return loaded
+
+    def reconcile(self, loaded: Loaded, configured: Iterable[str]) -> None:
+        """Bury loaded states no longer configured, and bring back those re-added (start)."""
+        self._load_tombstones(loaded)
+        names = set(configured)
+        gone = {n: s for n, s in loaded.states.items() if n not in names}
+        for name in gone:
+            del loaded.states[name]
+        back = {n: s for n in names if n not in loaded.states
+                and (s := self.exhume(n, save=False)) is not None}
+        loaded.states.update(back)
+        self.bury(gone.values(), save=False)
+        if gone or back:
+            self.save_tombstones()
+        loaded.removed = list(self.tombstones)
+
+    def bury(self, states: Iterable[State], *, save: bool = True) -> None:
+        """Remember removed credentials' states (bounded, the most recent kept)."""
+        now = time.time()
+        for state in states:
+            self.tombstones.pop(state.credential, None)
+            self.tombstones[state.credential] = (now, state)
+        while len(self.tombstones) > MAX_TOMBSTONES:
+            del self.tombstones[next(iter(self.tombstones))]
+        if save:
+            self.save_tombstones()
+
+    def exhume(self, name: str, *, save: bool = True) -> State | None:
+        """The last state of a re-added credential (and forget its tombstone), or ``None``."""
+        entry = self.tombstones.pop(name, None)
+        if entry is not None and save:
+            self.save_tombstones()
+        return entry[1] if entry is not None else None
+
+    def save_tombstones(self) -> None:
+        """Write the tombstones. Never raises (a failure is reported like any write's)."""
+        doc = {
+            "version": FORMAT_VERSION,
+            "tombstones": {n: {"removed_at": t, "state": _encode_state(s)}
+                           for n, (t, s) in self.tombstones.items()},
+        }
+        try:
+            _atomic_write(self._tombstones_path, encode(doc))
+        except OSError as exc:
+            self._report(f"cannot write state to {self.state_dir}: {exc.strerror or exc}")
+
+    def _load_tombstones(self, loaded: Loaded) -> None:
+        raw = self._read(self._tombstones_path, "tombstones", loaded)
+        if raw is None:
+            return
+        try:
+            doc = json.loads(raw)
+            entries = sorted(
+                ((float(_time(e["removed_at"]) or 0.0), n, _decode_state(e["state"]))
+                 for n, e in doc["tombstones"].items()),
+                key=lambda item: item[0],
+            )
+        except _DECODE_ERRORS as exc:
+            aside = self._set_aside(self._tombstones_path)
+            loaded.problems.append(
+                f"tombstones {self._tombstones_path} were corrupt ({type(exc).__name__}); "
+                f"moved to {aside}"
+            )
+            return
+        self.tombstones = {n: (t, s) for t, n, s in entries[-MAX_TOMBSTONES:]}
 
     def _read(self, path: Path, what: str, loaded: Loaded) -> bytes | None:
         """A state file's bytes; ``None`` when absent, or unusable (then set aside, reported)."""
