@@ -131,8 +131,8 @@ class Redactor:
             # A structured file's secrets are its values: its keys ("password") and
             # punctuation stay readable in the text.
             for value in values or [secret]:
-                for form in _encoded_forms(value):
-                    folded = _fold(form)
+                # Most forms of a plain token are the token itself: slice each form once.
+                for folded in {_fold(form) for form in _encoded_forms(value)}:
                     grams.update(folded[i : i + MIN_RUN] for i in range(len(folded) - MIN_RUN + 1))
             whole = secret.strip()
             if not values and len(whole) >= MIN_VALUE:
