@@ -30,10 +30,12 @@ Decisions worth knowing:
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import re
 import shlex
+import socket
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -200,6 +202,11 @@ async def probe(
     timeout = settings.timeout
     try:
         with anyio.fail_after(timeout):
+            if urlsplit(settings.url).scheme == "http" and not await _only_loopback(settings.url):
+                # The config allows plain http to loopback names only; a name that resolves
+                # elsewhere now (a changed /etc/hosts) would carry the credential in clear.
+                what = f"{host} resolves to a non-loopback address; not sent over plain http"
+                return Verdict(_unreachable(spec, settings, what))
             async with session.get(
                 settings.url,
                 headers=headers,
@@ -231,6 +238,18 @@ async def probe(
     if status in _REJECTING_STATUS:
         return Verdict(_rejected(spec, host, status), status)
     return Verdict(_unexpected(spec, settings, status), status)
+
+
+async def _only_loopback(url: str) -> bool:
+    """Whether every address ``url``'s host resolves to now is a loopback address."""
+    parts = urlsplit(url)
+    try:
+        infos = await anyio.getaddrinfo(parts.hostname or "", parts.port or 80,
+                                        type=socket.SOCK_STREAM)
+    except OSError:
+        return True  # no address at all: the connection attempt reports it
+    return all(ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]).is_loopback
+               for info in infos)
 
 
 def header_contents(reads: Iterable[FileRead]) -> dict[str, bytes]:

@@ -80,3 +80,40 @@ def test_localhost_and_loopback_literals_still_count(tmp_path: Path) -> None:
                              "validate": {"url": f"http://{host}:1/x"}}],
         })
         assert config.mqtt is not None
+
+
+def test_a_loopback_name_that_resolves_elsewhere_at_connect_time_gets_nothing(
+    tmp_path: Path, secrets: SecretRegistry
+) -> None:
+    # `localhost` resolving to a non-loopback address (a hostile /etc/hosts, bind-mounted in
+    # a user and mount namespace of its own): the validator sends nothing in clear.
+    import shutil
+    import socket
+
+    if shutil.which("unshare") is None or subprocess.run(
+        ["unshare", "-U", "-r", "-m", "true"], capture_output=True, check=False
+    ).returncode != 0:
+        pytest.skip("needs unprivileged user and mount namespaces (unshare -U -r -m)")
+    # Nobody accepts: a connection that reached it would wait in its backlog, seen below.
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    hosts = tmp_path / "hosts"
+    hosts.write_text("192.0.2.1 localhost\n")  # TEST-NET-1: never routed
+    token = tmp_path / "token"
+    write_atomic(token, secrets.token())
+    config = tmp_path / "broker.toml"
+    config.write_text(
+        f'[broker]\nstate_dir = "{tmp_path / "state"}"\n'
+        f'[[credentials]]\nname = "svc"\nfiles = {{ token = "{token}" }}\n'
+        f'validate = {{ url = "http://localhost:{port}/whoami", '
+        f'header = "Authorization: Bearer {{token}}", timeout = "2s" }}\n'
+    )
+    script = (f"mount --bind {hosts} /etc/hosts && "
+              f"exec {sys.executable} -m broker check -c {config} --json")
+    result = subprocess.run(["unshare", "-U", "-r", "-m", "sh", "-c", script], cwd=ROOT,
+                            capture_output=True, text=True, timeout=30, check=False)
+    secrets.observe("check output", result.stdout + result.stderr)
+    listener.setblocking(False)
+    with pytest.raises(BlockingIOError), listener:
+        listener.accept()
+    assert "resolves to a non-loopback address" in result.stdout, result.stdout + result.stderr
