@@ -92,8 +92,10 @@ def test_no_run_of_a_secret_survives_in_any_printed_shape(
 def test_text_without_a_secret_is_left_alone(before: str, after: str, secret: str) -> None:
     text = (before + " " + after).encode()
     redactor = Redactor.of([secret.encode()])
-    # Only spans that share an 8-run with some form of the secret may change.
-    if not any(run in _visible(text).lower() for run in redactor.grams):
+    # Only spans that share an 8-run with some form of the secret may change (compared as
+    # the redactor compares: case-insensitive, both base64 alphabets alike).
+    folded = _visible(text).lower().replace(b"-", b"+").replace(b"_", b"/")
+    if not any(run in folded for run in redactor.grams):
         out = redactor.redact(text)
         assert out == text or redactor.words is not None
 
