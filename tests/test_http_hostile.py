@@ -128,8 +128,12 @@ def _daemon_config(tmp_path: Path, token: Path, bearer: Path) -> Path:
     return config
 
 
+@pytest.mark.parametrize("rounds", [
+    pytest.param(1, id="1"),
+    pytest.param(20, id="20", marks=[pytest.mark.soak, pytest.mark.timeout(600)]),
+])
 def test_idle_connections_cannot_exhaust_the_daemons_descriptors(
-    tmp_path: Path, secrets: SecretRegistry
+    tmp_path: Path, secrets: SecretRegistry, rounds: int
 ) -> None:
     # 1,100 connections that never send a byte against a daemon limited to 1,024
     # descriptors (soft = hard, as systemd sets it): a rotation is still published as
@@ -138,6 +142,12 @@ def test_idle_connections_cannot_exhaust_the_daemons_descriptors(
     if hard != resource.RLIM_INFINITY and hard < 1300:
         pytest.skip("the test itself needs 1,300 descriptors")
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1300), hard))
+    for round_ in range(rounds):
+        _flood_then_rotate(tmp_path / f"r{round_}", secrets)
+
+
+def _flood_then_rotate(tmp_path: Path, secrets: SecretRegistry) -> None:
+    tmp_path.mkdir()
     token = tmp_path / "token"
     write_atomic(token, secrets.token())
     bearer = tmp_path / "bearer"

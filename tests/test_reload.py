@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import SecretRegistry, write_atomic
 from tests.daemon import ROOT, Daemon
 
@@ -50,12 +52,18 @@ def test_a_config_replaced_by_a_fifo_neither_blocks_reload_nor_stop(
         secrets.observe("daemon log", daemon.output())
 
 
-def test_sigterm_during_a_reload_stops_at_once(tmp_path: Path, secrets: SecretRegistry) -> None:
+@pytest.mark.parametrize("runs", [
+    pytest.param(3, id="3"),
+    pytest.param(20, id="20", marks=[pytest.mark.soak, pytest.mark.timeout(300)]),
+])
+def test_sigterm_during_a_reload_stops_at_once(
+    tmp_path: Path, secrets: SecretRegistry, runs: int
+) -> None:
     # Repeated: SIGHUP and SIGTERM back to back, whatever the reload is doing then.
     token = tmp_path / "token"
     write_atomic(token, secrets.token())
     config = _config(tmp_path, token)
-    for _ in range(3):
+    for _ in range(runs):
         daemon = Daemon(config)
         daemon.wait_for("broker started")
         daemon.signal(signal.SIGHUP)
