@@ -116,13 +116,40 @@ async def test_a_kept_state_survives_the_restart_and_generations_do_not_go_back(
     assert state.generation == 2
 
 
+_mutation = st.tuples(
+    st.sampled_from(["flip", "insert", "cut", "number"]),
+    st.integers(0, 1000),  # where, as a fraction of the length (which varies run to run)
+    st.integers(1, 255),
+    st.sampled_from([b"1e400", b"-1e300", b"[[[[[[[[", b"\x00", b"null", b'"', b"NaN",
+                     b"99999999999999999999999", b"{}", b"\n"]),
+    st.sampled_from([b"1e400", b"-1", b"1.5", b"true"]),
+)
+
+
+def _mutate(raw: bytes, mutations: list[tuple[str, int, int, bytes, bytes]]) -> bytes:
+    data = bytearray(raw)
+    for op, where, xor, inserted, number in mutations:
+        at = len(data) * where // 1000
+        if op == "flip" and data:
+            data[min(at, len(data) - 1)] ^= xor
+        elif op == "insert":
+            data[at:at] = inserted
+        elif op == "cut":
+            del data[at:]
+        elif op == "number":
+            data = bytearray(bytes(data).replace(b"1", number, 1))
+    return bytes(data)
+
+
+# Synchronous, with its own event loop per example: hypothesis draws outside any loop.
 @settings(max_examples=25, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=st.data())
-async def test_any_mutation_of_the_state_files_leaves_a_running_broker(
-    harness_factory: Any, tmp_path_factory: pytest.TempPathFactory, data: st.DataObject,
+@given(snapshot_ops=st.lists(_mutation, max_size=4), journal_ops=st.lists(_mutation, max_size=4))
+def test_any_mutation_of_the_state_files_leaves_a_running_broker(
+    tmp_path_factory: pytest.TempPathFactory,
+    snapshot_ops: list[tuple[str, int, int, bytes, bytes]],
+    journal_ops: list[tuple[str, int, int, bytes, bytes]],
 ) -> None:
-    del harness_factory  # function-scoped; each example needs its own directory
     from broker import Broker
     from tests.conftest import make_config
 
@@ -130,35 +157,23 @@ async def test_any_mutation_of_the_state_files_leaves_a_running_broker(
     token = tmp / "token"
     write_atomic(token, "tok-" + os.urandom(16).hex())
     config = make_config(tmp, [_cred(token)])
-    async with Broker(config):
-        pass
-    write_atomic(token, "tok-" + os.urandom(16).hex())
-    async with Broker(config):
-        pass  # a journal line and a snapshot
-    for name in (SNAPSHOT, JOURNAL):
-        path = tmp / "state" / name
-        raw = bytearray(path.read_bytes())
-        for _ in range(data.draw(st.integers(0, 4), label=f"{name} mutations")):
-            op = data.draw(st.sampled_from(["flip", "insert", "cut", "number"]))
-            # A fraction of the length: the files' length varies from run to run.
-            at = len(raw) * data.draw(st.integers(0, 1000)) // 1000
-            if op == "flip" and raw:
-                raw[min(at, len(raw) - 1)] ^= data.draw(st.integers(1, 255))
-            elif op == "insert":
-                raw[at:at] = data.draw(st.sampled_from(
-                    [b"1e400", b"-1e300", b"[[[[[[[[", b"\x00", b"null", b'"', b"NaN",
-                     b"99999999999999999999999", b"{}", b"\n"]))
-            elif op == "cut":
-                del raw[at:]
-            else:
-                raw = bytearray(bytes(raw).replace(b"1", data.draw(
-                    st.sampled_from([b"1e400", b"-1", b"1.5", b"true"])), 1))
-        path.write_bytes(bytes(raw))
-    with anyio.fail_after(START_TIMEOUT):
-        async with Broker(config) as broker:
-            for state in broker.states():
-                encode(state.to_dict())
-            assert broker.state("svc").status.value == "valid"
+
+    async def scenario() -> None:
+        async with Broker(config):
+            pass
+        write_atomic(token, "tok-" + os.urandom(16).hex())
+        async with Broker(config):
+            pass  # a journal line and a snapshot
+        for name, ops in ((SNAPSHOT, snapshot_ops), (JOURNAL, journal_ops)):
+            path = tmp / "state" / name
+            path.write_bytes(_mutate(path.read_bytes(), ops))
+        with anyio.fail_after(START_TIMEOUT):
+            async with Broker(config) as broker:
+                for state in broker.states():
+                    encode(state.to_dict())
+                assert broker.state("svc").status.value == "valid"
+
+    anyio.run(scenario)
 
 
 async def test_permissions_are_enforced_on_every_start(
