@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import SecretRegistry, write_atomic
-from tests.daemon import ROOT, Daemon
+from tests.daemon import ROOT, run_daemon
 
 
 def _config(tmp_path: Path, token: Path) -> Path:
@@ -31,25 +31,21 @@ def test_a_config_replaced_by_a_fifo_neither_blocks_reload_nor_stop(
     token = tmp_path / "token"
     write_atomic(token, secrets.token())
     config = _config(tmp_path, token)
-    daemon = Daemon(config)
-    try:
+    with run_daemon(config) as daemon:
         daemon.wait_for("broker started")
         config.unlink()
         os.mkfifo(config, 0o600)
-        daemon.signal(signal.SIGHUP)
+        daemon.proc.send_signal(signal.SIGHUP)
         record = daemon.wait_for("reload refused; keeping the running config", timeout=5)
         assert "not a regular file" in record["error"]
         # Still serving: a rotation is published under the running config.
         write_atomic(token, secrets.token())
-        daemon.wait_for("credentials.refreshed", lambda r: r.get("generation") == 2)
+        daemon.wait_for("credentials.refreshed", generation=2)
         started = time.monotonic()
-        assert daemon.stop(timeout=5) == 0
+        code, rest = daemon.stop(timeout=5)
+        assert code == 0
         assert time.monotonic() - started < 3.0
-    finally:
-        if daemon.proc.poll() is None:
-            daemon.proc.kill()
-            daemon.proc.wait()
-        secrets.observe("daemon log", daemon.output())
+        secrets.observe("daemon log", daemon.log_text() + rest)
 
 
 @pytest.mark.parametrize("runs", [
@@ -64,13 +60,14 @@ def test_sigterm_during_a_reload_stops_at_once(
     write_atomic(token, secrets.token())
     config = _config(tmp_path, token)
     for _ in range(runs):
-        daemon = Daemon(config)
-        daemon.wait_for("broker started")
-        daemon.signal(signal.SIGHUP)
-        started = time.monotonic()
-        assert daemon.stop(timeout=5) == 0
-        assert time.monotonic() - started < 3.0
-        secrets.observe("daemon log", daemon.output())
+        with run_daemon(config) as daemon:
+            daemon.wait_for("broker started")
+            daemon.proc.send_signal(signal.SIGHUP)
+            started = time.monotonic()
+            code, rest = daemon.stop(timeout=5)
+            assert code == 0
+            assert time.monotonic() - started < 3.0
+            secrets.observe("daemon log", daemon.log_text() + rest)
 
 
 def test_starting_on_a_fifo_config_is_a_prompt_config_error(tmp_path: Path) -> None:
