@@ -77,7 +77,10 @@ def _field_values(secret: bytes) -> Iterator[bytes]:
     except (ValueError, RecursionError):
         pass
     else:
-        yield from _json_strings(doc, 0)
+        # Only an object or an array is structured: a token that happens to be a JSON
+        # scalar ("Infinity", "12345678") is redacted as text, whole.
+        if isinstance(doc, (dict, list)):
+            yield from _json_strings(doc, 0)
         return
     parser = configparser.ConfigParser(interpolation=None, strict=False)
     try:

@@ -207,3 +207,10 @@ async def test_refresh_failed_carries_no_piece_of_a_secret(
         assert password not in message
         assert urllib.parse.quote(token, safe="")[:12] not in message
         assert base64.b64encode(token.encode()).decode()[:12] not in message
+
+
+def test_a_token_that_is_a_json_scalar_is_redacted_whole() -> None:
+    # "Infinity" and digits parse as JSON, but such a file is a token, not structured data.
+    for token in (b"Infinity", b"1234567890123", b"true-but-not-json", b'"quoted-token-x"'):
+        out = Redactor.of([token]).redact(b"got " + token + b" back")
+        assert token.strip(b'"') not in _visible(out), token
