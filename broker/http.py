@@ -900,14 +900,18 @@ def _frame(event: Event) -> bytes:
 def _since(request: web.Request) -> int | None:
     # Last-Event-ID wins: a browser's EventSource reconnects with the original URL (and its
     # ?since=) plus the header, and the header is the more recent position.
+    # Both are checked, though: a malformed ?since= is the caller's error either way.
     header = request.headers.get("Last-Event-ID", "").strip()
-    where, raw = ("Last-Event-ID", header) if header else ("since", request.query.get("since"))
-    if raw is None:
-        return None
-    if not _ID_RE.fullmatch(raw):
-        raise ApiError(400, "invalid-parameter",
-                       f"{where}: expected an event id (a whole number >= 0, as sent in id:)")
-    return int(raw)
+    positions = [("since", request.query.get("since")), ("Last-Event-ID", header or None)]
+    since: int | None = None
+    for where, raw in positions:
+        if raw is None:
+            continue
+        if not _ID_RE.fullmatch(raw):
+            raise ApiError(400, "invalid-parameter",
+                           f"{where}: expected an event id (a whole number >= 0, as sent in id:)")
+        since = int(raw)
+    return since
 
 
 def _gone(request: web.Request) -> bool:

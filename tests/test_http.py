@@ -248,6 +248,8 @@ async def test_error_answers_are_json(
             ({"since": "-1"}, {}),
             ({"since": "abc"}, {}),
             ({}, {"Last-Event-ID": "x1"}),
+            # The header's position wins, but a malformed ?since= beside it is still an error.
+            ({"since": "true"}, {"Last-Event-ID": "1"}),
             ({"credential": "NOT A NAME"}, {}),
             ({"type": ""}, {}),
             ({"type": "x" * 200}, {}),
