@@ -281,6 +281,9 @@ def publish_properties(protocol: ProtocolVersion, content_type: str) -> Properti
         return None
     props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
     props.ContentType = content_type
+    # Every payload we publish is UTF-8 text (JSON or ``online``/``offline``): saying so
+    # lets MQTT 5 consumers and bridges treat it as text without sniffing.
+    props.PayloadFormatIndicator = 1
     return props
 
 
@@ -289,6 +292,7 @@ def _will_properties(protocol: ProtocolVersion) -> Properties | None:
         return None
     props = Properties(PacketTypes.WILLMESSAGE)  # type: ignore[no-untyped-call]
     props.ContentType = STATUS_CONTENT_TYPE
+    props.PayloadFormatIndicator = 1
     return props
 
 
