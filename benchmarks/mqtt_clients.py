@@ -35,9 +35,9 @@ from typing import Any
 from benchmarks.common import markdown
 
 CONTENT_TYPE = "application/cloudevents+json; charset=utf-8"
-CLIENTS = ("aiomqtt", "paho", "gmqtt")
+CLIENTS = ("aiomqtt", "paho", "gmqtt", "credbroker")
 #: What a fleet's mosquitto needs (see the README): no silent drop of queued QoS 1 messages.
-FLEET_SETTINGS = ("max_queued_messages 0", "max_queued_bytes 0")
+FLEET_SETTINGS = ("max_queued_messages 0", "max_queued_bytes 0", "max_inflight_messages 100")
 
 
 def _cpu() -> float:
@@ -167,10 +167,34 @@ async def _gmqtt(port: int, messages: list[tuple[str, bytes, bool]], window: int
     return window
 
 
+async def _credbroker(port: int, messages: list[tuple[str, bytes, bool]], window: int) -> int:
+    import logging
+
+    from aiomqtt import ProtocolVersion
+
+    from broker.mqtt import _Pipeline, publish_properties
+    from broker.mqtt_link import MqttLink, WillMessage
+
+    link = await MqttLink.open(
+        "127.0.0.1", port, client_id="bench-credbroker", protocol=ProtocolVersion.V5,
+        username=None, password=None, tls_context=None,
+        will=WillMessage("bench/status", b"offline", None), keepalive=60,
+        logger=logging.getLogger("bench"),
+    )
+    pipe = _Pipeline(link, min(window, link.receive_maximum), ack_timeout=60)
+    props = publish_properties(ProtocolVersion.V5, CONTENT_TYPE)
+    for topic, payload, retain in messages:
+        await pipe.send(topic, payload, retain, props)
+    await pipe.drain()
+    await link.close(5)
+    return pipe.size
+
+
 PUBLISHERS: dict[str, Callable[[int, list[tuple[str, bytes, bool]], int], Any]] = {
     "aiomqtt": _aiomqtt,
     "paho": _paho,
     "gmqtt": _gmqtt,
+    "credbroker": _credbroker,
 }
 
 
@@ -257,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         name, port, prefix, count, size, window = args.child
         _child(name, int(port), prefix, int(count), int(size), int(window))
         return 0
-    count, windows = (200, (20,)) if args.smoke else (args.count, (20,))
+    count, windows = (200, (20,)) if args.smoke else (args.count, (20, 100))
     results = run(count, args.size, args.gmqtt_path, windows)
     if args.json:
         print(json.dumps(results, indent=2))
