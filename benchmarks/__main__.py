@@ -180,11 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     r["latency"] = anyio.run(latency.run, changes)
     print("delivery ...", file=sys.stderr)
     r["delivery"] = anyio.run(delivery.measure, changes)
-    print("scale ...", file=sys.stderr)
     print("mqtt clients ...", file=sys.stderr)
     r["mqtt_clients"] = mqtt_clients.run(
         200 if args.smoke else 20_000, 900, args.gmqtt_path, (20,) if args.smoke else (20, 100)
     )
+    print("scale ...", file=sys.stderr)
     r["scale"] = scale.run(count, idle, args.gmqtt_path)
     print("unrelated names ...", file=sys.stderr)
     r["unrelated"] = unrelated.run(20_000 if args.smoke else 200_000)
