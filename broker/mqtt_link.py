@@ -135,7 +135,11 @@ class MqttLink:
         # paho's connect is blocking (TCP, TLS handshake, bounded by its 5 s connect timeout):
         # a worker thread, waited for even when cancelled, so no socket is left behind. It
         # writes CONNECT itself; only then does the loop take the socket over.
-        await anyio.to_thread.run_sync(connect)
+        try:
+            await anyio.to_thread.run_sync(connect)
+        except BaseException:
+            link.abort()  # cancelled while the thread connected: its socket goes too
+            raise
         try:
             link._attach()
             await link._connack_event.wait()
