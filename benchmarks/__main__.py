@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         200 if args.smoke else 20_000, 900, args.gmqtt_path, (20,) if args.smoke else (20, 100)
     )
     print("scale ...", file=sys.stderr)
-    r["scale"] = scale.run(count, idle, args.gmqtt_path)
+    r["scale"] = scale.run(count, idle, args.gmqtt_path, smoke=args.smoke)
     print("unrelated names ...", file=sys.stderr)
     r["unrelated"] = unrelated.run(20_000 if args.smoke else 200_000)
     print("fan-out ...", file=sys.stderr)
