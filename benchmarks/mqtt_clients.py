@@ -250,7 +250,7 @@ def run(count: int, size: int, gmqtt_path: Path | None, windows: tuple[int, ...]
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="credbroker-clients-") as tmp:
-        server = Mosquitto(Path(tmp), extra=FLEET_SETTINGS).start()
+        server = Mosquitto(Path(tmp), extra=list(FLEET_SETTINGS)).start()
         try:
             for name in CLIENTS:
                 if name == "gmqtt" and gmqtt_path is None:

@@ -380,7 +380,7 @@ def run(
         with tempfile.TemporaryDirectory(prefix="credbroker-scale-") as tmp:
             root = Path(tmp)
             paths = make_tree(root / "creds", count, directories)
-            extra = FLEET_SETTINGS if settings == "fleet" else ()
+            extra = list(FLEET_SETTINGS) if settings == "fleet" else []
             server = Mosquitto(root / "mqtt", extra=extra).start()
             try:
                 daemon = daemon_figures(root, paths, server, idle if settings == "fleet" else 0)

@@ -54,7 +54,7 @@ async def test_a_burst_stays_within_the_servers_receive_maximum_and_in_order(
     # mosquitto advertises max_inflight_messages as its Receive Maximum and drops a client
     # that has more QoS 1 publishes unacknowledged: a publisher ignoring it would reconnect
     # over and over (and a 3.1.1-only view of the window would hide it).
-    mosquitto.extra = (f"max_inflight_messages {receive_maximum}", "max_queued_messages 0")
+    mosquitto.extra = [f"max_inflight_messages {receive_maximum}", "max_queued_messages 0"]
     mosquitto.start()
     prefix = f"t{pysecrets.token_hex(4)}"
     topics = Topics(prefix, HOST)
