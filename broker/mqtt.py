@@ -34,7 +34,7 @@ import os
 import ssl
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from functools import partial
@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Literal
 
 import anyio
 import anyio.abc
-from aiomqtt import Client, MqttCodeError, MqttError, ProtocolVersion, Will
+from aiomqtt import Client, MqttCodeError, MqttError, ProtocolVersion
 from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -51,6 +51,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from broker.backoff import BACKOFF_CAP, BACKOFF_INITIAL, Backoff
 from broker.events import CONTENT_TYPE, Event, make_event
+from broker.mqtt_link import LinkLost, MqttLink, WillMessage
 from broker.state import Status
 
 if TYPE_CHECKING:
@@ -80,8 +81,8 @@ ONLINE = b"online"
 OFFLINE = b"offline"
 STATUS_CONTENT_TYPE = "text/plain; charset=utf-8"
 
-#: Unacknowledged publishes in flight at once: paho's own default in-flight limit, so that
-#: paho never has to queue behind our back, and a few PUBACK round trips cover a burst.
+#: Unacknowledged publishes in flight at once, at most (the server's Receive Maximum, when
+#: lower, wins): a few PUBACK round trips then cover a burst.
 WINDOW = 20
 #: Waiting for a CONNACK.
 CONNECT_TIMEOUT = 10.0
@@ -275,12 +276,30 @@ def protocol_name(protocol: ProtocolVersion) -> str:
     return _PROTOCOL_NAMES.get(protocol, str(int(protocol)))
 
 
+class _PackedOnce(Properties):
+    """Properties that encode themselves once: every publish carries the same ones, and
+    paho would otherwise encode them anew each time (a sixth of its cost per publish)."""
+
+    def pack(self) -> bytes:
+        packed: bytes | None = self.__dict__.get("_packed")
+        if packed is None:
+            packed = super().pack()  # type: ignore[no-untyped-call]
+            self.__dict__["_packed"] = packed  # past Properties.__setattr__, which checks names
+        return packed
+
+
 def publish_properties(protocol: ProtocolVersion, content_type: str) -> Properties | None:
-    """MQTT 5 publish properties carrying ``content_type``; ``None`` for 3.1.1."""
+    """MQTT 5 publish properties carrying ``content_type``; ``None`` for 3.1.1.
+
+    Set up once per connection and never changed: they are encoded at the first publish.
+    """
     if protocol != ProtocolVersion.V5:
         return None
-    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    props = _PackedOnce(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
     props.ContentType = content_type
+    # Every payload we publish is UTF-8 text (JSON or ``online``/``offline``): saying so
+    # lets MQTT 5 consumers and bridges treat it as text without sniffing.
+    props.PayloadFormatIndicator = 1
     return props
 
 
@@ -289,6 +308,7 @@ def _will_properties(protocol: ProtocolVersion) -> Properties | None:
         return None
     props = Properties(PacketTypes.WILLMESSAGE)  # type: ignore[no-untyped-call]
     props.ContentType = STATUS_CONTENT_TYPE
+    props.PayloadFormatIndicator = 1
     return props
 
 
@@ -397,6 +417,74 @@ class _SessionLost(Exception):
     """Raised inside a session's task group when the connection is unusable."""
 
 
+class _Pipeline:
+    """QoS 1 publishes over one link: at most ``size`` unacknowledged, in the order sent.
+
+    ``send`` waits only while the window is full; a PUBACK runs what it completes (``done``)
+    as a plain call from the link's reader, so a publish costs no task and no future.
+    """
+
+    def __init__(self, link: MqttLink, size: int, *, ack_timeout: float) -> None:
+        self.size = size
+        self._link = link
+        self._ack_timeout = ack_timeout
+        self._pending: dict[int, Callable[[], None] | None] = {}
+        #: The most publishes unacknowledged at once, over the pipeline's life.
+        self.peak = 0
+        self._wake = anyio.Event()
+        link.on_ack = self._acked
+        link.on_lost = self._lost
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def __repr__(self) -> str:
+        return f"_Pipeline(size={self.size}, in_flight={len(self)})"
+
+    async def send(
+        self,
+        topic: str,
+        payload: bytes,
+        retain: bool,
+        props: Properties | None,
+        done: Callable[[], None] | None = None,
+    ) -> None:
+        """Publish (QoS 1) once the window has room; ``done()`` runs on the PUBACK."""
+        if len(self._pending) >= self.size:
+            await self._wait(lambda: len(self._pending) < self.size)
+        try:
+            mid = self._link.publish(topic, payload, retain, props)
+        except LinkLost as exc:
+            raise _SessionLost(describe_connect_error(exc)) from exc
+        self._pending[mid] = done
+        self.peak = max(self.peak, len(self._pending))
+
+    async def drain(self) -> None:
+        """Wait until everything sent is acknowledged."""
+        await self._wait(lambda: not self._pending)
+
+    async def _wait(self, ready: Callable[[], bool]) -> None:
+        try:
+            with anyio.fail_after(self._ack_timeout):
+                while not ready():
+                    if self._link.lost is not None:
+                        raise _SessionLost(describe_connect_error(self._link.lost))
+                    # No await between the check and the new Event: no wake-up is lost.
+                    wake = self._wake = anyio.Event()
+                    await wake.wait()
+        except TimeoutError:
+            raise _SessionLost(f"no PUBACK within {self._ack_timeout:g} s") from None
+
+    def _acked(self, mid: int) -> None:
+        done = self._pending.pop(mid, None)
+        if done is not None:
+            done()
+        self._wake.set()
+
+    def _lost(self, exc: BaseException) -> None:
+        self._wake.set()
+
+
 class MqttPublisher:
     """The MQTT sink of a :class:`~broker.app.Broker` (SPEC section 4).
 
@@ -454,6 +542,8 @@ class MqttPublisher:
         self.connect_failures = 0
         self.published = 0
         self.publish_failures = 0
+        #: The most publishes ever unacknowledged at once (bounded by the server's limit).
+        self.in_flight_peak = 0
 
     def __repr__(self) -> str:
         return (
@@ -584,7 +674,7 @@ class MqttPublisher:
             log.error("mqtt connect failed", extra=extra)
         await anyio.sleep(delay)
 
-    async def _connect(self, protocol: ProtocolVersion) -> Client:
+    async def _connect(self, protocol: ProtocolVersion) -> MqttLink:
         settings = self._settings
         password, context = await connect_material(
             settings.password_file,
@@ -593,46 +683,35 @@ class MqttPublisher:
             settings.cert_file,
             settings.key_file,
         )
-        client = Client(
-            settings.host,
-            settings.port,
-            username=settings.username,
-            password=password,
-            # A fixed client id makes a restarted daemon take over its old session: the
-            # server then sends the old session's Will (``offline``) *before* accepting us,
-            # so it can never land after our ``online``.
-            identifier=self.client_id,
-            protocol=protocol,
-            will=Will(
-                self.topics.status,
-                OFFLINE,
-                qos=1,
-                retain=True,
-                properties=_will_properties(protocol),
-            ),
-            keepalive=max(1, math.ceil(settings.keepalive)),
-            # Ours (below) fires first; aiomqtt's own is only a backstop.
-            timeout=CONNECT_TIMEOUT + 5,
-            tls_context=context,
-            logger=logging.getLogger("broker.mqtt.paho"),
-        )
-        client.pending_calls_threshold = WINDOW + 5  # our own window bounds them
-        try:
-            with anyio.fail_after(CONNECT_TIMEOUT):
-                await client.__aenter__()
-        except MqttError:
-            raise  # refused (paho closed the socket) or unreachable (there is none)
-        except BaseException:
-            # Timed out or cancelled half-way: a socket may be open; do not leave it behind.
-            await close_client(client, wait=0.2)
-            raise
-        return client
+        with anyio.fail_after(CONNECT_TIMEOUT):
+            return await MqttLink.open(
+                settings.host,
+                settings.port,
+                # A fixed client id makes a restarted daemon take over its old session: the
+                # server then sends the old session's Will (``offline``) *before* accepting
+                # us, so it can never land after our ``online``.
+                client_id=self.client_id,
+                protocol=protocol,
+                username=settings.username,
+                password=password,
+                tls_context=context,
+                will=WillMessage(self.topics.status, OFFLINE, _will_properties(protocol)),
+                keepalive=max(1, math.ceil(settings.keepalive)),
+                logger=logging.getLogger("broker.mqtt.paho"),
+            )
 
-    async def _serve(self, client: Client, protocol: ProtocolVersion) -> BaseException:
+    async def _serve(self, link: MqttLink, protocol: ProtocolVersion) -> BaseException:
         """Run one connection; returns why it ended. On cancellation, says ``offline`` first."""
         self.connected = True
         self.connects += 1
         self._state_sent.clear()  # a new connection: the server's retained state is unknown
+        # Never more in flight than the server takes (mosquitto advertises 20): past its
+        # Receive Maximum an MQTT 5 server may drop the connection.
+        pipe = _Pipeline(
+            link,
+            max(1, min(WINDOW, link.receive_maximum)),
+            ack_timeout=max(10.0, 2 * self._settings.keepalive),
+        )
         log.info(
             "mqtt connected",
             extra={
@@ -641,47 +720,53 @@ class MqttPublisher:
                 "tls": self._settings.tls,
                 "client_id": self.client_id,
                 "buffered": len(self._outbox),
+                "window": pipe.size,
             },
         )
         ended_by_loss = False
         try:
-            lost = await self._session(client, protocol)
+            lost = await self._session(link, pipe, protocol)
             ended_by_loss = True
             return lost
         finally:
             self.connected = False
+            self.in_flight_peak = max(self.in_flight_peak, pipe.peak)
             if ended_by_loss:
-                await close_client(client)
+                self.publish_failures += len(pipe)  # not acknowledged: they go again
+                link.abort()
             else:
                 with anyio.CancelScope(shield=True):
-                    await self._goodbye(client, protocol)
+                    await self._goodbye(link, pipe, protocol)
 
-    async def _goodbye(self, client: Client, protocol: ProtocolVersion) -> None:
+    async def _goodbye(self, link: MqttLink, pipe: _Pipeline, protocol: ProtocolVersion) -> None:
         """Pending events, retained ``offline``, then a clean DISCONNECT (the Will is dropped).
 
         Runs shielded from the cancellation that stops the broker; every step is bounded.
         """
-        publish = self._publisher(client, timeout=FLUSH_TIMEOUT)
         props = publish_properties(protocol, CONTENT_TYPE)
         try:
             with anyio.move_on_after(FLUSH_TIMEOUT):
-                # Events the engine published before the stop go out first (in order; any in
-                # flight when the session was cancelled go again: at-least-once).
+                # What is in flight is acknowledged first, so that the rewind below hands out
+                # only what never reached the server: nothing goes twice.
+                await pipe.drain()
+                # Events the engine published before the stop go out too, in order.
                 while (event := self._subscription.get_nowait()) is not None:
                     self._take(event)
                 self._outbox.rewind()
                 while (item := self._outbox.next_unsent()) is not None:
-                    await self._publish_event(publish, item[0], item[1], props)
+                    await self._send_event(pipe, item[0], item[1], props)
                 for event in list(self._latest.values()):  # a state publish cut short
                     if self._state_sent.get(event.subject) != event.id:
-                        await self._publish_state(publish, event, props)
+                        await self._send_state(pipe, event, props)
+                await pipe.drain()
             with anyio.fail_after(SHUTDOWN_TIMEOUT):
-                await publish(
+                await pipe.send(
                     self.topics.status,
                     OFFLINE,
                     True,
                     publish_properties(protocol, STATUS_CONTENT_TYPE),
                 )
+                await pipe.drain()
             log.info(
                 "mqtt offline published",
                 extra={"server": self.server, "buffered": len(self._outbox)},
@@ -695,27 +780,11 @@ class MqttPublisher:
                     "buffered": len(self._outbox),
                 },
             )
-        await close_client(client, wait=SHUTDOWN_TIMEOUT)
+        await link.close(SHUTDOWN_TIMEOUT)
 
-    def _publisher(
-        self, client: Client, *, timeout: float
-    ) -> Callable[[str, bytes, bool, Properties | None], Awaitable[None]]:
-        """``publish(topic, payload, retain, properties)``: QoS 1, waits for the PUBACK."""
-
-        async def publish(
-            topic: str, payload: bytes, retain: bool, properties: Properties | None
-        ) -> None:
-            try:
-                await client.publish(
-                    topic, payload, qos=1, retain=retain, properties=properties, timeout=timeout
-                )
-            except MqttError as exc:
-                self.publish_failures += 1
-                raise _SessionLost(describe_connect_error(exc)) from exc
-
-        return publish
-
-    async def _session(self, client: Client, protocol: ProtocolVersion) -> BaseException:
+    async def _session(
+        self, link: MqttLink, pipe: _Pipeline, protocol: ProtocolVersion
+    ) -> BaseException:
         lost: list[BaseException] = []
 
         def fail(exc: BaseException) -> None:
@@ -723,56 +792,31 @@ class MqttPublisher:
                 lost.append(exc)
             tg.cancel_scope.cancel()
 
+        async def watch() -> None:
+            # Keepalive, and noticing a dropped connection while nothing waits on a PUBACK.
+            fail(await link.run())
+
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self._watch, client, fail, name="mqtt watch")
-            tg.start_soon(self._deliver, client, protocol, fail, name="mqtt deliver")
+            tg.start_soon(watch, name="mqtt keepalive")
+            tg.start_soon(self._deliver, pipe, protocol, fail, name="mqtt deliver")
         return lost[0] if lost else _SessionLost("connection ended")
 
-    async def _watch(self, client: Client, fail: Callable[[BaseException], None]) -> None:
-        """Notice a dropped connection (pending PUBACK waits would not)."""
-        try:
-            async for _ in client.messages:
-                pass  # the publisher subscribes to nothing
-        except MqttError as exc:
-            fail(exc.__cause__ or exc)
-        else:
-            fail(_SessionLost("connection ended"))
-
     async def _deliver(
-        self, client: Client, protocol: ProtocolVersion, fail: Callable[[BaseException], None]
+        self, pipe: _Pipeline, protocol: ProtocolVersion, fail: Callable[[BaseException], None]
     ) -> None:
         props = publish_properties(protocol, CONTENT_TYPE)
-        publish = self._publisher(client, timeout=max(10.0, 2 * self._settings.keepalive))
-        window = anyio.Semaphore(WINDOW)
-
-        async def guarded(fn: Callable[[], Awaitable[None]]) -> None:
-            try:
-                await fn()
-            except _SessionLost as exc:
-                fail(exc)
-            finally:
-                window.release()
-
-        async def spawn(tg: anyio.abc.TaskGroup, fn: Callable[[], Awaitable[None]]) -> None:
-            # Tasks start in the order they are spawned (asyncio runs ready tasks FIFO) and
-            # aiomqtt hands the PUBLISH to paho before its first await, so the wire order is
-            # the spawn order: the window pipelines publishes without reordering them.
-            await window.acquire()
-            tg.start_soon(guarded, fn)
-
         try:
-            await publish(
+            await pipe.send(
                 self.topics.status, ONLINE, True, publish_properties(protocol, STATUS_CONTENT_TYPE)
             )
             configured = set(self._broker.engine.names)
             self._to_clear = {n for n in self._broker.store.tombstones if n not in configured}
-            self._clearing.clear()
-            async with anyio.create_task_group() as tg:
-                for event in self._snapshot():
-                    await spawn(tg, partial(self._publish_state, publish, event, props))
-                for name in sorted(self._to_clear):
-                    self._clearing.add(name)
-                    await spawn(tg, partial(self._clear_state, publish, name))
+            self._clearing.clear()  # in flight on a connection that is gone
+            for event in self._snapshot():
+                await self._send_state(pipe, event, props)
+            for name in sorted(self._to_clear):
+                await self._clear_state(pipe, name)
+            await pipe.drain()
         except _SessionLost as exc:
             fail(exc)
             return
@@ -783,48 +827,43 @@ class MqttPublisher:
         )
 
         self._outbox.rewind()
-        async with anyio.create_task_group() as tg:
+        try:
             while True:
                 for name in sorted(self._to_clear - self._clearing):
-                    self._clearing.add(name)
-                    await spawn(tg, partial(self._clear_state, publish, name))
+                    await self._clear_state(pipe, name)
                 for name in sorted(self._resync):
                     self._resync.discard(name)
                     latest = self._state_event(name)
                     if latest is not None and self._state_sent.get(name) != latest.id:
-                        await spawn(tg, partial(self._publish_state, publish, latest, props))
+                        await self._send_state(pipe, latest, props)
                 item = self._outbox.next_unsent()
-                if item is None and (self._to_clear - self._clearing or self._resync):
-                    continue
                 if item is None:
                     # No await between the check and the new Event: no wake-up is lost.
                     changed = self._changed = anyio.Event()
                     await changed.wait()
                     continue
-                key, event = item
-                await spawn(tg, partial(self._publish_event, publish, key, event, props))
+                await self._send_event(pipe, item[0], item[1], props)
+        except _SessionLost as exc:
+            fail(exc)
 
-    async def _publish_state(
-        self,
-        publish: Callable[[str, bytes, bool, Properties | None], Awaitable[None]],
-        event: Event,
-        props: Properties | None,
-    ) -> None:
-        await publish(self.topics.state(event.subject), event.payload, True, props)
+    async def _send_state(self, pipe: _Pipeline, event: Event, props: Properties | None) -> None:
+        # Marked when sent, not when acknowledged: it is in flight on this connection, and a
+        # connection that drops forgets every mark (the next one republishes every state).
         self._state_sent[event.subject] = event.id
+        await pipe.send(self.topics.state(event.subject), event.payload, True, props)
 
-    async def _clear_state(
-        self,
-        publish: Callable[[str, bytes, bool, Properties | None], Awaitable[None]],
-        name: str,
-    ) -> None:
-        try:
-            # SPEC section 4: an empty retained message removes the topic's retained state.
-            await publish(self.topics.state(name), b"", True, None)
+    async def _clear_state(self, pipe: _Pipeline, name: str) -> None:
+        # SPEC section 4: an empty retained message removes the topic's retained state. The
+        # name leaves ``_to_clear`` only on the PUBACK: a connection lost before it clears
+        # it again on the next connect (from the tombstones).
+        self._clearing.add(name)
+        self._state_sent.pop(name, None)
+
+        def cleared() -> None:
             self._to_clear.discard(name)
-            self._state_sent.pop(name, None)
-        finally:
             self._clearing.discard(name)
+
+        await pipe.send(self.topics.state(name), b"", True, None, cleared)
 
     def _state_event(self, name: str) -> Event | None:
         """The latest event of ``name``, made up from its state if it has none yet."""
@@ -839,25 +878,24 @@ class MqttPublisher:
             self._latest[name] = event
         return event
 
-    async def _publish_event(
-        self,
-        publish: Callable[[str, bytes, bool, Properties | None], Awaitable[None]],
-        key: int,
-        event: Event,
-        props: Properties | None,
+    async def _send_event(
+        self, pipe: _Pipeline, key: int, event: Event, props: Properties | None
     ) -> None:
-        await publish(self.topics.event(event.subject, event.type), event.payload, False, props)
-        # Delivered. The retained state below is not the outbox's business: every connect
-        # and the goodbye republish whatever state topic is behind.
-        self._outbox.ack(key)
-        self.published += 1
+        topic = self.topics.event(event.subject, event.type)
+        await pipe.send(topic, event.payload, False, props, partial(self._delivered, key))
         # The state topic gets an event only while it is the credential's latest (a newer one
-        # will set it), and only once per connection (the reconnect sync may have sent it).
+        # will set it: in a burst, only the last of a credential's events goes there), and
+        # only once per connection (the reconnect sync may have sent it).
         if (
             self._latest.get(event.subject) is event
             and self._state_sent.get(event.subject) != event.id
         ):
-            await self._publish_state(publish, event, props)
+            await self._send_state(pipe, event, props)
+
+    def _delivered(self, key: int) -> None:
+        """The server acknowledged the event: it leaves the outbox."""
+        self._outbox.ack(key)
+        self.published += 1
 
     def _snapshot(self) -> list[Event]:
         """The latest event of every configured credential, made up from its state if none.

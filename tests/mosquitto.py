@@ -318,6 +318,8 @@ class Received:
     retain: bool
     content_type: str | None
     at: float  # time.monotonic()
+    #: MQTT 5 payload-format indicator (1 = UTF-8 text), None when absent.
+    payload_format: int | None = None
 
     @property
     def text(self) -> str:
@@ -384,6 +386,7 @@ class Subscriber:
                 retain=bool(message.retain),
                 content_type=getattr(props, "ContentType", None) if props is not None else None,
                 at=time.monotonic(),
+                payload_format=getattr(props, "PayloadFormatIndicator", None),
             ))
             self._changed.set()
             self._changed = anyio.Event()
