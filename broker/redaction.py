@@ -130,9 +130,10 @@ class Redactor:
         grams: set[bytes] = set()
         short: set[bytes] = set()
         for secret in secrets:
-            values = list(_field_values(secret))
+            values = [v for v in _field_values(secret) if v]
             # A structured file's secrets are its values: its keys ("password") and
-            # punctuation stay readable in the text.
+            # punctuation stay readable in the text. One with no value at all (a token that
+            # happens to read as INI: "[abc]\nkey:") is nothing but keys, so it is text.
             for value in values or [secret]:
                 # Most forms of a plain token are the token itself: slice each form once.
                 for folded in {_fold(form) for form in _encoded_forms(value)}:

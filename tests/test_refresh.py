@@ -14,9 +14,10 @@ from typing import Any
 
 import anyio
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from broker.redaction import _field_values
 from broker.refresh import (
     REDACTED,
     Refresher,
@@ -421,6 +422,9 @@ def test_a_truncated_tail_never_shows_part_of_a_secret(
 ) -> None:
     # A multi-line secret (PEM-like) cut anywhere: no 8+ character end of a line shows.
     value = "\n".join(words).encode()
+    # Lines that happen to read as an INI or JSON document are a structured file, whose
+    # keys stay readable by design (test_redaction covers those).
+    assume(not [v for v in _field_values(value) if v])
     stream = b"noise " + noise.encode() + b"\n" + value + b"\n" + value + b" end\n"
     out = stderr_tail(stream[cut:], secret_needles([value]), truncated=cut > 0).encode()
     out = out.replace(REDACTED.encode(), b"\0")  # a secret may look like part of the marker
@@ -469,3 +473,10 @@ def test_persisted_refresh_problems_reads_without_writing(tmp_path: Path) -> Non
     assert found["svc"][1].message == "exit code 1"
     assert sorted(p.name for p in state_dir.iterdir()) == before
     assert persisted_refresh_problems(tmp_path / "nowhere") == {}
+
+
+def test_a_token_that_reads_as_ini_without_values_is_redacted_whole() -> None:
+    # Found by the truncated-tail property: every "key" of such a value is the secret itself.
+    value = b"[000000]\n0000000:"
+    out = stderr_tail(b"noise\n" + value + b" end\n", secret_needles([value]), truncated=False)
+    assert "000000" not in out.replace(REDACTED, "")
