@@ -71,7 +71,8 @@ def follow(url: str, prefix: str) -> None:
 
 async def _bare_reader(url: str, prefix: str, report: Any, client: Any) -> None:
     async def announce_ready() -> None:
-        await anyio.to_thread.run_sync(client.wait_ready, 30)
+        if not await anyio.to_thread.run_sync(client.wait_ready, 50):
+            raise SystemExit(f"the client never connected to {url}")
         print("ready", flush=True)
 
     async with anyio.create_task_group() as tg:
@@ -138,7 +139,12 @@ async def measure(changes: int) -> dict[str, Any]:
                 worker = await anyio.open_process(argv, stderr=None)
                 try:
                     reports = Reports(worker)
-                    await reports.wait("ready", "", limit=30)
+                    try:
+                        # Generous: under a loaded test run, the worker's own start-up
+                        # (imports, the first connect) has taken most of 30 s.
+                        await reports.wait("ready", "", limit=60)
+                    except TimeoutError:
+                        raise SystemExit(f"{transport}: the worker never became ready") from None
                     client_ms, raw_ms = [], []
                     # One content change = one generation: known without asking again.
                     last = daemon.states()["svc"]["generation"]
