@@ -29,6 +29,8 @@ class Daemon:
     directory: Path
     credentials: dict[str, Path]
     mqtt: dict[str, str] | None = None
+    #: More keys of every ``[[credentials]]`` table, e.g. ``{"lag_after": "2s"}``.
+    credential_options: dict[str, str] = field(default_factory=dict)
     port: int = field(default_factory=free_port)
     host_id: str = "daemon"
     _proc: subprocess.Popen[bytes] | None = None
@@ -50,7 +52,7 @@ class Daemon:
             lines += ["[mqtt]", *(f'{k} = "{v}"' for k, v in self.mqtt.items()), ""]
         for name, path in self.credentials.items():
             lines += ["[[credentials]]", f'name = "{name}"', f'files = {{ token = "{path}" }}',
-                      ""]
+                      *(f'{k} = "{v}"' for k, v in self.credential_options.items()), ""]
         return "\n".join(lines)
 
     def start(self) -> Daemon:
@@ -154,6 +156,11 @@ class Worker:
 
     def ask(self) -> dict[str, Any]:
         doc: dict[str, Any] = get_json(f"http://127.0.0.1:{self.port}/token")
+        return doc
+
+    def held(self) -> dict[str, Any]:
+        """The generation its cache holds and its counters (loads, failures, reports)."""
+        doc: dict[str, Any] = get_json(f"http://127.0.0.1:{self.port}/held")
         return doc
 
     @property

@@ -309,6 +309,69 @@ async def test_http_reports_put_the_generation_and_delete_on_close(
         await runner.cleanup()
 
 
+
+async def test_an_http_report_is_not_withdrawn_when_the_daemons_host_id_becomes_known(
+    tmp_path: Path, secrets: SecretRegistry
+) -> None:
+    """Regression: the states read back before the first SSE event carry host "", and the
+    first new generation from the stream (host "unit") made the cache DELETE its report
+    before it PUT the new one, so the daemon briefly forgot the consumer (and could announce
+    converged without it)."""
+    path = tmp_path / "token"
+    write_atomic(path, secrets.token())
+    first = announce(path, 4, sequence=9)
+    requests: list[tuple[str, Any]] = []
+    rotate = anyio.Event()
+    second: list[Event] = []
+
+    async def credentials(request: web.Request) -> web.Response:
+        return web.json_response({"credentials": [first.data.to_dict()]})
+
+    async def events(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await rotate.wait()
+        [event] = second
+        frame = (f"id: {event.sequence}\nevent: {event.type}\n"
+                 f"data: {json.dumps(event.to_dict())}\n\n")
+        await response.write(frame.encode())
+        while True:
+            await response.write(b": keep-alive\n\n")
+            await anyio.sleep(0.2)
+
+    async def consumer(request: web.Request) -> web.Response:
+        body = await request.json() if request.can_read_body else None
+        requests.append((request.method, body and body["generation"]))
+        return web.json_response(first.data.to_dict())
+
+    app = web.Application()
+    app.router.add_get("/v1/credentials", credentials)
+    app.router.add_get("/v1/events", events)
+    app.router.add_route("*", "/v1/credentials/{name}/consumers/{id}", consumer)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        async with BrokerClient(f"http://127.0.0.1:{port}") as client:  # host_id "+"
+            cache: CredentialCache[str] = CredentialCache(
+                path.read_text, credential="svc", client=client, consumer_id="api-1")
+            with anyio.fail_after(WAIT):
+                while not requests:
+                    await anyio.sleep(0.01)
+            write_atomic(path, secrets.token())
+            second.append(announce(path, 5, sequence=10))
+            rotate.set()
+            with anyio.fail_after(WAIT):
+                while cache.reports < 2:
+                    await anyio.sleep(0.01)
+            assert cache.generation == 5
+            assert requests == [("PUT", 4), ("PUT", 5)]
+        assert requests == [("PUT", 4), ("PUT", 5), ("DELETE", None)]
+    finally:
+        await runner.cleanup()
+
 async def test_mqtt_reports_are_retained_and_withdrawn(
     harness_factory: Any, tmp_path: Path, secrets: SecretRegistry, mosquitto_server: Mosquitto
 ) -> None:

@@ -797,6 +797,21 @@ def test_docs_copy_of_the_openapi_document_is_identical() -> None:
         assert name[0].isupper()
 
 
+
+def test_the_document_names_every_event_type_the_stream_carries() -> None:
+    """lagging, converged and action_failed go out on /v1/events like the machine's types
+    (regression: the CloudEvent and StreamMessage enums listed only the machine's six)."""
+    from broker.actions import ACTION_FAILED
+    from broker.convergence import CONVERGED, LAGGING
+    from broker.machine import EVENT_TYPES
+
+    published = {*EVENT_TYPES, ACTION_FAILED, LAGGING, CONVERGED}
+    schemas = OPENAPI["components"]["schemas"]
+    assert set(schemas["CloudEvent"]["properties"]["type"]["enum"]) == published
+    [event_message] = [m for m in schemas["StreamMessage"]["oneOf"]
+                       if "enum" in m["properties"]["event"]]
+    assert set(event_message["properties"]["event"]["enum"]) == published
+
 async def test_the_document_lists_exactly_the_served_routes(
     harness_factory: Any, tmp_path: Path, secrets: SecretRegistry
 ) -> None:

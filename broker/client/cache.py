@@ -412,7 +412,13 @@ class CredentialCache(Generic[T]):
             try:
                 async with self._client.reporter(self.credential, self.consumer_id,
                                                  host) as reporter:
-                    while (held := self._held) is not None and host_of(held) in (host, ""):
+                    while (held := self._held) is not None:
+                        now_from = host_of(held)
+                        if host and now_from and now_from != host:
+                            break  # another broker's generation: report on its channel
+                        # "" is the one HTTP daemon before its host_id was known (a state
+                        # read back): the same broker, so the report is not withdrawn.
+                        host = host or now_from
                         await reporter.send(held.data.generation, held.data.fingerprint,
                                             time.time())
                         self.reports += 1
