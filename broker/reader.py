@@ -241,7 +241,7 @@ def _read_open(fd: int, role: str, path: str, max_size: int, is_symlink: bool) -
     if st.st_size > max_size:
         return FileRead(info, sig, problem=_too_large(path, st.st_size, max_size))
     # One byte past the cap tells a file that grew since fstat from one that fits.
-    content = _read_at_most(fd, max_size + 1)
+    content = _read_at_most(fd, max_size + 1, first=st.st_size + 1)
     if signature_of(os.fstat(fd)) != sig:
         return None
     if len(content) > max_size:
@@ -268,12 +268,19 @@ def _fault(path: str, exc: OSError) -> str:
     return f"cannot read {path} now: {os.strerror(exc.errno or 0)}"
 
 
-def _read_at_most(fd: int, limit: int) -> bytes:
-    """Up to ``limit`` bytes from the start of the file (pread: a retry starts over)."""
+def _read_at_most(fd: int, limit: int, *, first: int) -> bytes:
+    """Up to ``limit`` bytes from the start of the file (pread: a retry starts over).
+
+    The first read asks for ``first`` bytes (the size fstat gave, plus one): a buffer the
+    size of the file, not of the cap, for every read; a file larger than its fstat size
+    (grown since, or a size that is no byte count) is read on in 1 MiB chunks.
+    """
     chunks: list[bytes] = []
     offset = 0
+    size = max(1, first)
     while offset < limit:
-        chunk = os.pread(fd, min(limit - offset, 1 << 20), offset)
+        chunk = os.pread(fd, min(limit - offset, size), offset)
+        size = 1 << 20
         if not chunk:
             break
         chunks.append(chunk)

@@ -182,7 +182,6 @@ class _Endpoint:
                 if ok:
                     attempt = 0
                     self.retrying.discard(name)
-                    self.delivered += 1
                     try:
                         async with self.lock:
                             await anyio.to_thread.run_sync(self.outbox.done, [event.id])
@@ -193,6 +192,9 @@ class _Endpoint:
                             "webhook outbox write failed",
                             extra={"webhook": self.hook.name, "error": exc.strerror or str(exc)},
                         )
+                    # Counted once the outbox let go of it: "delivered" and "pending" read
+                    # together never count one event twice.
+                    self.delivered += 1
                     continue
                 self.retrying.add(name)
                 delay = backoff_delay(attempt, self.owner.base, self.owner.cap, self.owner.rand)
