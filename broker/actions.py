@@ -45,18 +45,14 @@ from typing import TYPE_CHECKING
 import anyio
 from anyio.abc import TaskStatus
 
+from broker.commands import STDERR_KEEP, Tail, drain, reap, signal_name
 from broker.config import ActionSettings
 from broker.deliveries import Outcome, OutcomeFile
 from broker.events import Event
 from broker.refresh import (
-    _STDERR_KEEP,
-    _drain,
-    _read_contents,
-    _reap,
-    _signal_name,
-    _Tail,
     backoff_delay,
     command_env,
+    read_contents,
     secret_needles,
     stderr_tail,
 )
@@ -235,18 +231,18 @@ async def run_action(
         except OSError as exc:
             reason = f"cannot start {argv[0]}: {exc.strerror or type(exc).__name__}"
             return ActionResult(False, reason, remedy=remedy)
-        err = _Tail(_STDERR_KEEP)
+        err = Tail(STDERR_KEEP)
         timed_out = False
         try:
             with anyio.move_on_after(action.timeout) as deadline:
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(_drain, proc.stderr, err.feed)
+                    tg.start_soon(drain, proc.stderr, err.feed)
                     await proc.wait()
                     tg.cancel_scope.cancel()  # a leftover child may hold stderr open
             timed_out = deadline.cancelled_caught
         finally:
             with anyio.CancelScope(shield=True):
-                await _reap(proc, kill=timed_out or proc.returncode is None)
+                await reap(proc, kill=timed_out or proc.returncode is None)
     finally:
         with contextlib.suppress(OSError):
             os.unlink(events_file)
@@ -258,7 +254,7 @@ async def run_action(
         reason = f"timed out after {action.timeout:g}s"
         return ActionResult(False, reason, tail, remedy, duration=duration)
     if code is None or code < 0:
-        name = _signal_name(-code) if code is not None else "an unknown signal"
+        name = signal_name(-code) if code is not None else "an unknown signal"
         return ActionResult(False, f"killed by {name}", tail, remedy, code, duration)
     if code != 0:
         return ActionResult(False, f"exit code {code}", tail, remedy, code, duration)
@@ -395,7 +391,7 @@ class Actions:
         out: list[bytes] = []
         for name in names:
             with contextlib.suppress(KeyError, OSError):
-                out.extend(_read_contents(self._broker.engine.spec(name)))
+                out.extend(read_contents(self._broker.engine.spec(name)))
         return out
 
     async def _failed(

@@ -38,7 +38,6 @@ import pwd
 import random
 import re
 import shlex
-import signal
 import subprocess
 import tempfile
 import time
@@ -48,8 +47,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
-from anyio.abc import ByteReceiveStream, TaskGroup, TaskStatus
+from anyio.abc import TaskGroup, TaskStatus
 
+from broker.commands import PIPE_GRACE, STDERR_KEEP, Head, Tail, drain, reap, signal_name
 from broker.config import CredentialSettings, RefreshSettings
 from broker.fingerprint import Fingerprinter
 from broker.machine import REFRESH_FAILED, observe
@@ -73,6 +73,7 @@ __all__ = [
     "backoff_delay",
     "command_env",
     "persisted_refresh_problems",
+    "read_contents",
     "redact",
     "run_refresh",
     "secret_needles",
@@ -88,12 +89,6 @@ BACKOFF_CAP = 300.0
 #: What of the command's stderr a problem shows: the last lines, at most this many characters.
 STDERR_TAIL_LINES = 20
 STDERR_TAIL_CHARS = 2048
-#: stderr kept in memory (the tail is cut from it after redaction).
-_STDERR_KEEP = 16 * 1024
-#: After the command exits, how long a leftover child may keep its pipes open.
-_PIPE_GRACE = 2.0
-#: After SIGTERM to the process group on timeout, how long before SIGKILL.
-_KILL_GRACE = 1.0
 _ENV_PASSED = ("LANG", "TZ")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
@@ -208,52 +203,7 @@ class RunResult:
         return Problem(REFRESH_FAILED_CODE, message, refresh_remedy(spec))
 
 
-class _Head:
-    """Keeps the first ``limit`` bytes of a stream, counting the rest."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.data = bytearray()
-        self.total = 0
-
-    def feed(self, chunk: bytes) -> None:
-        self.total += len(chunk)
-        room = self.limit - len(self.data)
-        if room > 0:
-            self.data += chunk[:room]
-
-
-class _Tail:
-    """Keeps the last ``limit`` bytes of a stream."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.data = bytearray()
-        self.truncated = False
-
-    def feed(self, chunk: bytes) -> None:
-        self.data += chunk
-        if len(self.data) > self.limit:
-            del self.data[: len(self.data) - self.limit]
-            self.truncated = True
-
-
-async def _drain(stream: ByteReceiveStream | None, sink: Callable[[bytes], None]) -> None:
-    if stream is None:
-        return
-    try:
-        async for chunk in stream:
-            sink(chunk)
-    except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-        pass
-
-
-def _signal_group(pgid: int, signum: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signum)
-
-
-def _read_contents(spec: CredentialSettings) -> list[bytes]:
+def read_contents(spec: CredentialSettings) -> list[bytes]:
     """Every file's content now (for redaction: these are the secrets in use)."""
     return [r.content for r in read_credential(spec).reads if r.content]
 
@@ -317,7 +267,7 @@ async def run_refresh(spec: CredentialSettings, env: Mapping[str, str] | None = 
     env = dict(env) if env is not None else command_env()
     program = settings.command[0]
     started = anyio.current_time()
-    before = await anyio.to_thread.run_sync(_read_contents, spec)
+    before = await anyio.to_thread.run_sync(read_contents, spec)
     home = env.get("HOME", "/")
     cwd = home if await anyio.Path(home).is_dir() else "/"
     try:
@@ -337,31 +287,31 @@ async def run_refresh(spec: CredentialSettings, env: Mapping[str, str] | None = 
     except OSError as exc:
         return RunResult(False, f"cannot start {program}: {exc.strerror or type(exc).__name__}")
 
-    out = _Head(spec.max_size + 1)
-    err = _Tail(_STDERR_KEEP)
+    out = Head(spec.max_size + 1)
+    err = Tail(STDERR_KEEP)
     timed_out = False
     leftovers = False
     try:
         with anyio.move_on_after(settings.timeout) as deadline:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(_drain, proc.stdout, out.feed)
-                tg.start_soon(_drain, proc.stderr, err.feed)
+                tg.start_soon(drain, proc.stdout, out.feed)
+                tg.start_soon(drain, proc.stderr, err.feed)
                 await proc.wait()
                 # A child it left behind may hold the pipes open; do not wait for it long.
                 tg.cancel_scope.deadline = min(
-                    tg.cancel_scope.deadline, anyio.current_time() + _PIPE_GRACE
+                    tg.cancel_scope.deadline, anyio.current_time() + PIPE_GRACE
                 )
             leftovers = tg.cancel_scope.cancelled_caught
         timed_out = deadline.cancelled_caught
     finally:
         with anyio.CancelScope(shield=True):
-            await _reap(proc, kill=timed_out or leftovers or proc.returncode is None)
+            await reap(proc, kill=timed_out or leftovers or proc.returncode is None)
     duration = anyio.current_time() - started
 
     stdout = bytes(out.data)
     after: list[bytes] = []
     if settings.output is None:
-        after = await anyio.to_thread.run_sync(_read_contents, spec)
+        after = await anyio.to_thread.run_sync(read_contents, spec)
     needles = secret_needles([*before, stdout, *after])
     tail = await anyio.to_thread.run_sync(
         lambda: stderr_tail(bytes(err.data), needles, truncated=err.truncated)
@@ -374,7 +324,7 @@ async def run_refresh(spec: CredentialSettings, env: Mapping[str, str] | None = 
         return failed(f"timed out after {_seconds(settings.timeout)}")
     code = proc.returncode
     if code is None or code < 0:
-        name = _signal_name(-code) if code is not None else "an unknown signal"
+        name = signal_name(-code) if code is not None else "an unknown signal"
         return failed(f"killed by {name}")
     if code != 0:
         return failed(f"exit code {code}")
@@ -392,24 +342,6 @@ async def run_refresh(spec: CredentialSettings, env: Mapping[str, str] | None = 
     except OSError as exc:
         return failed(f"cannot write {path}: {exc.strerror or type(exc).__name__}")
     return RunResult(True, stderr=tail, written=True, duration=duration)
-
-
-async def _reap(proc: anyio.abc.Process, *, kill: bool) -> None:
-    """Stop (if asked) and reap the command, closing its pipes. Caller shields."""
-    if kill:
-        _signal_group(proc.pid, signal.SIGTERM)
-        with anyio.move_on_after(_KILL_GRACE):
-            await proc.wait()
-        _signal_group(proc.pid, signal.SIGKILL)
-    with anyio.move_on_after(_KILL_GRACE + _PIPE_GRACE):
-        await proc.aclose()
-
-
-def _signal_name(signum: int) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"signal {signum}"
 
 
 # --------------------------------------------------------------------------------------------
