@@ -45,12 +45,12 @@ from typing import TYPE_CHECKING
 import anyio
 from anyio.abc import TaskStatus
 
+from broker.backoff import backoff_delay
 from broker.commands import STDERR_KEEP, Tail, drain, reap, signal_name
 from broker.config import ActionSettings
 from broker.deliveries import Outcome, OutcomeFile
 from broker.events import Event
 from broker.refresh import (
-    backoff_delay,
     command_env,
     read_contents,
     secret_needles,

@@ -1,4 +1,5 @@
-"""Capped exponential backoff with full jitter, shared by every reconnecting loop.
+"""Capped exponential backoff with full jitter: ``Backoff`` for reconnecting loops, and
+``backoff_delay`` for the retry workers (refresh, actions, webhooks).
 
 Kept free of any transport library so that the consumer client's HTTP path can use it without
 importing MQTT.
@@ -6,9 +7,11 @@ importing MQTT.
 
 from __future__ import annotations
 
+import math
 import random
+from collections.abc import Callable
 
-__all__ = ["BACKOFF_CAP", "BACKOFF_INITIAL", "Backoff"]
+__all__ = ["BACKOFF_CAP", "BACKOFF_INITIAL", "Backoff", "backoff_delay"]
 
 BACKOFF_INITIAL = 0.5
 BACKOFF_CAP = 30.0
@@ -49,3 +52,11 @@ class Backoff:
     def reset(self) -> None:
         """Back to the initial delay (after a connection that worked)."""
         self.attempt = 0
+
+
+def backoff_delay(
+    attempt: int, base: float, cap: float, rand: Callable[[], float] = random.random
+) -> float:
+    """Full jitter: a delay in ``[0, min(cap, base * 2**attempt)]`` (``attempt`` from 0)."""
+    ceiling = min(cap, base * math.ldexp(1.0, min(attempt, 1000)))
+    return max(0.0, min(ceiling, ceiling * rand()))

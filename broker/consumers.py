@@ -43,7 +43,7 @@ from broker.convergence import (
 from broker.durations import format_duration
 from broker.events import encode
 from broker.state import Consumer, State
-from broker.store import _atomic_write
+from broker.store import atomic_write
 from broker.timefmt import parse_time
 
 if TYPE_CHECKING:
@@ -402,7 +402,7 @@ class ConsumerTracker:
 
     def _save(self, data: bytes) -> None:
         try:
-            _atomic_write(self._path, data)
+            atomic_write(self._path, data)
         except OSError as exc:
             if not self._save_failed:
                 log.error("cannot persist consumer reports; keeping them in memory",

@@ -18,7 +18,7 @@ import anyio
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from broker.events import encode
-from broker.store import _atomic_write
+from broker.store import atomic_write
 from broker.timefmt import format_time
 from broker.wakeup import Wakeup
 
@@ -93,7 +93,7 @@ class OutcomeFile:
         doc = {"deliveries": [o.to_dict() for o in self._outcomes()]}
         # Best effort: the state dir's trouble is reported by the store.
         with contextlib.suppress(OSError):
-            _atomic_write(self.path, encode(doc))
+            atomic_write(self.path, encode(doc))
 
 
 def read_outcomes(state_dir: Path) -> list[dict[str, Any]]:

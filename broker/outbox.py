@@ -25,7 +25,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 from broker.events import Event, encode
-from broker.store import _atomic_write
+from broker.store import atomic_write
 
 log = logging.getLogger("broker.outbox")
 
@@ -178,7 +178,7 @@ class Outbox:
         head = [encode({"seen": self.seen}) + b"\n"] if self.seen else []
         data = b"".join([*head, *(encode({"add": e.to_dict()}) + b"\n" for e in self.events())])
         try:
-            _atomic_write(self.path, data)
+            atomic_write(self.path, data)
             self._lines = self._size + len(head)
         except OSError as exc:
             with contextlib.suppress(Exception):

@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import pwd
 import random
@@ -49,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
+from broker.backoff import backoff_delay
 from broker.commands import PIPE_GRACE, STDERR_KEEP, Head, Tail, drain, reap, signal_name
 from broker.config import CredentialSettings, RefreshSettings
 from broker.fingerprint import Fingerprinter
@@ -95,14 +95,6 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
 # --------------------------------------------------------------------------------------------
 # Pure helpers
-
-
-def backoff_delay(
-    attempt: int, base: float, cap: float, rand: Callable[[], float] = random.random
-) -> float:
-    """Full jitter: a delay in ``[0, min(cap, base * 2**attempt)]`` (``attempt`` from 0)."""
-    ceiling = min(cap, base * math.ldexp(1.0, min(attempt, 1000)))
-    return max(0.0, min(ceiling, ceiling * rand()))
 
 
 def command_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -162,7 +162,7 @@ class Store:
     def _new_key(self, path: Path) -> bytes:
         key = secrets.token_hex(32).encode()
         try:
-            _atomic_write(path, key + b"\n")
+            atomic_write(path, key + b"\n")
         except OSError as exc:
             # Serve anyway (from memory, like any other write failure) with this key.
             self._unsaved_key = (path, key + b"\n")
@@ -231,7 +231,7 @@ class Store:
                            for n, (t, s) in self.tombstones.items()},
         }
         try:
-            _atomic_write(self._tombstones_path, encode(doc))
+            atomic_write(self._tombstones_path, encode(doc))
         except OSError as exc:
             self._report(f"cannot write state to {self.state_dir}: {exc.strerror or exc}")
 
@@ -345,7 +345,7 @@ class Store:
             "sequence": sequence,
             "credentials": {name: _encode_state(s) for name, s in everything.items()},
         }
-        _atomic_write(self._snapshot, encode(doc))
+        atomic_write(self._snapshot, encode(doc))
         fd = os.open(self._journal, _JOURNAL_FLAGS | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as fh:
             os.fsync(fh.fileno())
@@ -354,7 +354,7 @@ class Store:
 
     def _save_key(self) -> None:
         if self._unsaved_key is not None:
-            _atomic_write(*self._unsaved_key)
+            atomic_write(*self._unsaved_key)
             self._unsaved_key = None
 
     def _report(self, message: str) -> None:
@@ -400,7 +400,8 @@ def _tighten(path: Path, mode: int, what: str) -> None:
     )
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` (0600): temp file beside it, fsync, rename, fsync dir."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:

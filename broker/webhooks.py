@@ -36,12 +36,12 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from broker.actions import matches
+from broker.backoff import backoff_delay
 from broker.config import WebhookSettings
 from broker.deliveries import Outcome, OutcomeFile
 from broker.events import CONTENT_TYPE, DATACONTENTTYPE, SPECVERSION, Event, encode, make_event
 from broker.machine import EXPIRED, EXPIRING, INVALID, MISSING, REFRESHED
 from broker.outbox import DEFAULT_LIMIT, Outbox
-from broker.refresh import backoff_delay
 from broker.timefmt import parse_time
 
 if TYPE_CHECKING:

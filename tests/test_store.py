@@ -121,18 +121,18 @@ def test_a_key_that_cannot_be_written_is_used_and_saved_later(
     # of Broker.__aenter__) instead of serving from memory like every other write failure.
     store = Store(tmp_path / "s")
     store.prepare()
-    real_write = store_module._atomic_write
+    real_write = store_module.atomic_write
 
     def refused(path: Path, data: bytes) -> None:
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 
-    monkeypatch.setattr(store_module, "_atomic_write", refused)
+    monkeypatch.setattr(store_module, "atomic_write", refused)
     key = store.load_key()
     assert len(key) >= 32 and store.error is not None and "fingerprint key" in store.error
     a1 = state("a", 1, 1)
     store.record([a1], 1, lambda: {"a": a1})
     assert store.error is not None
-    monkeypatch.setattr(store_module, "_atomic_write", real_write)
+    monkeypatch.setattr(store_module, "atomic_write", real_write)
     store.record([a1], 1, lambda: {"a": a1})
     assert store.error is None
     assert Store(tmp_path / "s").load_key() == key  # the same key after a restart
