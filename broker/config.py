@@ -48,7 +48,7 @@ import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Any, ClassVar, Literal, Self
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -1421,16 +1421,13 @@ class SignalSettings(_Model):
         return bare
 
 
-class ActionSettings(_Model):
-    """``[[actions]]``: signal a process or run argv (no shell) when credentials change."""
+class _RoutedSettings(_Model):
+    """What actions and webhooks share: a name, and which credentials and events they take."""
 
+    _kind: ClassVar[str]
     name: str
     credentials: tuple[str, ...] = ("*",)
-    on: tuple[str, ...] = ("credentials.refreshed",)
-    signal: SignalSettings | None = None
-    command: tuple[str, ...] | None = Field(default=None, min_length=1)
-    coalesce: Duration = 0.5
-    timeout: PositiveDuration = 30.0
+    on: tuple[str, ...] = ("credentials.*",)
 
     @field_validator("credentials", "on", mode="before")
     @classmethod
@@ -1440,12 +1437,24 @@ class ActionSettings(_Model):
     @field_validator("name")
     @classmethod
     def _check_name(cls, value: str) -> str:
-        return _check_ident(value, "action name")
+        return _check_ident(value, f"{cls._kind} name")
 
     @field_validator("credentials", "on")
     @classmethod
     def _check_patterns(cls, value: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
         return _check_globs(value, str(info.field_name))
+
+
+class ActionSettings(_RoutedSettings):
+    """``[[actions]]``: signal a process or run argv (no shell) when credentials change."""
+
+    _kind: ClassVar[str] = "action"
+    on: tuple[str, ...] = ("credentials.refreshed",)
+    signal: SignalSettings | None = None
+    command: tuple[str, ...] | None = Field(default=None, min_length=1)
+    coalesce: Duration = 0.5
+    timeout: PositiveDuration = 30.0
+
 
     @field_validator("command", mode="before")
     @classmethod
@@ -1467,31 +1476,15 @@ class ActionSettings(_Model):
         return self
 
 
-class WebhookSettings(_Model):
+class WebhookSettings(_RoutedSettings):
     """``[[webhooks]]``: POST each matching event (CloudEvents HTTP binding, Standard Webhooks)."""
 
-    name: str
+    _kind: ClassVar[str] = "webhook"
     url: str
-    credentials: tuple[str, ...] = ("*",)
-    on: tuple[str, ...] = ("credentials.*",)
     secret_file: ExpandedPath | None = None
     mode: Literal["structured", "binary"] = "structured"
     timeout: PositiveDuration = 10.0
 
-    @field_validator("credentials", "on", mode="before")
-    @classmethod
-    def _not_a_string(cls, value: Any) -> Any:
-        return _globs(value)
-
-    @field_validator("name")
-    @classmethod
-    def _check_name(cls, value: str) -> str:
-        return _check_ident(value, "webhook name")
-
-    @field_validator("credentials", "on")
-    @classmethod
-    def _check_patterns(cls, value: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
-        return _check_globs(value, str(info.field_name))
 
     @field_validator("url")
     @classmethod
