@@ -652,7 +652,11 @@ async def test_mqtt_server_killed_every_few_seconds_while_credentials_rotate(
     checked_ids = [e.id for at, e in bus if any(lo <= at <= hi for lo, hi in windows)]
     missing = [i for i in checked_ids if i not in delivered]
     assert missing == [], f"{len(missing)} events published in a window never arrived"
-    assert set(last_ids.values()) <= delivered, "a credential's last event was lost"
+    # A credential's last event may have gone out while the subscriber was reconnecting (the
+    # server keeps no session for it): then it must have arrived as the retained state, with
+    # the same id. Inside a window the events topic must have had it: checked just above.
+    reached = {s.id for s in raw.seen}
+    assert set(last_ids.values()) <= reached, "a credential's last event was lost"
 
     total = len(bus)
     lost = [e for _, e in bus if e.id not in delivered]
