@@ -32,7 +32,7 @@ import anyio
 
 from benchmarks.common import markdown, rotate, summarize
 from benchmarks.delivery import Reports
-from broker.events import Event
+from broker.core.events import Event
 
 COLUMNS = ["path", "n", "p50_ms", "p99_ms", "max_ms", "ratio_p50", "ratio_p99"]
 

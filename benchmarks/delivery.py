@@ -33,7 +33,7 @@ from anyio.streams.text import TextReceiveStream
 from benchmarks.common import markdown, rotate, summarize
 from broker import Broker
 from broker.config import parse_config
-from broker.http import HttpApi
+from broker.sinks.http import HttpApi
 from tests.mosquitto import Mosquitto
 
 RAW_TOPIC = "bench/raw"

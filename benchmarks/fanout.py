@@ -23,7 +23,7 @@ import anyio
 from benchmarks.common import make_tree, markdown, rotate
 from broker import Broker
 from broker.config import parse_config
-from broker.http import HttpApi
+from broker.sinks.http import HttpApi
 
 
 async def run_once(

@@ -32,7 +32,7 @@ from benchmarks.common import summarize
 from benchmarks.latency import inotify_floor, write_rename
 from broker import Broker
 from broker.config import parse_config
-from broker.webhooks import read_secret, sign
+from broker.sinks.webhooks import read_secret, sign
 
 
 class Receiver:

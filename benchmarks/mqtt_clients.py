@@ -172,8 +172,8 @@ async def _credbroker(port: int, messages: list[tuple[str, bytes, bool]], window
 
     from aiomqtt import ProtocolVersion
 
-    from broker.mqtt import _Pipeline, publish_properties
-    from broker.mqtt_link import MqttLink, WillMessage
+    from broker.aio.mqtt_link import MqttLink, WillMessage
+    from broker.sinks.mqtt import _Pipeline, publish_properties
 
     link = await MqttLink.open(
         "127.0.0.1", port, client_id="bench-credbroker", protocol=ProtocolVersion.V5,

@@ -23,11 +23,11 @@ from pathlib import Path
 import anyio
 from aiomqtt import Client
 
-import broker.mqtt
+import broker.sinks.mqtt
 from broker import Broker
 from broker.config import Config, MqttSettings, parse_config
-from broker.events import Event, make_event
-from broker.mqtt import Backoff, MqttPublisher, Topics
+from broker.core.events import Event, make_event
+from broker.sinks.mqtt import Backoff, MqttPublisher, Topics
 from tests.mosquitto import Mosquitto
 
 
@@ -125,7 +125,7 @@ async def flush(directory: Path, server: Mosquitto, buffered: int, window: int) 
     config, settings = _config(directory, server, prefix)
     topics = Topics(prefix, "bench")
     backoff = FixedBackoff(1.0)
-    broker.mqtt.WINDOW = window
+    broker.sinks.mqtt.WINDOW = window
 
     def sink(b: Broker) -> MqttPublisher:
         return MqttPublisher(b, settings=settings, backoff=backoff)
@@ -172,13 +172,13 @@ async def main(changes: int, buffered: int) -> None:
             server.start()
             (root / "latency").mkdir()
             await latency(root / "latency", server, changes)
-            default = broker.mqtt.WINDOW
+            default = broker.sinks.mqtt.WINDOW
             try:
                 for window in (default, 1):
                     (root / f"flush-{window}").mkdir()
                     await flush(root / f"flush-{window}", server, buffered, window)
             finally:
-                broker.mqtt.WINDOW = default
+                broker.sinks.mqtt.WINDOW = default
 
 
 if __name__ == "__main__":

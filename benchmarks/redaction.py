@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 
 from benchmarks.common import markdown
-from broker.redaction import MIN_RUN, Redactor
+from broker.core.redaction import MIN_RUN, Redactor
 
 STDERR = 16 * 1024
 

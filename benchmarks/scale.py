@@ -246,8 +246,8 @@ def _rotation(root: Path, pid: int, sub: Counter, count: int) -> dict[str, Any]:
 
 def _event_size(path: Path) -> int:
     """The size of a typical event of this tree (the floor publishes as many bytes)."""
-    from broker.events import make_event
-    from broker.state import FileInfo, State, Status
+    from broker.core.events import make_event
+    from broker.core.state import FileInfo, State, Status
 
     state = State("c0", Status.VALID, 1, 1, "f" * 43, files=(FileInfo("token", str(path), True,
                   32, time.time(), 0o600),))

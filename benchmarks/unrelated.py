@@ -25,7 +25,7 @@ from typing import Any
 import anyio
 
 from benchmarks.common import config_toml, cpu_seconds, start_daemon
-from broker.inotify import HEADER, Inotify
+from broker.engine.inotify import HEADER, Inotify
 
 TARGET_US = 5.0
 #: Writes per burst, and the pause between bursts: far below the 16,384-event queue, so

@@ -18,24 +18,24 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from broker.app import Broker
-    from broker.bus import Subscription
     from broker.config import Config, ConfigError, load_config
-    from broker.events import Event
-    from broker.state import FileInfo, Problem, State, Status
+    from broker.core.events import Event
+    from broker.core.state import FileInfo, Problem, State, Status
+    from broker.engine.bus import Subscription
 
 # Resolved on first use, so that `import broker.client` (a consumer service) loads neither
 # the engine nor pydantic.
 _WHERE = {
     "Broker": "broker.app",
-    "Subscription": "broker.bus",
+    "Subscription": "broker.engine.bus",
     "Config": "broker.config",
     "ConfigError": "broker.config",
     "load_config": "broker.config",
-    "Event": "broker.events",
-    "FileInfo": "broker.state",
-    "Problem": "broker.state",
-    "State": "broker.state",
-    "Status": "broker.state",
+    "Event": "broker.core.events",
+    "FileInfo": "broker.core.state",
+    "Problem": "broker.core.state",
+    "State": "broker.core.state",
+    "Status": "broker.core.state",
 }
 
 __all__ = [

@@ -1,5 +1,5 @@
 """``python -m broker`` is ``credbroker``."""
 
-from broker.cli import main
+from broker.cli.main import main
 
 raise SystemExit(main())

@@ -11,12 +11,12 @@ from typing import Any, Protocol, runtime_checkable
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
-from broker.bus import DEFAULT_BUFFER, Bus, Subscription
 from broker.config import Config
-from broker.engine import Clock, Engine
-from broker.fingerprint import Fingerprinter
-from broker.state import State
-from broker.store import Loaded, Store, StoreError
+from broker.core.fingerprint import Fingerprinter
+from broker.core.state import State
+from broker.engine.bus import DEFAULT_BUFFER, Bus, Subscription
+from broker.engine.engine import Clock, Engine
+from broker.engine.store import Loaded, Store, StoreError
 
 log = logging.getLogger("broker")
 
@@ -177,35 +177,35 @@ class Broker:
         factories: list[SinkFactory] = []
         credentials = self._config.credentials
         if any(c.refresh is not None for c in credentials):
-            from broker.refresh import Refresher
+            from broker.workers.refresh import Refresher
 
             factories.append(Refresher)
         if any(c.validate_ is not None for c in credentials):
-            from broker.validate import Validator
+            from broker.workers.validate import Validator
 
             factories.append(Validator)
         if self._config.mqtt is not None or self._config.http is not None:
-            from broker.consumers import ConsumerTracker
+            from broker.engine.consumers import ConsumerTracker
 
             factories.append(ConsumerTracker)
         if self._config.mqtt is not None:
-            from broker.consumer_reports import MqttConsumerReports
+            from broker.sinks.consumer_reports import MqttConsumerReports
 
             factories.append(MqttConsumerReports)
         if self._config.mqtt is not None:
-            from broker.mqtt import MqttPublisher
+            from broker.sinks.mqtt import MqttPublisher
 
             factories.append(MqttPublisher)
         if self._config.http is not None:
-            from broker.http import HttpApi
+            from broker.sinks.http import HttpApi
 
             factories.append(HttpApi)
         if self._config.actions:
-            from broker.actions import Actions
+            from broker.sinks.actions import Actions
 
             factories.append(Actions)
         if self._config.webhooks:
-            from broker.webhooks import Webhooks
+            from broker.sinks.webhooks import Webhooks
 
             factories.append(Webhooks)
         factories.extend(self._extra_sinks)

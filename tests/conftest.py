@@ -16,9 +16,9 @@ import jwt
 import pytest
 
 from broker import Broker, Event
-from broker.bus import Subscription
+from broker.cli.logs import TextFormatter
 from broker.config import Config, parse_config
-from broker.logs import TextFormatter
+from broker.engine.bus import Subscription
 
 EVENT_TIMEOUT = 5.0
 #: When set, ``record_figures`` appends its figures here (one JSON object a line), for

@@ -18,7 +18,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from broker.actions import (
+from broker.config import ActionSettings
+from broker.core.events import make_event
+from broker.core.state import Problem, State, Status
+from broker.sinks.actions import (
     ACTION_FAILED,
     Actions,
     action_env,
@@ -27,9 +30,6 @@ from broker.actions import (
     send_signal,
     wants,
 )
-from broker.config import ActionSettings
-from broker.events import make_event
-from broker.state import Problem, State, Status
 from tests.conftest import Harness, SecretRegistry, write_atomic
 
 TIMEOUT = 15.0

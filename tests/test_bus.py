@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.bus import Bus
-from broker.events import Event, make_event
-from broker.state import State, Status
+from broker.core.events import Event, make_event
+from broker.core.state import State, Status
+from broker.engine.bus import Bus
 
 
 def event(credential: str, sequence: int, kind: str = "credentials.refreshed") -> Event:

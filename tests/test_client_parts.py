@@ -22,10 +22,10 @@ from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.backoff import Backoff
 from broker.client import BrokerClient, CredentialCache, GenerationGate, invalidates
-from broker.events import Event, make_event
-from broker.state import FileInfo, State, Status
+from broker.core.backoff import Backoff
+from broker.core.events import Event, make_event
+from broker.core.state import FileInfo, State, Status
 from tests.client_daemon import Daemon
 from tests.conftest import SecretRegistry, write_atomic
 from tests.mosquitto import (
@@ -407,7 +407,7 @@ def test_importing_the_client_for_http_loads_no_engine_config_pydantic_or_mqtt()
     code = (
         "import sys, broker.client\n"
         "broker.client.BrokerClient('http://127.0.0.1:9')\n"
-        "bad = [m for m in ('broker.engine', 'broker.config', 'broker.app', 'pydantic',"
+        "bad = [m for m in ('broker.engine.engine', 'broker.config', 'broker.app', 'pydantic',"
         " 'aiomqtt', 'paho') if m in sys.modules]\n"
         "print(bad)\n"
     )

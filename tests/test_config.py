@@ -21,9 +21,9 @@ from broker.config import (
     load_config,
     parse_config,
 )
-from broker.expiry import ExpirySource, parse_expiry_source
-from broker.formats import Selector
-from broker.presets import PRESETS, PROBLEM_CODES, default_remedy
+from broker.config.presets import PRESETS, PROBLEM_CODES, default_remedy
+from broker.core.expiry import ExpirySource, parse_expiry_source
+from broker.core.formats import Selector
 
 SPEC_EXAMPLE = """
 [broker]
@@ -934,7 +934,7 @@ def test_new_key_errors(
 def test_a_new_preset_is_only_data(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     # Everything a preset can say, for a made-up cloud: no code knows its name.
     import broker.config as config_module
-    from broker.presets import Preset, PresetFallback
+    from broker.config.presets import Preset, PresetFallback
 
     made_up = Preset(
         name="acme",

@@ -19,10 +19,10 @@ import anyio
 import pytest
 from aiomqtt import Client
 
-from broker.consumer_reports import MqttConsumerReports
-from broker.events import Event
-from broker.state import State
-from broker.timefmt import format_time, parse_time
+from broker.core.events import Event
+from broker.core.state import State
+from broker.core.timefmt import format_time, parse_time
+from broker.sinks.consumer_reports import MqttConsumerReports
 from tests.conftest import SecretRegistry, write_atomic
 from tests.mosquitto import Mosquitto, mosquitto_server_fixture  # noqa: F401
 from tests.test_http import serving
@@ -350,7 +350,7 @@ async def test_metrics_status_and_check_show_consumers_and_lag(
     harness_factory: Any, tmp_path: Path, secrets: SecretRegistry,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from broker.cli import check_now, main
+    from broker.cli.main import check_now, main
 
     path = tmp_path / "svc"
     write_atomic(path, secrets.token())

@@ -1,4 +1,4 @@
-"""The pure rules of consumer tracking (broker.convergence): units and properties."""
+"""The pure rules of consumer tracking (broker.core.convergence): units and properties."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.consumers import parse_report
-from broker.convergence import (
+from broker.cli.fleet import FleetView
+from broker.core.convergence import (
     CONSUMER_ID_RE,
     ReportError,
     assess,
@@ -19,8 +19,8 @@ from broker.convergence import (
     is_lagging,
     record,
 )
-from broker.fleet import FleetView
-from broker.state import Consumer, State, Status
+from broker.core.state import Consumer, State, Status
+from broker.engine.consumers import parse_report
 
 FP = [f"hmac-sha256:{i:016x}" for i in range(10)]
 LAG = 60.0
@@ -224,7 +224,7 @@ def test_consumer_ids_are_safe_mqtt_topic_levels(cid: str) -> None:
 
 
 def test_fleet_view_folds_states_reports_and_removals() -> None:
-    from broker.events import make_event
+    from broker.core.events import make_event
 
     view = FleetView("cb")
     s = state(2)

@@ -20,7 +20,7 @@ import aiohttp
 import anyio
 import pytest
 
-from broker.timefmt import parse_time
+from broker.core.timefmt import parse_time
 from tests.client_daemon import Daemon, Worker
 from tests.conftest import SecretRegistry, write_atomic
 from tests.test_http import ApiClient, EventStream

@@ -1,4 +1,4 @@
-"""The one JSON encoding (broker.events.encode): orjson, the same document as the stdlib's."""
+"""The one JSON encoding (broker.core.events.encode): orjson, the same document as the stdlib's."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from broker.events import encode
+from broker.core.events import encode
 
 # Documents as the broker builds them: no floats (times are strings), 64-bit integers.
 _scalars = st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text()

@@ -16,15 +16,15 @@ from cryptography.x509.oid import NameOID
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from broker.expiry import (
+from broker.core.expiry import (
     ExpirySource,
     Lifetime,
     expiring_at,
     parse_expiry_source,
     read_lifetime,
 )
-from broker.formats import ContentError
-from broker.timefmt import MAX_TIMESTAMP
+from broker.core.formats import ContentError
+from broker.core.timefmt import MAX_TIMESTAMP
 
 SECRET = "s3cr3t-Hh4nT8wQ1m"
 HMAC_KEY = "test-signing-key-that-is-long-enough-for-hs256"

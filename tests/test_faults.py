@@ -35,13 +35,13 @@ import anyio
 import pytest
 from aiomqtt import Client, MqttError
 
-import broker.http as http_module
+import broker.sinks.http as http_module
 from broker import Broker
+from broker.cli.remote import iter_sse
 from broker.client import BrokerClient
-from broker.events import Event, make_event
-from broker.mqtt import Backoff, MqttPublisher, Topics
-from broker.remote import iter_sse
-from broker.state import State, Status
+from broker.core.events import Event, make_event
+from broker.core.state import State, Status
+from broker.sinks.mqtt import Backoff, MqttPublisher, Topics
 from tests.conftest import SecretRegistry, make_config, record_figures, write_atomic
 from tests.mosquitto import Mosquitto, Subscriber, mosquitto_fixture  # noqa: F401 - fixture
 from tests.test_http import cred, serving

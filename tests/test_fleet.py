@@ -27,8 +27,8 @@ import anyio
 import pytest
 from aiomqtt import Client
 
-from broker.events import Event
-from broker.fleet import FleetView
+from broker.cli.fleet import FleetView
+from broker.core.events import Event
 from tests.conftest import SecretRegistry, record_figures, write_atomic
 from tests.mosquitto import Mosquitto, free_port
 

@@ -18,7 +18,7 @@ from cryptography.x509.oid import NameOID
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.formats import (
+from broker.core.formats import (
     FORMATS,
     ContentError,
     Selector,

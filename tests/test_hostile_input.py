@@ -33,9 +33,9 @@ from aiohttp import web
 from broker import Broker
 from broker.client import BrokerClient, CredentialCache
 from broker.config import ConfigError, CredentialSettings, MqttSettings, parse_config
-from broker.fingerprint import Fingerprinter
-from broker.mqtt import MqttPublisher, Topics, join_topic
-from broker.reader import FileRead, read_credential, read_file
+from broker.core.fingerprint import Fingerprinter
+from broker.engine.reader import FileRead, read_credential, read_file
+from broker.sinks.mqtt import MqttPublisher, Topics, join_topic
 from tests.conftest import SecretRegistry, make_config, record_figures, write_atomic
 from tests.mosquitto import Mosquitto, mosquitto_server_fixture  # noqa: F401 - fixture
 from tests.test_http import OPENAPI, cred, serving

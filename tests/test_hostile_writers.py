@@ -21,8 +21,8 @@ import anyio
 import pytest
 from anyio.abc import Process
 
-from broker import engine as engine_module
-from broker.state import Status
+from broker.core.state import Status
+from broker.engine import engine as engine_module
 from tests.conftest import Harness, SecretRegistry, write_atomic
 from tests.test_http import serving
 

@@ -26,13 +26,13 @@ import jsonschema
 import pytest
 from multidict import CIMultiDictProxy
 
-import broker.http as http_module
+import broker.sinks.http as http_module
 from broker import Broker
+from broker.cli.remote import SseMessage, iter_sse
 from broker.config import ConfigError, parse_config
-from broker.events import make_event
-from broker.http import HttpApi, load_openapi
-from broker.remote import SseMessage, iter_sse
-from broker.state import State, Status
+from broker.core.events import make_event
+from broker.core.state import State, Status
+from broker.sinks.http import HttpApi, load_openapi
 from tests.conftest import Harness, SecretRegistry, make_config, write_atomic
 
 pytestmark = pytest.mark.anyio
@@ -801,9 +801,9 @@ def test_docs_copy_of_the_openapi_document_is_identical() -> None:
 def test_the_document_names_every_event_type_the_stream_carries() -> None:
     """lagging, converged and action_failed go out on /v1/events like the machine's types
     (regression: the CloudEvent and StreamMessage enums listed only the machine's six)."""
-    from broker.actions import ACTION_FAILED
-    from broker.convergence import CONVERGED, LAGGING
-    from broker.machine import EVENT_TYPES
+    from broker.core.convergence import CONVERGED, LAGGING
+    from broker.core.machine import EVENT_TYPES
+    from broker.sinks.actions import ACTION_FAILED
 
     published = {*EVENT_TYPES, ACTION_FAILED, LAGGING, CONVERGED}
     schemas = OPENAPI["components"]["schemas"]

@@ -15,7 +15,7 @@ import anyio
 import pytest
 
 from broker.config import ConfigError, parse_config
-from broker.http import HttpApi, connection_cap, host_name
+from broker.sinks.http import HttpApi, connection_cap, host_name
 from tests.conftest import SecretRegistry, write_atomic
 from tests.daemon import run_daemon
 

@@ -15,8 +15,8 @@ import anyio
 import pytest
 
 from broker import Broker
-from broker.reader import read_file
-from broker.state import Status
+from broker.core.state import Status
+from broker.engine.reader import read_file
 from tests.conftest import SecretRegistry, make_config, write_atomic
 
 pytestmark = pytest.mark.anyio
@@ -376,7 +376,7 @@ def test_sighup_reloads_the_daemon(tmp_path: Path, secrets: SecretRegistry) -> N
 async def test_external_findings_reject_and_announce(
     harness_factory: Any, tmp_path: Path, secrets: SecretRegistry
 ) -> None:
-    from broker.state import Problem
+    from broker.core.state import Problem
 
     path = tmp_path / "token"
     write_atomic(path, secrets.token())

@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker.config import CredentialSettings, parse_config
-from broker.expiry import Lifetime
-from broker.fingerprint import Fingerprinter
-from broker.machine import (
+from broker.core.expiry import Lifetime
+from broker.core.fingerprint import Fingerprinter
+from broker.core.machine import (
     EXPIRED,
     EXPIRING,
     INVALID,
@@ -22,8 +22,8 @@ from broker.machine import (
     tick,
     transition,
 )
-from broker.reader import FileRead
-from broker.state import FileInfo, Problem, Stage, State, Status
+from broker.core.state import FileInfo, Problem, Stage, State, Status
+from broker.engine.reader import FileRead
 
 SPEC: CredentialSettings = parse_config(
     {

@@ -30,8 +30,9 @@ from paho.mqtt.reasoncodes import ReasonCode
 from broker import Broker
 from broker.client import BrokerClient, CredentialCache
 from broker.config import MqttSettings
-from broker.events import CONTENT_TYPE, Event, make_event
-from broker.mqtt import (
+from broker.core.events import CONTENT_TYPE, Event, make_event
+from broker.core.state import State, Status
+from broker.sinks.mqtt import (
     BACKOFF_CAP,
     Backoff,
     MqttPublisher,
@@ -42,7 +43,6 @@ from broker.mqtt import (
     is_protocol_refusal,
     join_topic,
 )
-from broker.state import State, Status
 from tests.conftest import SecretRegistry, make_config, write_atomic
 from tests.mosquitto import (
     Mosquitto,
@@ -358,8 +358,8 @@ def test_client_module_does_not_import_the_engine() -> None:
         f"pkg = types.ModuleType('broker'); pkg.__path__ = [{str(REPO / 'broker')!r}]\n"
         "sys.modules['broker'] = pkg\n"
         "import broker.client\n"
-        "bad = sorted(m for m in sys.modules if m in ('broker.engine', 'broker.watcher',\n"
-        "    'broker.app', 'broker.config', 'asyncinotify', 'pydantic'))\n"
+        "bad = sorted(m for m in sys.modules if m in ('broker.engine.engine',\n"
+        "    'broker.engine.watcher', 'broker.app', 'broker.config', 'asyncinotify', 'pydantic'))\n"
         "print(','.join(bad))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -944,7 +944,7 @@ async def test_wrong_password_is_logged_and_retried_with_backoff(
 
 
 def _epoch(text: str) -> float:
-    from broker.timefmt import parse_time
+    from broker.core.timefmt import parse_time
 
     return parse_time(text)
 

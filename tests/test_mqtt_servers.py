@@ -25,8 +25,8 @@ import anyio
 import pytest
 from aiomqtt import Client, ProtocolVersion
 
-from broker.events import Event
-from broker.mqtt import MqttPublisher
+from broker.core.events import Event
+from broker.sinks.mqtt import MqttPublisher
 from tests.conftest import SecretRegistry, write_atomic
 from tests.mosquitto import free_port
 from tests.test_consumers import ids, next_of_type, report, until, will_consumer

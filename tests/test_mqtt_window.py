@@ -13,9 +13,9 @@ import pytest
 from aiomqtt import ProtocolVersion
 from aiomqtt.exceptions import MqttConnectError
 
-from broker.events import Event
-from broker.mqtt import WINDOW, MqttPublisher, Topics
-from broker.mqtt_link import LinkLost, MqttLink, WillMessage
+from broker.aio.mqtt_link import LinkLost, MqttLink, WillMessage
+from broker.core.events import Event
+from broker.sinks.mqtt import WINDOW, MqttPublisher, Topics
 from tests.conftest import SecretRegistry, write_atomic
 from tests.mosquitto import (
     Mosquitto,

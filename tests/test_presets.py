@@ -30,11 +30,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from broker.config import CredentialSettings, parse_config
-from broker.fingerprint import Fingerprinter
-from broker.machine import observe, transition
-from broker.presets import PRESETS
-from broker.reader import read_credential, stat_signature
-from broker.state import State, Status
+from broker.config.presets import PRESETS
+from broker.core.fingerprint import Fingerprinter
+from broker.core.machine import observe, transition
+from broker.core.state import State, Status
+from broker.engine.reader import read_credential, stat_signature
 from tests.conftest import SecretRegistry, write_atomic
 
 ROOT = Path(__file__).resolve().parent.parent

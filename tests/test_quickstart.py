@@ -80,8 +80,8 @@ def test_quick_start(tmp_path: Path, secrets: SecretRegistry) -> None:
 
 
 def test_first_lines_say_where_to_look() -> None:
-    from broker.hints import first_lines
-    from broker.state import Problem, State, Status
+    from broker.cli.hints import first_lines
+    from broker.core.state import Problem, State, Status
 
     missing = State(credential="svc", status=Status.MISSING,
                     problems=(Problem("file-missing", "gone", "write it"),

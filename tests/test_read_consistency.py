@@ -17,11 +17,11 @@ import anyio
 import pytest
 
 from broker.config import parse_config
-from broker.fingerprint import Fingerprinter
-from broker.machine import observe
-from broker.reader import FileRead, read_file
-from broker.state import FileInfo, State, Status
-from broker.store import KEY_FILE, Store
+from broker.core.fingerprint import Fingerprinter
+from broker.core.machine import observe
+from broker.core.state import FileInfo, State, Status
+from broker.engine.reader import FileRead, read_file
+from broker.engine.store import KEY_FILE, Store
 from tests.conftest import SecretRegistry, write_atomic
 
 pytestmark = pytest.mark.anyio

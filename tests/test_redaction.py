@@ -1,4 +1,4 @@
-"""Redaction of secrets from program output (``broker.redaction``), under the leak guard.
+"""Redaction of secrets from program output (``broker.core.redaction``), under the leak guard.
 
 The property tests generate the shapes in which real CLIs print secrets: whole, a prefix
 (``using token NEWTOKEN+abc/d...``), a suffix, one half of a line-wrapped token, lower- or
@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.redaction import MIN_RUN, REDACTED, Redactor
+from broker.core.redaction import MIN_RUN, REDACTED, Redactor
 from tests.conftest import SecretRegistry, write_atomic
 
 # Secrets as tokens look: base64/base64url/hex alphabets and a few separators.

@@ -17,8 +17,9 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from broker.redaction import _field_values
-from broker.refresh import (
+from broker.core.redaction import _field_values
+from broker.core.state import Status
+from broker.workers.refresh import (
     REDACTED,
     Refresher,
     backoff_delay,
@@ -28,7 +29,6 @@ from broker.refresh import (
     secret_needles,
     stderr_tail,
 )
-from broker.state import Status
 from tests.conftest import Harness, SecretRegistry, write_atomic
 
 TIMEOUT = 15.0

@@ -21,9 +21,7 @@ from anyio.abc import Process
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from broker import Broker
-from broker.config import ConfigError
-from broker.http import HttpApi
-from broker.remote import (
+from broker.cli.remote import (
     DEFAULT_URL,
     Endpoint,
     RemoteError,
@@ -32,6 +30,8 @@ from broker.remote import (
     listen_url,
     resolve_endpoint,
 )
+from broker.config import ConfigError
+from broker.sinks.http import HttpApi
 from tests.conftest import SecretRegistry, make_config, write_atomic
 
 pytestmark = pytest.mark.anyio

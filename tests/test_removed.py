@@ -10,8 +10,8 @@ from typing import Any
 import anyio
 import pytest
 
-from broker.mqtt import Topics
-from broker.store import MAX_TOMBSTONES, Loaded, Store
+from broker.engine.store import MAX_TOMBSTONES, Loaded, Store
+from broker.sinks.mqtt import Topics
 from tests.conftest import SecretRegistry, make_config, write_atomic
 from tests.mosquitto import (
     Mosquitto,
@@ -93,7 +93,7 @@ async def test_a_restart_without_it_clears_it_and_a_restart_with_it_resumes(
 
 
 def test_tombstones_are_bounded_and_survive_a_restart(tmp_path: Path) -> None:
-    from broker.state import State, Status
+    from broker.core.state import State, Status
 
     store = Store(tmp_path / "state")
     store.prepare()

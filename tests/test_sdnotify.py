@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from broker.sdnotify import Notifier, status_line
-from broker.state import State, Status
+from broker.cli.sdnotify import Notifier, status_line
+from broker.core.state import State, Status
 from tests.conftest import SecretRegistry, write_atomic
 from tests.daemon import ROOT, run_daemon
 from tests.mosquitto import free_port

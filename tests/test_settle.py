@@ -17,7 +17,7 @@ import anyio
 import pytest
 
 from broker.config import ConfigError, parse_config
-from broker.state import Status
+from broker.core.state import Status
 from tests.conftest import Harness, SecretRegistry, write_atomic
 
 pytestmark = pytest.mark.anyio

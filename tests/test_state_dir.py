@@ -14,8 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker.events import encode
-from broker.store import JOURNAL, KEY_FILE, SNAPSHOT
+from broker.core.events import encode
+from broker.engine.store import JOURNAL, KEY_FILE, SNAPSHOT
 from tests.conftest import SecretRegistry, write_atomic
 
 pytestmark = pytest.mark.anyio

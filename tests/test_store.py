@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-import broker.store as store_module
-from broker.state import Stage, State, Status
-from broker.store import Store
+import broker.engine.store as store_module
+from broker.core.state import Stage, State, Status
+from broker.engine.store import Store
 
 
 def state(name: str, generation: int, sequence: int) -> State:

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.timefmt import MAX_TIMESTAMP, format_time, parse_time
+from broker.core.timefmt import MAX_TIMESTAMP, format_time, parse_time
 
 
 def reference(ts: float) -> str:

@@ -18,9 +18,9 @@ from aiohttp import web
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from broker import Broker
-from broker.refresh import Refresher
-from broker.state import Status
-from broker.validate import (
+from broker.core.state import Status
+from broker.workers.refresh import Refresher
+from broker.workers.validate import (
     REJECTED,
     UNEXPECTED,
     UNREACHABLE,
@@ -353,7 +353,7 @@ def test_header_is_built_from_stripped_content(tmp_path: Path) -> None:
 
 
 def test_only_usable_content_is_worth_sending(tmp_path: Path) -> None:
-    from broker.state import Problem, State
+    from broker.core.state import Problem, State
 
     assert worth_validating(State("x", Status.VALID))
     assert worth_validating(State("x", Status.EXPIRING))
@@ -369,8 +369,8 @@ async def test_forced_checks_are_bounded_and_say_when_the_verdict_was_made(
     # 200 POST checks in a burst: the API sees the credential once, not 200 times.
     import aiohttp
 
-    from broker.http import HttpApi
-    from broker.timefmt import parse_time
+    from broker.core.timefmt import parse_time
+    from broker.sinks.http import HttpApi
 
     token = tmp_path / "token"
     write_atomic(token, secrets.token())
@@ -393,10 +393,16 @@ async def test_forced_checks_are_bounded_and_say_when_the_verdict_was_made(
             first_at, body = await check()  # within the interval of the start's request
             assert first_at is not None and body["status"] == "valid"
             assert parse_time(first_at) <= time.time()
+            seen_at: list[str | None] = []
             with anyio.fail_after(TIMEOUT):
                 for _ in range(200):
                     at, body = await check()
-                    assert at == first_at and body["status"] == "valid"
+                    seen_at.append(at)
+                    assert body["status"] == "valid"
+            # The verdict of the start's request, and at most one newer should the interval
+            # end during the burst (a loaded machine), never going back.
+            assert seen_at[0] == first_at and len(set(seen_at)) <= 2
+            assert seen_at == sorted(seen_at, key=lambda a: parse_time(a or first_at))
             assert api.received is not None
             extra = 0
             while True:

@@ -8,7 +8,7 @@ import tempfile
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from broker.watcher import _Kind, _plan, _resolve
+from broker.engine.watcher import _Kind, _plan, _resolve
 
 NAMES = ["a", "b", "c", "d"]
 

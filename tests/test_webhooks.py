@@ -26,10 +26,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker.config import ConfigError
-from broker.events import make_event
-from broker.outbox import Outbox
-from broker.state import State, Status
-from broker.webhooks import SecretError, Webhooks, read_secret
+from broker.core.events import make_event
+from broker.core.state import State, Status
+from broker.sinks.outbox import Outbox
+from broker.sinks.webhooks import SecretError, Webhooks, read_secret
 from tests.conftest import Harness, SecretRegistry, make_config, write_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -593,7 +593,7 @@ async def test_last_outcomes_over_http_in_metrics_and_in_check(
 ) -> None:
     import aiohttp
 
-    from broker.cli import main
+    from broker.cli.main import main
     from tests.test_http import ApiClient
 
     a = tmp_path / "a"

@@ -14,7 +14,7 @@ from typing import Any
 import anyio
 import pytest
 
-from broker.state import Status
+from broker.core.state import Status
 from tests.conftest import Harness, SecretRegistry, write_atomic
 
 pytestmark = pytest.mark.anyio

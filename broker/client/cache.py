@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast, overload
 import anyio
 import anyio.from_thread
 
-from broker.backoff import Backoff
-from broker.events import Event
-from broker.state import Status
-from broker.timefmt import format_time
-from broker.wakeup import Wakeup
+from broker.aio.wakeup import Wakeup
+from broker.core.backoff import Backoff
+from broker.core.events import Event
+from broker.core.state import Status
+from broker.core.timefmt import format_time
 
 from .follower import SOURCE_PREFIX, host_of
 from .reports import REPORT_INTERVAL

@@ -24,11 +24,11 @@ import anyio.abc
 import anyio.from_thread
 import anyio.lowlevel
 
-from broker import streams
-from broker.backoff import Backoff
-from broker.events import Event
-from broker.state import State, Status
-from broker.timefmt import format_time, parse_time
+from broker.aio import streams
+from broker.core.backoff import Backoff
+from broker.core.events import Event
+from broker.core.state import State, Status
+from broker.core.timefmt import format_time, parse_time
 
 if TYPE_CHECKING:
     from aiomqtt import ProtocolVersion
@@ -125,7 +125,7 @@ class BrokerClient:
     with :meth:`follow_in_thread` in a synchronous service. While it runs, the client keeps a
     connection (reconnecting with capped, full-jitter backoff) and:
 
-    - ``states`` maps ``(host_id, credential)`` to the latest :class:`~broker.events.Event`;
+    - ``states`` maps ``(host_id, credential)`` to the latest :class:`~broker.core.events.Event`;
       the current state of every credential is read first (HTTP: ``GET /v1/credentials``,
       MQTT: the retained state topics);
     - each new event is delivered once (deduplicated by ``id``), per credential in order,

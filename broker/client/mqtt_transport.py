@@ -19,8 +19,9 @@ from urllib.parse import urlsplit
 import anyio
 from aiomqtt import Client, Message, MqttError, ProtocolVersion, Will
 
-from broker.events import Event
-from broker.mqtt import (
+from broker.core.events import Event
+from broker.core.timefmt import parse_time
+from broker.sinks.mqtt import (
     CONNECT_TIMEOUT,
     PROTOCOLS,
     close_client,
@@ -31,7 +32,6 @@ from broker.mqtt import (
     join_topic,
     protocol_name,
 )
-from broker.timefmt import parse_time
 
 from .follower import SOURCE_PREFIX
 from .reports import report_document

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol, Self
 import aiohttp
 import anyio
 
-from broker.timefmt import format_time
+from broker.core.timefmt import format_time
 
 if TYPE_CHECKING:
     from .sse import HttpEndpoint

@@ -20,8 +20,8 @@ from urllib.parse import quote, urlsplit
 import aiohttp
 import anyio
 
-from broker.events import Event
-from broker.state import State
+from broker.core.events import Event
+from broker.core.state import State
 
 from .follower import SOURCE_PREFIX, state_event
 from .reports import HttpReporter

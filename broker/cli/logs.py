@@ -1,0 +1,83 @@
+"""Structured logging: one line per record, ``key=value`` text or JSON."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Any, Literal, TextIO
+
+from broker.core.timefmt import format_time
+
+LogFormat = Literal["text", "json"]
+
+# Attributes every LogRecord has; anything else on a record came from ``extra=``.
+_STANDARD = frozenset(
+    logging.LogRecord("", 0, "", 0, "", None, None).__dict__.keys()
+    | {"message", "asctime", "taskName"}
+)
+
+
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    return {k: v for k, v in record.__dict__.items() if k not in _STANDARD}
+
+
+def _text_value(value: Any) -> str:
+    text = str(value)
+    if text == "" or any(c in text for c in ' "=\\\n'):
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+class TextFormatter(logging.Formatter):
+    """``2026-11-25T06:00:01.204Z info broker.events credentials.refreshed credential=nebius``"""
+
+    def format(self, record: logging.LogRecord) -> str:
+        parts = [
+            format_time(record.created) or "",
+            record.levelname.lower(),
+            record.name,
+            _text_value(record.getMessage()),
+        ]
+        parts += [f"{k}={_text_value(v)}" for k, v in _fields(record).items()]
+        if record.exc_info:
+            parts.append("error=" + _text_value(self.formatException(record.exc_info)))
+        return " ".join(parts)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; ``host_id``, when given, is in every line, so lines
+    shipped from many hosts to one place still say where they come from."""
+
+    def __init__(self, host_id: str | None = None) -> None:
+        super().__init__()
+        self._host_id = host_id
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "time": format_time(record.created),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if self._host_id is not None:
+            doc["host_id"] = self._host_id
+        doc.update(_fields(record))
+        if record.exc_info:
+            doc["error"] = self.formatException(record.exc_info)
+        return json.dumps(doc, default=str, ensure_ascii=False)
+
+
+def configure(
+    level: str = "info",
+    fmt: LogFormat = "text",
+    stream: TextIO | None = None,
+    host_id: str | None = None,
+) -> None:
+    """Route the ``broker`` loggers to ``stream`` (stderr) in the chosen format (CLI only)."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter(host_id) if fmt == "json" else TextFormatter())
+    root = logging.getLogger("broker")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False

@@ -1,0 +1,486 @@
+"""Consumer tracking, the I/O shell around :mod:`broker.core.convergence`.
+
+:class:`ConsumerTracker` is a sink of the broker: it keeps the reports consumers send
+(HTTP ``PUT/DELETE /v1/credentials/{name}/consumers/{id}``, and MQTT retained messages on
+``<prefix>/<host_id>/consumers/<credential>/<id>`` through
+:class:`broker.sinks.consumer_reports.MqttConsumerReports`), forgets consumers silent for
+``consumer_ttl``, puts them in every state document (``consumers``) and publishes
+``credentials.lagging`` / ``credentials.converged`` through the engine, so those events get
+sequence numbers, the journal and every sink like any other.
+
+What it knows survives restarts in ``state_dir/consumers.json`` (0600, written atomically):
+reports, the ``lagged`` marks and the generation last announced as converged, so a restart
+neither forgets an HTTP consumer nor repeats an announcement.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from anyio.abc import TaskStatus
+
+from broker.core.convergence import (
+    CONVERGED,
+    LAGGING,
+    ReportError,
+    assess,
+    check_consumer_id,
+    check_report,
+    converged_reason,
+    forget_silent,
+    lagging_of,
+    lagging_reason,
+    record,
+)
+from broker.core.durations import format_duration
+from broker.core.events import encode
+from broker.core.state import Consumer, State
+from broker.core.timefmt import parse_time
+from broker.engine.store import atomic_write
+
+if TYPE_CHECKING:
+    from broker.app import Broker
+
+log = logging.getLogger("broker.consumers")
+
+CONSUMERS_FILE = "consumers.json"
+FORMAT_VERSION = 1
+#: A report is a few dozen bytes; anything much larger is refused unread.
+MAX_REPORT = 4096
+#: Fingerprints of this many recent generations are kept to check reports of older ones.
+KNOWN_GENERATIONS = 16
+#: Consumers per credential; a flood of ids beyond this is refused.
+MAX_CONSUMERS = 10_000
+#: The tracker looks at the clock at least this often.
+MAX_SLEEP = 30.0
+#: Writes of consumers.json are at least this far apart (reports can come in bursts).
+PERSIST_EVERY = 0.2
+
+#: HTTP status of each refusal.
+HTTP_STATUS = {
+    "invalid-report": 400,
+    "invalid-consumer-id": 400,
+    "unknown-credential": 404,
+    "unknown-generation": 409,
+    "fingerprint-mismatch": 409,
+    "stale-report": 409,
+    "too-many-consumers": 409,
+    "report-too-large": 413,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """A parsed report body: ``{"generation", "fingerprint"}``, optionally ``consumer``,
+    ``credential`` and ``time`` (the MQTT form of SPEC section 3)."""
+
+    generation: object
+    fingerprint: object
+    consumer: str | None = None
+    credential: str | None = None
+    time: float | None = None
+
+
+_MQTT_FIELDS = frozenset({"generation", "fingerprint", "consumer", "credential", "time"})
+HTTP_FIELDS = frozenset({"generation", "fingerprint"})
+
+
+def parse_report(body: bytes, fields: frozenset[str] = _MQTT_FIELDS) -> Report:
+    """Parse a report body (HTTP: ``HTTP_FIELDS``, MQTT: the full form); raises
+    :class:`ReportError`, never echoing the body."""
+    if len(body) > MAX_REPORT:
+        raise ReportError("report-too-large", f"a report is at most {MAX_REPORT} bytes")
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        raise ReportError("invalid-report", "the report is not JSON") from None
+    if not isinstance(doc, dict):
+        raise ReportError("invalid-report", "the report is not a JSON object")
+    unknown = set(doc) - fields
+    if unknown:
+        raise ReportError("invalid-report", f"unknown report field(s): {len(unknown)}")
+    consumer, credential, when = doc.get("consumer"), doc.get("credential"), doc.get("time")
+    for key, value in (("consumer", consumer), ("credential", credential), ("time", when)):
+        if value is not None and not isinstance(value, str):
+            raise ReportError("invalid-report", f'"{key}" must be a string')
+    at = None
+    if when is not None:
+        try:
+            at = parse_time(when)
+        except ValueError:
+            raise ReportError("invalid-report", '"time" is not an RFC 3339 time') from None
+    generation = doc.get("generation")
+    if isinstance(generation, float) and generation.is_integer():
+        generation = int(generation)  # JSON has one number type: 3.0 is the integer 3
+    return Report(generation, doc.get("fingerprint"), consumer, credential, at)
+
+
+@dataclass(slots=True)
+class _Credential:
+    consumers: dict[str, Consumer]
+    converged: int = 0
+    #: (generation, when it was refreshed), from the bus.
+    refreshed: tuple[int, float] | None = None
+    known: dict[int, str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerStats:
+    """One credential's consumers, for metrics and tables."""
+
+    credential: str
+    consumers: int
+    lagging: int
+    #: Seconds since the oldest lagging consumer reported the generation it holds.
+    oldest_lag_seconds: float | None
+
+
+class ConsumerTracker:
+    """The broker's table of consumer reports (a sink named ``consumers``)."""
+
+    name = "consumers"
+
+    def __init__(self, broker: Broker, *, clock: Callable[[], float] = time.time) -> None:
+        self._broker = broker
+        self._clock = clock
+        self._path: Path = broker.config.broker.state_dir / CONSUMERS_FILE
+        self._creds: dict[str, _Credential] = {}
+        self._dirty: set[str] = set()
+        self._deadlines: dict[str, float] = {}
+        self._wake = anyio.Event()
+        self._unsaved = False
+        self._save_failed = False
+        # Subscribed now, before the engine's first pass: its first-sight `refreshed`
+        # events say when each generation started.
+        self._subscription = broker.subscribe("*")
+        broker.engine.consumers_of = self.consumers_of
+
+    def __repr__(self) -> str:
+        count = sum(len(c.consumers) for c in self._creds.values())
+        return f"ConsumerTracker(consumers={count})"
+
+    def close(self) -> None:
+        """Let go of the bus subscription: for a tracker made but never ``run``."""
+        self._subscription.close()
+
+    # -- queries (no I/O) --------------------------------------------------------------------
+
+    def consumers_of(self, name: str) -> tuple[Consumer, ...]:
+        """``name``'s consumers, by id."""
+        cred = self._creds.get(name)
+        if cred is None or not cred.consumers:
+            return ()
+        return tuple(cred.consumers[i] for i in sorted(cred.consumers))
+
+    def lagging(self, name: str, state: State | None = None) -> list[Consumer]:
+        """``name``'s consumers lagging now."""
+        cred = self._creds.get(name)
+        if cred is None or not cred.consumers:
+            return []
+        state = state or self._broker.engine.state(name)
+        spec = self._broker.engine.spec(name)
+        return lagging_of(
+            state, cred.consumers.values(), self._refreshed_at(cred, state), spec.lag_after,
+            self._clock(),
+        )
+
+    def stats(self) -> list[ConsumerStats]:
+        """Per credential: consumers, lagging consumers, age of the oldest lagging report."""
+        now = self._clock()
+        out = []
+        for name in self._broker.engine.names:
+            cred = self._creds.get(name)
+            count = len(cred.consumers) if cred else 0
+            lagging = self.lagging(name) if count else []
+            oldest = min((c.since for c in lagging), default=None)
+            out.append(
+                ConsumerStats(name, count, len(lagging), None if oldest is None else now - oldest)
+            )
+        return out
+
+    # -- reports -----------------------------------------------------------------------------
+
+    def report(
+        self,
+        name: str,
+        consumer_id: str,
+        generation: object,
+        fingerprint: object,
+        *,
+        via: str,
+        at: float | None = None,
+    ) -> State:
+        """Record that ``consumer_id`` uses ``generation`` of ``name``; returns the state.
+
+        ``at`` is when the consumer says it reported (a retained MQTT report can be old);
+        a report older than ``consumer_ttl`` is refused as stale. Raises
+        :class:`~broker.core.convergence.ReportError` for anything the broker refuses.
+        """
+        try:
+            state = self._broker.engine.state(name)
+            spec = self._broker.engine.spec(name)
+        except KeyError:
+            raise ReportError("unknown-credential", "unknown credential") from None
+        check_consumer_id(consumer_id)
+        cred = self._creds.setdefault(name, _Credential({}))
+        generation, fingerprint = check_report(state, generation, fingerprint, known=cred.known)
+        now = self._clock()
+        seen = now if at is None else min(at, now)
+        if now - seen >= spec.consumer_ttl:
+            raise ReportError("stale-report", "the report is older than consumer_ttl")
+        if consumer_id not in cred.consumers and len(cred.consumers) >= MAX_CONSUMERS:
+            raise ReportError("too-many-consumers", f"at most {MAX_CONSUMERS} consumers")
+        cred.consumers = record(
+            cred.consumers, consumer_id, generation, fingerprint, via=via, now=seen
+        )
+        self._touch(name)
+        return self._broker.engine.state(name)
+
+    def remove(self, name: str, consumer_id: str) -> State:
+        """Forget ``consumer_id`` (it went away); returns the state. Unknown ids are fine."""
+        try:
+            self._broker.engine.state(name)
+        except KeyError:
+            raise ReportError("unknown-credential", "unknown credential") from None
+        check_consumer_id(consumer_id)
+        cred = self._creds.get(name)
+        if cred is not None and cred.consumers.pop(consumer_id, None) is not None:
+            self._touch(name)
+        return self._broker.engine.state(name)
+
+    def _touch(self, name: str) -> None:
+        self._dirty.add(name)
+        self._unsaved = True
+        self._wake.set()
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Follow the bus, announce lagging/converged when due, persist; until cancelled."""
+        try:
+            self._creds = await anyio.to_thread.run_sync(self._load)
+            self._dirty.update(self._creds)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._follow)
+                task_status.started()
+                await self._loop()
+        finally:
+            self.close()
+            with anyio.CancelScope(shield=True):
+                if self._unsaved:
+                    await anyio.to_thread.run_sync(self._save, self._snapshot())
+
+    async def _follow(self) -> None:
+        async for event in self._subscription:
+            if event.type in (LAGGING, CONVERGED):
+                continue  # our own announcements change nothing
+            name, state = event.subject, event.data
+            cred = self._creds.get(name)
+            if event.type == "credentials.refreshed":
+                cred = cred or self._creds.setdefault(name, _Credential({}))
+                try:
+                    when = parse_time(event.time)
+                except ValueError:
+                    when = self._clock()
+                cred.refreshed = (state.generation, when)
+                if state.fingerprint is not None:
+                    known = cred.known = cred.known or {}
+                    known[state.generation] = state.fingerprint
+                    for old in sorted(known)[:-KNOWN_GENERATIONS]:
+                        del known[old]
+                self._unsaved = True
+            if cred is not None and cred.consumers:
+                self._touch(name)
+
+    async def _loop(self) -> None:
+        last_save = -math.inf
+        while True:
+            self._wake = anyio.Event()
+            now = self._clock()
+            due = {n for n, d in self._deadlines.items() if d <= now} | self._dirty
+            self._dirty = set()
+            for name in sorted(due):
+                self._deadlines.pop(name, None)
+                await self._assess(name)
+            delay = MAX_SLEEP
+            if self._deadlines:
+                delay = min(delay, max(0.0, min(self._deadlines.values()) - self._clock()))
+            if self._unsaved:
+                wait = last_save + PERSIST_EVERY - time.monotonic()
+                if wait <= 0:
+                    self._unsaved = False
+                    await anyio.to_thread.run_sync(self._save, self._snapshot())
+                    last_save = time.monotonic()
+                else:
+                    delay = min(delay, wait)
+            if self._dirty:
+                continue
+            with anyio.move_on_after(delay):
+                await self._wake.wait()
+
+    async def _assess(self, name: str) -> None:
+        engine = self._broker.engine
+        cred = self._creds.get(name)
+        if cred is None:
+            return
+        try:
+            state, spec = engine.state(name), engine.spec(name)
+        except KeyError:  # removed from the config
+            del self._creds[name]
+            self._unsaved = True
+            return
+        now = self._clock()
+        kept, silent_due = forget_silent(cred.consumers, spec.consumer_ttl, now)
+        if len(kept) != len(cred.consumers):
+            for gone in sorted(set(cred.consumers) - set(kept)):
+                log.info("consumer forgotten after consumer_ttl",
+                         extra={"credential": name, "consumer": gone})
+            self._unsaved = True
+        verdict = assess(
+            state,
+            kept,
+            refreshed_at=self._refreshed_at(cred, state),
+            converged_generation=cred.converged,
+            lag_after=spec.lag_after,
+            now=now,
+        )
+        cred.consumers = dict(verdict.consumers)
+        for consumer in verdict.lagging:
+            self._unsaved = True
+            said = await engine.announce(
+                name, LAGGING, lagging_reason(consumer, state, spec.lag_after),
+                generation=state.generation,
+            )
+            if not said:  # the credential moved on meanwhile: decide again
+                current = cred.consumers.get(consumer.id)
+                if current is not None and current.generation == consumer.generation:
+                    cred.consumers[consumer.id] = replace(current, lagged=False)
+                self._dirty.add(name)
+        if verdict.converged:
+            said = await engine.announce(
+                name, CONVERGED, converged_reason(state, len(verdict.consumers)),
+                generation=state.generation,
+            )
+            if said:
+                cred.converged = state.generation
+                self._unsaved = True
+            else:
+                self._dirty.add(name)
+        deadlines = [d for d in (verdict.deadline, silent_due) if d is not None]
+        if deadlines:
+            self._deadlines[name] = min(deadlines)
+
+    @staticmethod
+    def _refreshed_at(cred: _Credential, state: State) -> float | None:
+        if cred.refreshed is not None and cred.refreshed[0] == state.generation:
+            return cred.refreshed[1]
+        return None
+
+    # -- persistence -------------------------------------------------------------------------
+
+    def _snapshot(self) -> bytes:
+        creds: dict[str, Any] = {}
+        for name, cred in self._creds.items():
+            creds[name] = {
+                "converged": cred.converged,
+                "refreshed": list(cred.refreshed) if cred.refreshed else None,
+                "known": {str(g): f for g, f in (cred.known or {}).items()},
+                "consumers": [
+                    {**c.to_dict(), "seen": c.seen, "lagged": c.lagged}
+                    for c in cred.consumers.values()
+                ],
+            }
+        return encode({"version": FORMAT_VERSION, "credentials": creds})
+
+    def _save(self, data: bytes) -> None:
+        try:
+            atomic_write(self._path, data)
+        except OSError as exc:
+            if not self._save_failed:
+                log.error("cannot persist consumer reports; keeping them in memory",
+                          extra={"path": str(self._path), "error": exc.strerror or str(exc)})
+            self._save_failed = True
+        else:
+            self._save_failed = False
+
+    def _load(self) -> dict[str, _Credential]:
+        return load_consumers(self._path)
+
+
+def load_consumers(path: Path) -> dict[str, _Credential]:
+    """What ``consumers.json`` holds; anything unreadable is skipped (reports come again)."""
+    try:
+        doc = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        log.warning("consumer reports not loaded; consumers will report again",
+                    extra={"path": str(path), "error": type(exc).__name__})
+        return {}
+    out: dict[str, _Credential] = {}
+    creds = doc.get("credentials") if isinstance(doc, dict) else None
+    if not isinstance(creds, dict) or doc.get("version") != FORMAT_VERSION:
+        return {}
+    for name, entry in creds.items():
+        try:
+            consumers = {}
+            for raw in entry["consumers"]:
+                consumer = replace(
+                    Consumer.from_dict(raw), seen=float(raw["seen"]), lagged=bool(raw["lagged"])
+                )
+                consumers[consumer.id] = consumer
+            refreshed = entry.get("refreshed")
+            out[str(name)] = _Credential(
+                consumers,
+                converged=int(entry.get("converged", 0)),
+                refreshed=(int(refreshed[0]), float(refreshed[1])) if refreshed else None,
+                known={int(g): str(f) for g, f in entry.get("known", {}).items()},
+            )
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError):
+            continue
+    return out
+
+
+def consumer_lines(state: State, now: float, lagging: Iterable[str] = ()) -> list[str]:
+    """Lines for the human tables of ``check`` and ``status``: one per consumer.
+
+    A consumer is *current* when it holds the content there is now (same fingerprint),
+    which also holds for ``check``, which does not know the daemon's generation numbers.
+    """
+    marked = set(lagging)
+    lines = []
+    for c in state.consumers:
+        if c.fingerprint == state.fingerprint:
+            note = "current"
+        else:
+            note = f"old content, for {format_duration(now - c.since)}"
+        if c.id in marked:
+            note += ", LAGGING"
+        lines.append(f"    consumer {c.id}: generation {c.generation} ({note}) via {c.via}")
+    return lines
+
+
+def persisted_consumers(
+    state_dir: Path, states: Iterable[State], specs: Mapping[str, Any], now: float
+) -> list[State]:
+    """``states`` with the consumers the daemon last persisted (``credbroker check``),
+    less those silent for longer than their credential's ``consumer_ttl``."""
+    known = load_consumers(state_dir / CONSUMERS_FILE)
+    out = []
+    for state in states:
+        cred = known.get(state.credential)
+        spec = specs.get(state.credential)
+        if cred is None or spec is None:
+            out.append(state)
+            continue
+        kept, _ = forget_silent(cred.consumers, spec.consumer_ttl, now)
+        out.append(replace(state, consumers=tuple(kept[i] for i in sorted(kept))))
+    return out

@@ -1,0 +1,1 @@
+"""Delivery paths: each takes the engine's events from the bus to one kind of consumer."""

@@ -1,0 +1,1 @@
+"""Workers that act on credentials: run a refresh command, ask a validator."""
