@@ -13,10 +13,12 @@ import os
 import stat
 from pathlib import Path
 
+from broker.core.errors import BrokerError
+
 __all__ = ["UnsafeFile", "read_regular"]
 
 
-class UnsafeFile(Exception):
+class UnsafeFile(BrokerError):
     """The path is not a regular file of acceptable size (the message says what it is)."""
 
 

@@ -24,6 +24,7 @@ import aiohttp
 import anyio
 
 from broker.config import HttpSettings, load_config
+from broker.core.errors import BrokerError
 from broker.core.state import State
 
 DEFAULT_URL = "http://127.0.0.1:8790"
@@ -38,7 +39,7 @@ STREAM_IDLE_TIMEOUT = 45.0
 MAX_LINE = 16 * 1024 * 1024
 
 
-class RemoteError(Exception):
+class RemoteError(BrokerError):
     """The daemon could not be asked; ``str()`` is one line for the user."""
 
 

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import anyio
 from aiomqtt import Client, Message, MqttError, ProtocolVersion, Will
 
+from broker.core.errors import BrokerError
 from broker.core.events import Event
 from broker.core.timefmt import parse_time
 from broker.sinks.mqtt import (
@@ -220,7 +221,7 @@ class MqttTransport:
         client.accept(event, live=not message.retain, contiguous=self._credential is None)
 
 
-class ConnectFailed(Exception):
+class ConnectFailed(BrokerError):
     """Connecting to the MQTT server failed (described without secrets)."""
 
     def __init__(self, description: str, auth: bool) -> None:

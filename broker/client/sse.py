@@ -20,6 +20,7 @@ from urllib.parse import quote, urlsplit
 import aiohttp
 import anyio
 
+from broker.core.errors import BrokerError
 from broker.core.events import Event
 from broker.core.state import State
 
@@ -38,7 +39,7 @@ CONNECT_TIMEOUT = 10.0
 READ_TIMEOUT = 60.0
 
 
-class HttpError(Exception):
+class HttpError(BrokerError):
     """The daemon answered, but not with what was asked for (status and error code only)."""
 
 

@@ -76,6 +76,7 @@ from broker.config.presets import (
     fill_remedy,
 )
 from broker.core.durations import parse_duration, parse_size
+from broker.core.errors import BrokerError
 from broker.core.expiry import ExpirySource, parse_expiry_source
 from broker.core.formats import Selector, parse_selector
 
@@ -118,7 +119,7 @@ _CTX_KEY = "credbroker"
 # Errors
 
 
-class ConfigError(Exception):
+class ConfigError(BrokerError):
     """The configuration cannot be used. ``errors`` lists every problem found.
 
     Each entry is ``(key path, message)``, e.g. ``("credentials[2].expiry", 'unknown source

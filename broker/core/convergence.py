@@ -22,6 +22,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
+from broker.core.errors import BrokerError
 from broker.core.state import Consumer, State, Status
 
 LAGGING = "credentials.lagging"
@@ -39,7 +40,7 @@ UNUSABLE_HELD = frozenset({Status.EXPIRED, Status.INVALID})
 NOTHING_BETTER = frozenset({Status.MISSING, Status.INVALID})
 
 
-class ReportError(ValueError):
+class ReportError(BrokerError, ValueError):
     """A consumer report the broker refuses: ``code`` and a message safe to show."""
 
     def __init__(self, code: str, message: str) -> None:

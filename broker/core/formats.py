@@ -25,6 +25,8 @@ from typing import Literal, NoReturn
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from broker.core.errors import BrokerError
+
 FORMATS: tuple[str, ...] = ("text", "jwt", "json", "pem", "ini")
 
 # The PEM labels cryptography accepts as certificates. If one is present but loading fails,
@@ -34,7 +36,7 @@ _CERT_MARKER = re.compile(rb"-----BEGIN (?:X509 )?CERTIFICATE-----")
 _B64URL_PART = re.compile(r"[A-Za-z0-9_-]*={0,2}")
 
 
-class ContentError(Exception):
+class ContentError(BrokerError):
     """A credential file's content is not acceptable. Never carries content bytes."""
 
     def __init__(self, code: str, message: str) -> None:

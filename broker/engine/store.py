@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from broker.aio.safefile import UnsafeFile, read_regular
+from broker.core.errors import BrokerError
 from broker.core.events import encode
 from broker.core.state import Stage, State
 
@@ -44,7 +45,7 @@ _DECODE_ERRORS = (ValueError, KeyError, TypeError, AttributeError, OverflowError
                   RecursionError, IndexError)
 
 
-class StoreError(Exception):
+class StoreError(BrokerError):
     """The state directory cannot be used (the message says why and where)."""
 
 

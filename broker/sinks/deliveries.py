@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -19,7 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from broker.aio.wakeup import Wakeup
 from broker.core.events import encode
-from broker.core.timefmt import format_time
+from broker.core.outcome import Outcome
 from broker.engine.store import atomic_write
 
 if TYPE_CHECKING:
@@ -39,32 +38,6 @@ __all__ = [
 SINKS = ("actions", "webhooks")
 #: Outcome files are rewritten at most this often.
 WRITE_INTERVAL = 1.0
-
-
-@dataclass(slots=True)
-class Outcome:
-    """What an action (or webhook) last did, for ``check``, ``/v1/deliveries`` and metrics."""
-
-    kind: str
-    name: str
-    runs: int = 0
-    failures: int = 0
-    last_at: float | None = None
-    last_ok: bool | None = None
-    last_reason: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "name": self.name,
-            "runs": self.runs,
-            "failures": self.failures,
-            "last_at": format_time(self.last_at) if self.last_at is not None else None,
-            "last_ok": self.last_ok,
-            "last_reason": self.last_reason,
-            **self.extra,
-        }
 
 
 class OutcomeFile:

@@ -52,6 +52,7 @@ from anyio.abc import TaskStatus
 
 from broker.config import ConfigError, HttpSettings
 from broker.core.convergence import ReportError
+from broker.core.errors import BrokerError
 from broker.core.events import Event, encode, stream_reset
 from broker.core.timefmt import format_time
 from broker.engine.bus import Subscription
@@ -119,7 +120,7 @@ _CORS_HEADERS = "Authorization, Content-Type, Last-Event-ID"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-class ApiError(Exception):
+class ApiError(BrokerError):
     """An error answer: ``{"error": {"code": code, "message": message}}`` with ``status``."""
 
     def __init__(

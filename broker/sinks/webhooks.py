@@ -37,6 +37,7 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from broker.config import WebhookSettings
 from broker.core.backoff import backoff_delay
+from broker.core.errors import BrokerError
 from broker.core.events import CONTENT_TYPE, DATACONTENTTYPE, SPECVERSION, Event, encode, make_event
 from broker.core.machine import EXPIRED, EXPIRING, INVALID, MISSING, REFRESHED
 from broker.core.timefmt import parse_time
@@ -68,7 +69,7 @@ _SECRET_MAX = 4096
 _PREFIX = "whsec_"
 
 
-class SecretError(Exception):
+class SecretError(BrokerError):
     """The secret file cannot be used; the message says why and how to fix it."""
 
 

@@ -48,6 +48,7 @@ from anyio.abc import TaskStatus
 
 from broker.aio.wakeup import Wakeup
 from broker.config import CredentialSettings, ValidateSettings
+from broker.core.errors import BrokerError
 from broker.core.machine import REJECTING_CODES
 from broker.core.state import Problem, State, Status
 from broker.engine.reader import FileRead, read_credential
@@ -100,7 +101,7 @@ class Verdict:
         return self.problem is not None and self.problem.code in REJECTING_CODES
 
 
-class HeaderError(Exception):
+class HeaderError(BrokerError):
     """The header cannot be built from the files (the message never holds their content)."""
 
 
