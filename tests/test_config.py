@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import string
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from broker.config import (
     load_config,
     parse_config,
 )
-from broker.config.presets import PRESETS, PROBLEM_CODES, default_remedy
+from broker.config.presets import PRESETS, PROBLEM_CODES, Preset, default_remedy
 from broker.core.expiry import ExpirySource, parse_expiry_source
 from broker.core.formats import Selector
 
@@ -78,10 +79,12 @@ def cred(name: Any = "svc", **extra: Any) -> dict[str, Any]:
     return {"name": name, "files": {"token": "/run/secrets/token"}, **extra}
 
 
-def errors_of(data: dict[str, Any], env: dict[str, str]) -> dict[str, str]:
+def errors_of(
+    data: dict[str, Any], env: dict[str, str], presets: Mapping[str, Preset] = PRESETS
+) -> dict[str, str]:
     """parse_config must fail; return {key path: message}."""
     with pytest.raises(ConfigError) as info:
-        parse_config(data, env=env)
+        parse_config(data, env=env, presets=presets)
     return dict(info.value.errors)
 
 
@@ -858,7 +861,7 @@ def test_fallback_settings(env: dict[str, str], home: Path) -> None:
         home / ".nebius/NEBIUS_TENANT_ID.txt",
         home / ".nebius/credentials.json",
     )
-    alt = neb.alternative()
+    alt = neb.with_fallback_files()
     assert alt is not None and alt.fallback is None and alt.name == "nebius"
     assert alt.files == {"credentials": home / ".nebius/credentials.json",
                          "tenant_id": home / ".nebius/NEBIUS_TENANT_ID.txt"}
@@ -873,7 +876,7 @@ def test_fallback_settings(env: dict[str, str], home: Path) -> None:
     assert own.fallback is not None and own.fallback.files == {"sa": home / "sa.json"}
     assert own.fallback.expiry_file == "sa"
     assert (no := parse_config({"credentials": [cred()]}, env=env).credentials[0]).fallback is None
-    assert no.alternative() is None
+    assert no.with_fallback_files() is None
 
 
 def test_glob_roles(env: dict[str, str], home: Path) -> None:
@@ -931,10 +934,9 @@ def test_new_key_errors(
     assert len(errors) == 1, errors
 
 
-def test_a_new_preset_is_only_data(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_new_preset_is_only_data(env: dict[str, str]) -> None:
     # Everything a preset can say, for a made-up cloud: no code knows its name.
-    import broker.config as config_module
-    from broker.config.presets import Preset, PresetFallback
+    from broker.config.presets import PresetFallback
 
     made_up = Preset(
         name="acme",
@@ -948,9 +950,9 @@ def test_a_new_preset_is_only_data(env: dict[str, str], monkeypatch: pytest.Monk
         refresh={"command": ["acme", "login", "--region", "{region}"]},
         remedies={"section-missing": "acme login --region {region}"},
     )
-    monkeypatch.setattr(config_module, "PRESETS", {**PRESETS, "acme": made_up})
+    presets = {**PRESETS, "acme": made_up}
     (spec,) = parse_config({"credentials": [{"preset": "acme", "region": "us-2"}]},
-                           env=env).credentials
+                           env=env, presets=presets).credentials
     home = Path(env["HOME"])
     assert spec.files == {"creds": home / ".acme/creds.ini", "cache": home / ".acme/cache/*.json"}
     assert spec.select == Selector("ini-section", "us-2")
@@ -959,5 +961,5 @@ def test_a_new_preset_is_only_data(env: dict[str, str], monkeypatch: pytest.Monk
     assert spec.refresh.command == ("acme", "login", "--region", "us-2")
     assert spec.fallback is not None and spec.fallback.files == {"sa": home / ".acme/sa.json"}
     assert spec.remedy("section-missing", "creds") == "acme login --region us-2"
-    errors = errors_of({"credentials": [{"preset": "aws", "region": "x"}]}, env)
+    errors = errors_of({"credentials": [{"preset": "aws", "region": "x"}]}, env, presets)
     assert 'parameter of preset acme only' in errors["credentials[0].region"]

@@ -52,8 +52,8 @@ class FileRead:
 class CredentialRead:
     """One read of everything a credential needs."""
 
-    #: The settings ``reads`` answer to: the credential's own, or ``alternative()`` when its
-    #: fallback is in use.
+    #: The settings ``reads`` answer to: the credential's own, or ``with_fallback_files()``
+    #: when its fallback is in use.
     spec: CredentialSettings
     #: One per role, in role order; a pattern role has one per matching file, sorted by path
     #: (or a single ``present: false`` entry at the pattern when nothing matches).
@@ -126,7 +126,7 @@ def read_credential(spec: CredentialSettings) -> CredentialRead:
     the fallback's files are read and used instead (its settings in ``spec`` of the result).
     """
     reads, signatures = read_files(spec.files, spec.max_size)
-    alternative = spec.alternative()
+    alternative = spec.with_fallback_files()
     if alternative is None:
         return CredentialRead(spec, reads, signatures)
     unused = [str(p) for p in alternative.files.values() if str(p) not in signatures]
