@@ -8,7 +8,7 @@ the parsing and its messages live in one place.
 from __future__ import annotations
 
 from pathlib import Path, PurePath
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 from pydantic import (
     AfterValidator,
@@ -50,6 +50,10 @@ class Model(BaseModel):
     # hide_input_in_errors: should a raw pydantic error ever be printed, it must not carry a
     # value that could be a secret.
     model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+    #: Fields that are no key of the table (set by the loader, or written otherwise): left
+    #: out of the "did you mean" hints of :mod:`broker.config.errors`.
+    hidden_keys: ClassVar[frozenset[str]] = frozenset()
 
 
 def _path(value: Any, info: ValidationInfo) -> Path:
