@@ -394,14 +394,16 @@ async def test_forced_checks_are_bounded_and_say_when_the_verdict_was_made(
             assert first_at is not None and body["status"] == "valid"
             assert parse_time(first_at) <= time.time()
             seen_at: list[str | None] = []
+            started = time.monotonic()
             with anyio.fail_after(TIMEOUT):
                 for _ in range(200):
                     at, body = await check()
                     seen_at.append(at)
                     assert body["status"] == "valid"
-            # The verdict of the start's request, and at most one newer should the interval
-            # end during the burst (a loaded machine), never going back.
-            assert seen_at[0] == first_at and len(set(seen_at)) <= 2
+            # One verdict per interval at most: the start's, and one more for each interval
+            # the burst outlasted (none on an idle machine; a loaded one is slower).
+            intervals = int((time.monotonic() - started) / 1.5)
+            assert seen_at[0] == first_at and len(set(seen_at)) <= 1 + intervals
             assert seen_at == sorted(seen_at, key=lambda a: parse_time(a or first_at))
             assert api.received is not None
             extra = 0
@@ -411,7 +413,7 @@ async def test_forced_checks_are_bounded_and_say_when_the_verdict_was_made(
                     extra += 1
                 except anyio.WouldBlock:
                     break
-            assert extra <= 1  # at most one, should the interval end during the burst
+            assert extra <= 1 + intervals
             await anyio.sleep(1.6)  # the interval is a span of time: nothing to await instead
             later_at, _ = await check()
             assert await api.next_header() is not None
