@@ -23,10 +23,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
 from broker.core.errors import BrokerError
-from broker.core.state import Consumer, State, Status
 
-LAGGING = "credentials.lagging"
-CONVERGED = "credentials.converged"
+# Re-exported for the modules that still take them from here; spelled in broker.core.events.
+from broker.core.events import CONVERGED as CONVERGED
+from broker.core.events import LAGGING as LAGGING
+from broker.core.state import Consumer, State, Status
 
 #: A consumer id: also an MQTT topic level, so never ``/``, ``+``, ``#`` or control characters.
 CONSUMER_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}")

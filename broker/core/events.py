@@ -1,21 +1,53 @@
-"""CloudEvents 1.0 (structured JSON) carrying a state document."""
+"""CloudEvents 1.0 (structured JSON) carrying a state document, and the event types.
+
+The ids of events are made by the caller (the engine's ``IdFactory``): the core makes
+none of its own, so a test can number them.
+"""
 
 from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
-from broker.core.state import State
+from broker.core.state import State, Status
 from broker.core.timefmt import format_time
 
 SPECVERSION = "1.0"
 DATACONTENTTYPE = "application/json"
 CONTENT_TYPE = "application/cloudevents+json; charset=utf-8"
+
+# -- event types (SPEC section 4): the one place they are spelled ----------------------------
+REFRESHED = "credentials.refreshed"
+EXPIRING = "credentials.expiring"
+EXPIRED = "credentials.expired"
+INVALID = "credentials.invalid"
+MISSING = "credentials.missing"
+REFRESH_FAILED = "credentials.refresh_failed"
+LAGGING = "credentials.lagging"
+CONVERGED = "credentials.converged"
+#: What the state machine itself publishes (the others come from workers and convergence).
+EVENT_TYPES = (REFRESHED, EXPIRING, EXPIRED, INVALID, MISSING, REFRESH_FAILED)
+#: The event a state of each status is announced by (a retained state, a recovered event).
+EVENT_FOR_STATUS: Mapping[Status, str] = {
+    Status.VALID: REFRESHED,
+    Status.EXPIRING: EXPIRING,
+    Status.EXPIRED: EXPIRED,
+    Status.INVALID: INVALID,
+    Status.MISSING: MISSING,
+}
+
+#: Makes a new unique event id.
+IdFactory = Callable[[], str]
+
+
+def new_event_id() -> str:
+    """The default :data:`IdFactory`: a random UUID, as text."""
+    return str(uuid.uuid4())
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,14 +114,20 @@ class Event:
         return cls.from_dict(doc)
 
 
-def make_event(event_type: str, state: State, *, source: str, now: float) -> Event:
-    """Build an event for ``state`` (whose ``sequence`` is already assigned)."""
+def make_event(
+    event_type: str, state: State, *, source: str, now: float, id: str | None = None
+) -> Event:
+    """Build an event for ``state`` (whose ``sequence`` is already assigned).
+
+    ``id`` is the CloudEvent id, from the caller's :data:`IdFactory`. Omitting it (callers
+    not yet handed one) takes :func:`new_event_id`.
+    """
     event = Event(
         type=event_type,
         subject=state.credential,
         data=state,
         source=source,
-        id=str(uuid.uuid4()),
+        id=new_event_id() if id is None else id,
         time=format_time(now) or "",
     )
     return _with_payload(event)
@@ -121,11 +159,16 @@ def _with_payload(event: Event) -> Event:
 STREAM_RESET = "credbroker.stream.reset"
 
 
-def stream_reset(data: Mapping[str, Any], *, source: str, now: float) -> bytes:
-    """The CloudEvent JSON of an event-stream reset: ``data`` says what was missed."""
+def stream_reset(
+    data: Mapping[str, Any], *, source: str, now: float, id: str | None = None
+) -> bytes:
+    """The CloudEvent JSON of an event-stream reset: ``data`` says what was missed.
+
+    ``id`` as for :func:`make_event`.
+    """
     return encode({
         "specversion": SPECVERSION,
-        "id": str(uuid.uuid4()),
+        "id": new_event_id() if id is None else id,
         "source": source,
         "type": STREAM_RESET,
         "time": format_time(now) or "",

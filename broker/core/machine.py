@@ -1,7 +1,9 @@
 """The per-credential state machine: (previous state, observation, now) -> (state, events).
 
-Pure: no I/O, no clock. The engine feeds it snapshots and the time; it answers with the
-events to publish, still without sequence numbers (the engine owns that counter).
+Pure: no I/O, no clock, no config. It is fed plain data: the reads of a credential's files
+(:class:`~broker.core.reads.FileRead`), the rules to judge them by
+(:class:`~broker.core.rules.CredentialRules`) and the time; it answers with the events to
+publish, still without sequence numbers (the engine owns that counter).
 """
 
 from __future__ import annotations
@@ -11,25 +13,26 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
-from broker.config import CredentialSettings, is_glob
+# The event types are spelled in broker.core.events; re-exported for the callers that still
+# take them from here.
+from broker.core.events import EVENT_TYPES as EVENT_TYPES
+from broker.core.events import EXPIRED as EXPIRED
+from broker.core.events import EXPIRING as EXPIRING
+from broker.core.events import INVALID as INVALID
+from broker.core.events import MISSING as MISSING
+from broker.core.events import REFRESH_FAILED as REFRESH_FAILED
+from broker.core.events import REFRESHED as REFRESHED
 from broker.core.expiry import Lifetime, expiring_at, read_lifetime
 from broker.core.fingerprint import Fingerprinter
 from broker.core.formats import ContentError, apply_selector, check_format, check_key_pair
+from broker.core.globs import is_glob
+from broker.core.problems import MISSING_CODES, ProblemCode
+from broker.core.problems import REJECTING_CODES as REJECTING_CODES
+from broker.core.reads import FileRead
+from broker.core.rules import CredentialRules
 from broker.core.state import Problem, Stage, State, Status
-from broker.engine.reader import FileRead
 
-REFRESHED = "credentials.refreshed"
-EXPIRING = "credentials.expiring"
-EXPIRED = "credentials.expired"
-INVALID = "credentials.invalid"
-MISSING = "credentials.missing"
-REFRESH_FAILED = "credentials.refresh_failed"
-EVENT_TYPES = (REFRESHED, EXPIRING, EXPIRED, INVALID, MISSING, REFRESH_FAILED)
-
-# A file that cannot be opened makes the credential missing; one that opens but is wrong, invalid.
-# A selector naming a section the file lacks is "missing" too: the credential is not there.
-_MISSING_CODES = frozenset({"file-missing", "file-unreadable", "symlink-loop", "section-missing"})
-_STAGE_CODES = frozenset({"expiring", "expired"})
+_STAGE_CODES = frozenset({ProblemCode.EXPIRING, ProblemCode.EXPIRED})
 _CONTENT_OK = frozenset({Status.VALID, Status.EXPIRING, Status.EXPIRED})
 
 
@@ -54,7 +57,7 @@ class Transition:
 
 
 def observe(
-    spec: CredentialSettings,
+    spec: CredentialRules,
     reads: Sequence[FileRead],
     fp: Fingerprinter,
     *,
@@ -71,13 +74,13 @@ def observe(
     # A broker fault (out of descriptors) is the engine's to retry; a one-shot reader such
     # as `credbroker check` has nothing better to say than "cannot read it now".
     reads = tuple(
-        r if r.fault is None else replace(r, problem=Problem("file-unreadable", r.fault))
+        r if r.fault is None else replace(r, problem=Problem(ProblemCode.FILE_UNREADABLE, r.fault))
         for r in reads
     )
     missing = [
         (r.info.role, r.problem)
         for r in reads
-        if r.problem is not None and r.problem.code in _MISSING_CODES
+        if r.problem is not None and r.problem.code in MISSING_CODES
     ]
     if missing:
         return Observation(reads, Status.MISSING, None, _with_remedies(spec, missing), note=note)
@@ -92,7 +95,7 @@ def observe(
                 data = apply_selector(spec.select, data)
             except ContentError as exc:
                 problem = (r.info.role, _content_problem(r, exc))
-                if exc.code in _MISSING_CODES:
+                if exc.code in MISSING_CODES:
                     problems = _with_remedies(spec, [problem])
                     return Observation(reads, Status.MISSING, None, problems, note=note)
                 invalid.append(problem)
@@ -113,7 +116,7 @@ def observe(
                     check_format(spec.format, content)
                     expiry_reads.append((r, content))
                 elif not content.strip():
-                    raise ContentError("empty", "file is empty")
+                    raise ContentError(ProblemCode.EMPTY, "file is empty")
             except ContentError as exc:
                 invalid.append((r.info.role, _content_problem(r, exc)))
         if not invalid:
@@ -147,7 +150,7 @@ class _ReadError(Exception):
 
 
 def _lifetime(
-    spec: CredentialSettings, expiry_reads: Sequence[tuple[FileRead, bytes]]
+    spec: CredentialRules, expiry_reads: Sequence[tuple[FileRead, bytes]]
 ) -> Lifetime | None:
     """The lifetime from the first source that finds one.
 
@@ -165,7 +168,7 @@ def _lifetime(
             try:
                 found.append(read_lifetime(source, content, read.info.mtime or 0.0))
             except ContentError as exc:
-                if exc.code != "no-expiry":
+                if exc.code != ProblemCode.NO_EXPIRY:
                     raise _ReadError(read, exc) from None
                 last = _ReadError(read, exc)
         if found:
@@ -175,7 +178,7 @@ def _lifetime(
 
 
 def _key_pair_problems(
-    spec: CredentialSettings,
+    spec: CredentialRules,
     reads: Sequence[FileRead],
     contents: Sequence[bytes | None],
     expiry_reads: Sequence[tuple[FileRead, bytes]],
@@ -202,19 +205,19 @@ def _content_problem(read: FileRead, exc: ContentError) -> Problem:
 
 
 def transition(
-    spec: CredentialSettings,
+    spec: CredentialRules,
     prev: State | None,
     obs: Observation,
     now: float,
     *,
     startup: bool = False,
-    respec: bool = False,
+    settings_changed: bool = False,
 ) -> Transition:
     """Apply an observation.
 
-    ``startup`` marks the first read after the broker started; ``respec`` a read after the
-    credential's settings changed (config reload), which re-derives the lifetime of
-    unchanged content.
+    ``startup`` marks the first read after the broker started; ``settings_changed`` a read
+    after the credential's settings changed (config reload), which re-derives the lifetime
+    of unchanged content.
     """
     files = tuple(r.info for r in obs.files)
     if obs.outcome is Status.MISSING:
@@ -254,7 +257,7 @@ def transition(
         # ttl-based file neither renews nor reschedules anything -- unless the settings
         # that derive it changed.
         quiet = replace(prev, files=files, problems=_stage_problems(spec, obs.problems, prev.stage))
-        if respec:
+        if settings_changed:
             quiet = replace(
                 quiet,
                 expires_at=lifetime.expires_at,
@@ -294,10 +297,6 @@ def transition(
     return Transition(state, tuple(events))
 
 
-#: Findings from outside the files (a validator) that make unchanged content invalid.
-REJECTING_CODES = frozenset({"rejected-by-validator"})
-
-
 def apply_findings(obs: Observation, findings: Iterable[Problem]) -> Observation:
     """Add findings from outside the files (validator, refresh runner) to an observation.
 
@@ -318,7 +317,7 @@ def apply_findings(obs: Observation, findings: Iterable[Problem]) -> Observation
     return replace(obs, problems=(*obs.problems, *rejected, *others))
 
 
-def tick(spec: CredentialSettings, state: State, now: float) -> Transition:
+def tick(spec: CredentialRules, state: State, now: float) -> Transition:
     """Move a credential along its lifetime as time passes; each stage is announced once."""
     if state.status not in _CONTENT_OK:
         return Transition(state)
@@ -367,19 +366,19 @@ def _stage_reason(stage: Stage) -> str:
 
 
 def _stage_problems(
-    spec: CredentialSettings, problems: tuple[Problem, ...], stage: Stage
+    spec: CredentialRules, problems: tuple[Problem, ...], stage: Stage
 ) -> tuple[Problem, ...]:
     kept = tuple(p for p in problems if p.code not in _STAGE_CODES)
     if stage is Stage.VALID:
         return kept
-    code = "expired" if stage is Stage.EXPIRED else "expiring"
+    code = ProblemCode.EXPIRED if stage is Stage.EXPIRED else ProblemCode.EXPIRING
     message = (
         "the credential has expired" if stage is Stage.EXPIRED else "the credential expires soon"
     )
     return (Problem(code, message, spec.remedy(code, spec.expiry_file)), *kept)
 
 
-def _fingerprint_label(spec: CredentialSettings, read: FileRead) -> str:
+def _fingerprint_label(spec: CredentialRules, read: FileRead) -> str:
     """The role; for a pattern role's file, also its name (a rename is a change too)."""
     path = spec.files.get(read.info.role)
     if path is not None and is_glob(path) and read.info.present:
@@ -405,13 +404,13 @@ def _is_insecure(read: FileRead) -> bool:
 def _insecure(read: FileRead) -> Problem:
     mode = read.info.mode or 0
     return Problem(
-        "insecure-permissions",
+        ProblemCode.INSECURE_PERMISSIONS,
         f"{read.info.path} is accessible by group or others (mode {mode:04o})",
     )
 
 
 def _with_remedies(
-    spec: CredentialSettings, problems: Sequence[tuple[str, Problem]]
+    spec: CredentialRules, problems: Sequence[tuple[str, Problem]]
 ) -> tuple[Problem, ...]:
     return tuple(
         p if p.remedy else replace(p, remedy=spec.remedy(p.code, role)) for role, p in problems

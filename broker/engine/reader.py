@@ -12,17 +12,29 @@ import errno
 import os
 import stat
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from broker.config import CredentialSettings, glob_matches, is_glob
+from broker.config import CredentialSettings
+from broker.core.globs import glob_matches, is_glob
+from broker.core.problems import ProblemCode
+from broker.core.reads import FileRead, FileSignature, GlobSignature, Signature
 from broker.core.state import FileInfo, Problem
 
-# (st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns, st_mode): any difference means "re-read".
-FileSignature = tuple[int, int, int, int, int, int]
-# A pattern's: (name, signature) of every matching file, sorted by name.
-GlobSignature = tuple[tuple[str, FileSignature], ...]
-Signature = FileSignature | GlobSignature
+__all__ = [
+    "RESOURCE_ERRNOS",
+    "CredentialRead",
+    "FileRead",
+    "FileSignature",
+    "GlobSignature",
+    "Signature",
+    "glob_paths",
+    "read_credential",
+    "read_file",
+    "read_files",
+    "signature_of",
+    "stat_signature",
+]
 
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOCTTY | os.O_CLOEXEC | os.O_NONBLOCK
 
@@ -32,20 +44,6 @@ RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENO
 #: Reads of a file that a writer changed while it was read (its fstat differs before and
 #: after), before giving up on it for now.
 READ_ATTEMPTS = 8
-
-
-@dataclass(frozen=True, slots=True)
-class FileRead:
-    """What one read of one file found. ``content`` is held only until it is fingerprinted."""
-
-    info: FileInfo
-    signature: FileSignature | None = None
-    content: bytes | None = field(default=None, repr=False)
-    problem: Problem | None = None
-    is_symlink: bool = False
-    #: Why this read says nothing about the credential (out of descriptors, a writer
-    #: changing the file throughout): the reader of the result retries later.
-    fault: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,10 +170,10 @@ def read_files(
             continue
         found = [read_file(role, match, max_size) for match in matches]
         # A file that vanished between listing and opening is simply no longer in the set.
-        found = [r for r in found if not (r.problem and r.problem.code == "file-missing")]
+        found = [r for r in found if not (r.problem and r.problem.code == ProblemCode.FILE_MISSING)]
         if not found:
             missing = FileInfo(role=role, path=text, present=False)
-            problem = Problem("file-missing", f"no {role} file matches {text}")
+            problem = Problem(ProblemCode.FILE_MISSING, f"no {role} file matches {text}")
             found = [FileRead(missing, problem=problem)]
         reads.extend(found)
     return tuple(reads), signatures
@@ -185,7 +183,7 @@ def _absent(reads: tuple[FileRead, ...], role: str) -> bool:
     """Every read of ``role`` found no file there (absent, not merely unreadable)."""
     mine = [r for r in reads if r.info.role == role]
     return bool(mine) and all(
-        r.problem is not None and r.problem.code == "file-missing" for r in mine
+        r.problem is not None and r.problem.code == ProblemCode.FILE_MISSING for r in mine
     )
 
 
@@ -202,13 +200,16 @@ def read_file(role: str, path: str, max_size: int) -> FileRead:
         is_symlink = os.path.islink(path)
         fd = os.open(path, _OPEN_FLAGS)
     except FileNotFoundError:
-        problem = Problem("file-missing", f"{role} file {path} does not exist")
+        problem = Problem(ProblemCode.FILE_MISSING, f"{role} file {path} does not exist")
         if os.path.islink(path):
-            problem = Problem("file-missing", f"{role} file {path} is a symlink to nothing")
+            problem = Problem(
+                ProblemCode.FILE_MISSING, f"{role} file {path} is a symlink to nothing"
+            )
         return FileRead(missing, problem=problem)
     except PermissionError:
         return FileRead(
-            missing, problem=Problem("file-unreadable", f"permission denied reading {path}")
+            missing,
+            problem=Problem(ProblemCode.FILE_UNREADABLE, f"permission denied reading {path}"),
         )
     except OSError as exc:
         if exc.errno in RESOURCE_ERRNOS:
@@ -236,7 +237,10 @@ def _read_open(fd: int, role: str, path: str, max_size: int, is_symlink: bool) -
     if not stat.S_ISREG(st.st_mode):
         kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
         return FileRead(
-            info, sig, problem=Problem("not-a-file", f"{path} is {kind}"), is_symlink=is_symlink
+            info,
+            sig,
+            problem=Problem(ProblemCode.NOT_A_FILE, f"{path} is {kind}"),
+            is_symlink=is_symlink,
         )
     if st.st_size > max_size:
         return FileRead(info, sig, problem=_too_large(path, st.st_size, max_size))
@@ -289,18 +293,24 @@ def _read_at_most(fd: int, limit: int, *, first: int) -> bytes:
 
 
 def _too_large(path: str, size: int, max_size: int) -> Problem:
-    return Problem("too-large", f"{path} is {size} bytes, larger than max_size ({max_size} bytes)")
+    return Problem(
+        ProblemCode.TOO_LARGE,
+        f"{path} is {size} bytes, larger than max_size ({max_size} bytes)",
+    )
 
 
 def _open_problem(role: str, path: str, exc: OSError) -> Problem:
     if exc.errno == errno.ELOOP:
-        return Problem("symlink-loop", f"{path} is a symlink loop")
+        return Problem(ProblemCode.SYMLINK_LOOP, f"{path} is a symlink loop")
     if exc.errno == errno.ENOTDIR:
         return Problem(
-            "file-missing", f"{role} file {path} does not exist (a parent is not a directory)"
+            ProblemCode.FILE_MISSING,
+            f"{role} file {path} does not exist (a parent is not a directory)",
         )
     if exc.errno in (errno.EACCES, errno.EPERM):
-        return Problem("file-unreadable", f"permission denied reading {path}")
+        return Problem(ProblemCode.FILE_UNREADABLE, f"permission denied reading {path}")
     if exc.errno == errno.ENXIO:
-        return Problem("not-a-file", f"{path} is not a regular file")
-    return Problem("file-unreadable", f"cannot read {path}: {os.strerror(exc.errno or 0)}")
+        return Problem(ProblemCode.NOT_A_FILE, f"{path} is not a regular file")
+    return Problem(
+        ProblemCode.FILE_UNREADABLE, f"cannot read {path}: {os.strerror(exc.errno or 0)}"
+    )

@@ -1,0 +1,30 @@
+"""File-name patterns: which configured paths are patterns, and which names they match.
+
+A pattern is allowed in the last component of a path only (``~/.aws/sso/cache/*.json``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from pathlib import PurePath
+
+__all__ = ["glob_matches", "is_glob"]
+
+_GLOB_CHARS = frozenset("*?[")
+
+
+def is_glob(path: str | PurePath) -> bool:
+    """True when the last component of ``path`` holds ``*``, ``?`` or ``[``."""
+    return not _GLOB_CHARS.isdisjoint(os.path.basename(str(path)))
+
+
+def glob_matches(name: str, pattern: str) -> bool:
+    """Whether file ``name`` matches the last-component ``pattern``, as the shell's glob says.
+
+    As in the shell, a name starting with ``.`` matches only a pattern starting with ``.``:
+    that keeps the hidden temporary files of atomic writers (``.token.tmp-1234``) out.
+    """
+    if name.startswith(".") and not pattern.startswith("."):
+        return False
+    return fnmatch.fnmatchcase(name, pattern)
