@@ -105,7 +105,7 @@ class Broker:
             settle=self._config.broker.settle,
             states=loaded.states,
             sequence=loaded.sequence,
-            **({"clock": self._clock} if self._clock else {}),
+            clock=self._clock,
         )
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()

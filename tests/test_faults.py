@@ -444,9 +444,10 @@ async def test_rotating_within_a_lifetime_keeps_the_deadline_heap_bounded(
         for i in range(300):
             write_atomic(path, f"{base}-{i}")
             await h.next("svc")
-        assert len(engine._deadlines) <= 2 * len(engine._scheduled) + 64 + 1
+        deadlines = engine.deadlines
+        assert len(deadlines) <= 2 * deadlines.followed + 64 + 1
         # The live deadline is kept.
-        assert (engine._scheduled["svc"], "svc", "life") in engine._deadlines
+        assert (deadlines.life("svc"), "svc", "life") in deadlines
 
 
 # --------------------------------------------------------------------------------------------

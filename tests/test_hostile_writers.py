@@ -14,6 +14,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,6 @@ import pytest
 from anyio.abc import Process
 
 from broker.core.state import Status
-from broker.engine import engine as engine_module
 from tests.conftest import Harness, SecretRegistry, write_atomic
 from tests.test_http import serving
 
@@ -115,12 +115,11 @@ async def test_held_open_writer_rewriting_in_place_is_published_each_time(
     harness_factory: Any,
     token_path: Path,
     secrets: SecretRegistry,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # A shorter quiet period keeps 20 rounds quick; the rule is the same.
-    monkeypatch.setattr(engine_module, "WRITER_QUIET", 0.08)
     write_atomic(token_path, secrets.token())
     async with harness_factory([cred(token_path)]) as h, held_writer(token_path) as writer:
+        # A shorter quiet period keeps 20 rounds quick; the rule is the same.
+        h.broker.engine.tuning = replace(h.broker.engine.tuning, writer_quiet=0.08)
         await h.fence()
         h.seen.clear()
         for i in range(ROUNDS):
@@ -222,7 +221,7 @@ async def test_a_held_open_empty_file_is_not_published_as_invalid_at_once(
         await h.fence()
         h.seen.clear()
         await writer.rewrite("")
-        with anyio.move_on_after(4 * engine_module.WRITER_QUIET):
+        with anyio.move_on_after(4 * h.broker.engine.tuning.writer_quiet):
             await h.next("svc")
         assert h.types("svc") == []
         content = secrets.token()

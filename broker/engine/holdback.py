@@ -1,0 +1,110 @@
+"""Writer hold-back: content found while a process still has the file open for writing.
+
+Such content is usually half-written. It is not published until the writer closes the file
+(its close-write brings the engine back), or until it has held still: read twice
+``writer_quiet`` apart (``writer_quiet_invalid`` for content that does not parse) with the
+same fingerprint, when it is published with a ``writer-active`` problem.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
+
+from broker.config import CredentialSettings
+from broker.core.machine import Transition
+from broker.core.problems import ProblemCode
+from broker.core.reads import Signature
+from broker.core.state import Problem, State, Status
+from broker.engine.reader import stat_signature
+from broker.engine.writers import open_for_writing
+
+__all__ = ["WriterHoldBack", "with_problem", "writer_active", "writers_and_moves"]
+
+_UNUSABLE = frozenset({Status.INVALID, Status.MISSING})
+
+
+@dataclass(frozen=True, slots=True)
+class _HeldOpen:
+    fingerprint: str | None
+    since: float  # monotonic: when this content was first read while held open
+    state: State  # what it would publish
+
+
+class WriterHoldBack:
+    """Per credential: the unpublished content a writer holds open, and since when."""
+
+    def __init__(
+        self,
+        *,
+        quiet: Callable[[], tuple[float, float]],
+        monotonic: Callable[[], float],
+    ) -> None:
+        # (quiet for usable content, quiet for unusable content), read at each use so a
+        # test may shorten them on a running engine.
+        self._quiet = quiet
+        self._monotonic = monotonic
+        self._held: dict[str, _HeldOpen] = {}
+
+    def unpublished(self, name: str) -> State | None:
+        """What ``name``'s files say while a writer holds them (``None``: nothing held)."""
+        found = self._held.get(name)
+        return None if found is None else found.state
+
+    def held_still(self, name: str, state: State) -> bool:
+        """Whether content a writer holds is what the last read saw, long enough ago."""
+        found = self._held.get(name)
+        if found is None or found.fingerprint != state.fingerprint:
+            return False
+        usable, unusable = self._quiet()
+        wait = usable if state.status not in _UNUSABLE else unusable
+        return self._monotonic() - found.since >= wait
+
+    def hold(self, name: str, state: State) -> None:
+        """Withhold ``state``: a writer has the file open. The clock keeps running for the
+        same content, and restarts for new content."""
+        found = self._held.get(name)
+        since = self._monotonic()
+        if found is not None and found.fingerprint == state.fingerprint:
+            since = found.since
+        self._held[name] = _HeldOpen(state.fingerprint, since, state)
+
+    def release(self, name: str) -> None:
+        """``name`` is being published: nothing of it is held back any more."""
+        self._held.pop(name, None)
+
+    def forget(self, names: Iterable[str]) -> None:
+        """Drop credentials no longer tracked."""
+        for name in names:
+            self._held.pop(name, None)
+
+
+def writer_active(spec: CredentialSettings, paths: Iterable[str]) -> Problem:
+    """The problem a state carries while a process holds one of its files open for writing."""
+    return Problem(
+        ProblemCode.WRITER_ACTIVE,
+        f"a process has {', '.join(paths)} open for writing; the content may still change",
+        spec.remedy(ProblemCode.WRITER_ACTIVE, spec.expiry_file),
+    )
+
+
+def with_problem(tr: Transition, problem: Problem) -> Transition:
+    """``tr`` with ``problem`` added to its state and to the state of each of its events."""
+
+    def add(state: State) -> State:
+        return replace(state, problems=(*state.problems, problem))
+
+    return replace(tr, state=add(tr.state), events=tuple((t, add(s)) for t, s in tr.events))
+
+
+def writers_and_moves(
+    paths: list[str], signatures: Mapping[str, Mapping[str, Signature | None]]
+) -> tuple[set[str], set[str]]:
+    """Which ``paths`` a writer holds open, and which credentials' files changed since
+    they were read (their ``signatures``). Blocking: run in a thread."""
+    busy = open_for_writing(paths)
+    moved = {
+        name for name, sigs in signatures.items()
+        if any(stat_signature(p) != sig for p, sig in sigs.items())
+    }
+    return busy, moved

@@ -1,0 +1,115 @@
+"""The table of tracked credentials: each one's settings, state and last file signatures,
+which credentials each watched path belongs to, and the work queued for each."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+from broker.config import CredentialSettings
+from broker.core.reads import Signature
+from broker.core.state import State
+
+__all__ = ["CredentialTable", "Pending", "Tracked"]
+
+
+@dataclass(slots=True)
+class Tracked:
+    """One credential's runtime record."""
+
+    spec: CredentialSettings
+    state: State | None = None
+    signatures: dict[str, Signature | None] = field(default_factory=dict)
+    #: Until the first evaluation after start has been committed.
+    startup: bool = True
+    #: The settings the last committed read answered to: ``spec``, or its fallback's
+    #: settings while the fallback is in use (``None``: not read since the settings changed).
+    settings_in_use: CredentialSettings | None = None
+
+    @property
+    def paths(self) -> list[str]:
+        """Every watched path: the files (patterns as such), then the fallback's."""
+        return [str(p) for p in self.spec.watched_paths]
+
+
+@dataclass(slots=True)
+class Pending:
+    """What to do at the next evaluation of one credential."""
+
+    #: Found by looking, not by a writer's close: check for open writers.
+    scan: bool = False
+    #: Read even if a writer seems busy (an explicit check, start-up).
+    force: bool = False
+    #: The credential's settings changed (config reload).
+    settings_changed: bool = False
+    #: Also publish (event type, reason) with the resulting state.
+    announce: tuple[str, str] | None = None
+    #: Publish content a writer still holds open, if it is what the last read saw long
+    #: enough ago (see :class:`broker.engine.holdback.WriterHoldBack`).
+    publish_held_open: bool = False
+
+
+class CredentialTable:
+    """Name -> :class:`Tracked`, in config order, and path -> names."""
+
+    def __init__(self) -> None:
+        self._tracked: dict[str, Tracked] = {}
+        self._by_path: dict[str, set[str]] = {}
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tracked
+
+    def __getitem__(self, name: str) -> Tracked:
+        return self._tracked[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tracked)
+
+    def __len__(self) -> int:
+        return len(self._tracked)
+
+    def get(self, name: str) -> Tracked | None:
+        return self._tracked.get(name)
+
+    def items(self) -> Iterable[tuple[str, Tracked]]:
+        return self._tracked.items()
+
+    def values(self) -> Iterable[Tracked]:
+        return self._tracked.values()
+
+    @property
+    def by_path(self) -> Mapping[str, set[str]]:
+        """Every watched path -> the credentials that watch it."""
+        return self._by_path
+
+    def names_at(self, paths: Iterable[str]) -> set[str]:
+        """The credentials any of ``paths`` belongs to."""
+        names: set[str] = set()
+        for path in paths:
+            names |= self._by_path.get(path, set())
+        return names
+
+    def states(self) -> dict[str, State]:
+        """Every credential's state, where it has one."""
+        return {n: t.state for n, t in self._tracked.items() if t.state is not None}
+
+    def replace_all(
+        self, credentials: Iterable[CredentialSettings], states: Mapping[str, State]
+    ) -> None:
+        """Track exactly ``credentials``: a known one keeps its record, a new one starts
+        from ``states`` (persisted or a tombstone), a dropped one goes."""
+        tracked: dict[str, Tracked] = {}
+        for spec in credentials:
+            old = self._tracked.get(spec.name)
+            if old is not None:
+                if old.spec != spec:
+                    old.settings_in_use = None
+                old.spec = spec
+                tracked[spec.name] = old
+            else:
+                tracked[spec.name] = Tracked(spec, states.get(spec.name))
+        self._tracked = tracked
+        self._by_path = {}
+        for name, t in tracked.items():
+            for path in t.paths:
+                self._by_path.setdefault(path, set()).add(name)

@@ -1,0 +1,42 @@
+"""The engine's timing tunables, as one value: defaults for a daemon, shorter in tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["DEFAULT_SETTLE", "EngineTuning"]
+
+#: ``[broker] settle``'s default: how long a change that leaves a credential invalid or
+#: missing waits for a further change that resolves it.
+DEFAULT_SETTLE = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class EngineTuning:
+    """How often the engine looks again, and how long it waits for writers (seconds)."""
+
+    #: The scheduler re-evaluates at least this often, whatever it expects, so a wall-clock
+    #: jump or a suspend is noticed within this bound.
+    max_sleep: float = 30.0
+    #: Every this many resyncs, every file is re-hashed even if its stat did not change.
+    full_rehash_every: int = 10
+    #: Paths the kernel would not watch are polled this often (capped by resync_interval).
+    poll_interval: float = 2.0
+    #: A read that failed for the broker's own reasons (out of descriptors) is retried this
+    #: often; the credential keeps its last state meanwhile.
+    fault_retry: float = 0.5
+    #: Such faults are logged at most once per this many seconds (with a count), never per
+    #: read.
+    fault_log_interval: float = 60.0
+    #: A writer that keeps its file open never closes it: once it has not modified the file
+    #: for this long, the content is read, and read again this long later; the same both
+    #: times, it is published even though the writer still holds the file.
+    writer_quiet: float = 0.25
+    #: Content a held-open writer leaves unparsable (``cmd > file`` before the command
+    #: writes) is far more often half-done than final: it must hold still this long.
+    writer_quiet_invalid: float = 5.0
+    #: A watched directory with at least this many events a second for names nothing
+    #: watches, over a resync interval (and at least ``noisy_min`` of them), floods the
+    #: broker.
+    noisy_rate: float = 200.0
+    noisy_min: int = 1000
