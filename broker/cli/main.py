@@ -11,7 +11,7 @@ import secrets
 import signal
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TextIO
 
 import anyio
@@ -25,12 +25,13 @@ from broker.config import Config, ConfigError, CredentialSettings, load_config
 from broker.config.presets import PRESETS
 from broker.core.durations import format_duration
 from broker.core.fingerprint import Fingerprinter
-from broker.core.machine import Observation, apply_findings, observe, transition
-from broker.core.state import State, Status
+from broker.core.machine import Observation
+from broker.core.state import Problem, State, Status
 from broker.engine.bus import Subscription
-from broker.engine.engine import annotate_polling
+from broker.engine.evaluation import Evaluation, evaluate
 from broker.engine.reader import read_credential
 from broker.engine.store import KEY_FILE
+from broker.engine.tuning import EngineTuning
 from broker.engine.watcher import Watcher
 
 EXIT_OK = 0
@@ -221,12 +222,16 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK if all(s.status in _HEALTHY for s in states) else EXIT_PROBLEM
 
 
-def check_now(config: Config, names: Sequence[str] = ()) -> list[State]:
+def check_now(
+    config: Config, names: Sequence[str] = (), *, clock: Callable[[], float] = time.time
+) -> list[State]:
     """Read the files of ``names`` (default all) now and derive their states.
 
-    No daemon, no writes: generations are not known here, only status and problems.
-    Credentials with ``validate`` settings are validated (one request each, concurrently);
-    a ``refresh-failed`` problem the daemon last reported for the same content is shown.
+    The engine's own pipeline (:func:`broker.engine.evaluation.evaluate`) with no previous
+    state: no daemon, no writes, so generations are not known here, only status and
+    problems. Credentials with ``validate`` settings are validated (one request each,
+    concurrently); a ``refresh-failed`` problem the daemon last reported for the same
+    content is shown.
     """
     from broker.workers import validate
     from broker.workers.refresh import persisted_refresh_problems
@@ -234,7 +239,8 @@ def check_now(config: Config, names: Sequence[str] = ()) -> list[State]:
     key = _read_key(config)
     fp = Fingerprinter(key)
     specs = [c for c in config.credentials if not names or c.name in names]
-    now = time.time()
+    now = clock()
+    poll_every = min(EngineTuning().poll_interval, config.broker.resync_interval)
     # A failing refresh is only known to the daemon: show what it last reported about the
     # content that is there now.
     refresh_failed = (
@@ -242,35 +248,38 @@ def check_now(config: Config, names: Sequence[str] = ()) -> list[State]:
         if any(spec.refresh is not None for spec in specs)
         else {}
     )
-    observed: list[tuple[CredentialSettings, Observation, State]] = []
+
+    def findings(spec: CredentialSettings) -> Callable[[Observation], list[Problem]]:
+        found = refresh_failed.get(spec.name) if spec.refresh is not None else None
+
+        def about(obs: Observation) -> list[Problem]:
+            return [found[1]] if found is not None and found[0] == obs.fingerprint else []
+
+        return about
+
+    evaluated: list[Evaluation] = []
     to_validate: list[tuple[int, CredentialSettings, dict[str, bytes]]] = []
     with Watcher(lambda paths, scan: None) as watcher:
         watcher.watch(str(p) for spec in specs for p in spec.watched_paths)
         for spec in specs:
             read = read_credential(spec)  # patterns expanded; the fallback when it applies
-            reads = read.reads
-            obs = annotate_polling(
-                observe(read.spec, reads, fp, note=read.note),
-                watcher.polled_dirs,
-                config.broker.resync_interval,
+            ev = evaluate(
+                read, fp, now,
+                findings=findings(spec),
+                polled_dirs=watcher.polled_dirs,
+                poll_every=poll_every,
             )
-            found = refresh_failed.get(spec.name)
-            if spec.refresh is not None and found is not None and found[0] == obs.fingerprint:
-                obs = apply_findings(obs, [found[1]])
-            state = transition(read.spec, None, obs, now).state
-            if spec.validate_ is not None and validate.worth_validating(state):
-                to_validate.append((len(observed), spec, validate.header_contents(reads)))
-            observed.append((read.spec, obs, state))
+            if spec.validate_ is not None and validate.worth_validating(ev.state):
+                to_validate.append((len(evaluated), spec, validate.header_contents(read.reads)))
+            evaluated.append(ev)
     if to_validate:
         verdicts = anyio.run(validate.validate_many, [(s, c) for _, s, c in to_validate])
         for (index, _, _), verdict in zip(to_validate, verdicts, strict=True):
             if verdict is not None and verdict.problem is not None:
-                used, obs, _ = observed[index]
-                obs = apply_findings(obs, [verdict.problem])
-                observed[index] = (used, obs, transition(used, None, obs, now).state)
+                evaluated[index] = evaluated[index].with_findings([verdict.problem], now)
     from broker.engine.consumers import persisted_consumers
 
-    states = [state for _, _, state in observed]
+    states = [ev.state for ev in evaluated]
     return persisted_consumers(
         config.broker.state_dir, states, {spec.name: spec for spec in specs}, now
     )
