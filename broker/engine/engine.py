@@ -25,7 +25,6 @@ from anyio.abc import TaskStatus
 from broker.config import CredentialSettings
 from broker.core.events import IdFactory, new_event_id
 from broker.core.fingerprint import Fingerprinter
-from broker.core.globs import is_glob
 from broker.core.machine import Transition, tick
 from broker.core.problems import ProblemCode
 from broker.core.state import Consumer, Problem, State, Status
@@ -34,9 +33,8 @@ from broker.engine.commit import Committer, Result
 from broker.engine.evaluation import evaluate, read_all
 from broker.engine.faults import ReadFaults
 from broker.engine.findings import Findings
-from broker.engine.holdback import WriterHoldBack, with_problem, writer_active, writers_and_moves
-from broker.engine.noise import NoiseMonitor
-from broker.engine.reader import glob_paths, stat_signature
+from broker.engine.holdback import WriterHoldBack, writer_active
+from broker.engine.resync import SafetyNet
 from broker.engine.schedule import Deadlines, Kind
 from broker.engine.settle import SettleWindow
 from broker.engine.store import Store
@@ -51,9 +49,6 @@ log = logging.getLogger("broker.engine")
 
 #: Seconds: wall-clock time (``time.time``) or a monotonic one (``time.monotonic``).
 Clock = Callable[[], float]
-
-_UNUSABLE = (Status.INVALID, Status.MISSING)
-
 
 class Engine:
     """Tracks credentials and publishes their events. Run ``run`` inside a task group.
@@ -96,7 +91,6 @@ class Engine:
             monotonic=monotonic,
         )
         self.deadlines = Deadlines()
-        self._noise = NoiseMonitor(rate=self.tuning.noisy_rate, minimum=self.tuning.noisy_min)
         self._faults = ReadFaults(self.tuning.fault_log_interval)
         self._committer = Committer(
             bus=bus, store=store, source=source, sequence=sequence, clock=clock,
@@ -107,9 +101,17 @@ class Engine:
         self._lock = anyio.Lock()
         self._progress = anyio.Event()
         self._writers = anyio.Event()
-        self.watcher = Watcher(self._on_paths, self._on_writing)
+        self.watcher = Watcher(self._on_paths, self._on_writing, monotonic=monotonic)
+        self._net = SafetyNet(
+            table=self._table,
+            watcher=self.watcher,
+            mark=partial(self._mark, scan=True),
+            report=partial(self.report_finding, scan=True),
+            tuning=lambda: self.tuning,
+            resync_interval=lambda: self.resync_interval,
+            monotonic=monotonic,
+        )
         self.ready = anyio.Event()
-        self.last_resync_seconds = 0.0
         #: Who reported using a credential (the consumer tracker sets it): shown in every
         #: state document and event, never stored with the state.
         self.consumers_of: Callable[[str], tuple[Consumer, ...]] = _no_consumers
@@ -311,19 +313,18 @@ class Engine:
                 tg.start_soon(self.watcher.run)
                 tg.start_soon(self._evaluate_loop)
                 tg.start_soon(self._schedule_loop)
-                tg.start_soon(self._resync_loop)
-                tg.start_soon(self._poll_loop)
+                tg.start_soon(self._net.resync_loop)
+                tg.start_soon(self._net.poll_loop)
                 tg.start_soon(self._writer_loop)
 
     async def resync(self, *, full: bool = False) -> None:
         """The safety net: re-stat every file, re-read what changed (``full``: re-read all)."""
-        started = time.perf_counter()
-        await self._release_gone_writers()
-        if full:
-            self._mark(self._table, scan=True)
-        else:
-            await self._mark_stat_changes(set(self._table))
-        self.last_resync_seconds = time.perf_counter() - started
+        await self._net.resync(full=full)
+
+    @property
+    def last_resync_seconds(self) -> float:
+        """How long the last resync took (a metric)."""
+        return self._net.last_resync_seconds
 
     def flush(self) -> None:
         """Write a full snapshot of the store (clean shutdown; blocking)."""
@@ -374,15 +375,6 @@ class Engine:
             with anyio.move_on_after(self.deadlines.delay(now, self.tuning.max_sleep)):
                 await self._reschedule.wait()
 
-    async def _resync_loop(self) -> None:
-        rounds = 0
-        while True:
-            started = self._monotonic()
-            await anyio.sleep(self.resync_interval)
-            rounds += 1
-            await self._report_noise(self._monotonic() - started)
-            await self.resync(full=rounds % self.tuning.full_rehash_every == 0)
-
     async def _writer_loop(self) -> None:
         """Publish what writers that keep their files open have stopped changing."""
         while True:
@@ -400,63 +392,6 @@ class Engine:
                 await self._evaluate(
                     {n: Pending(scan=True, force=True, publish_held_open=True) for n in names}
                 )
-
-    async def _report_noise(self, elapsed: float) -> None:
-        """Annotate (once) each credential whose directory floods the broker with events for
-        other files, and clear it when the directory calms down."""
-        changes = self._noise.assess(
-            self.watcher.take_noise(),
-            elapsed,
-            paths_in=self.watcher.paths_in,
-            names_at=lambda path: self._table.by_path.get(path, set()),
-            tracked=self._table,
-        )
-        for name, problem in changes.items():
-            await self.report_finding(name, "watch", problem, scan=True)
-
-    async def _poll_loop(self) -> None:
-        interval = self._poll_every
-        while True:
-            await anyio.sleep(interval)
-            polled = set(self.watcher.polled)
-            if polled:
-                await self._mark_stat_changes(self._table.names_at(polled))
-
-    @property
-    def _poll_every(self) -> float:
-        return min(self.tuning.poll_interval, self.resync_interval)
-
-    async def _release_gone_writers(self) -> None:
-        # "A writer has it open" came from an event that may be long past (a lost close-write,
-        # a writer killed): ask /proc again, or the file would be skipped forever.
-        writing = set(self.watcher.writing)
-        if not writing:
-            return
-
-        def gone() -> set[str]:
-            files = {p: glob_paths(p) if is_glob(p) else [p] for p in writing}
-            busy = open_for_writing(f for matches in files.values() for f in matches)
-            return {p for p, matches in files.items() if not busy.intersection(matches)}
-
-        self.watcher.release(await anyio.to_thread.run_sync(gone))
-
-    async def _mark_stat_changes(self, names: set[str]) -> None:
-        known = {n: dict(self._table[n].signatures) for n in names if n in self._table}
-        paths = {n: self._table[n].paths for n in known}
-        writing = set(self.watcher.writing)
-
-        def changed() -> set[str]:
-            out = set()
-            for name, name_paths in paths.items():
-                for path in name_paths:
-                    if path not in writing and stat_signature(path) != known[name].get(path):
-                        out.add(name)
-                        break
-            return out
-
-        stale = await anyio.to_thread.run_sync(changed)
-        if stale:
-            self._mark(stale, scan=True)
 
     # -- evaluation -------------------------------------------------------------------------
 
@@ -485,7 +420,7 @@ class Engine:
                     prev=tracked.state,
                     findings=partial(self._findings.about, name, read.spec),
                     polled_dirs=polled_dirs,
-                    poll_every=self._poll_every,
+                    poll_every=self._net.poll_every,
                     startup=startup,
                     settings_changed=wanted.settings_changed,
                 )
@@ -509,64 +444,15 @@ class Engine:
                     said = replace(tr.state, reason=reason or tr.state.reason)
                     tr = replace(tr, events=(*tr.events, (event_type, said)))
                 results[name] = Result(read, tr)
-            await self._hold_back_writers(batch, results)
+            await self._holdback.screen(
+                batch, results, on_hold=lambda n: self.watcher.hold(self._table[n].paths)
+            )
             for name in results:
                 self._holdback.release(name)
                 if batch[name].publish_held_open:
                     self.watcher.release(self._table[name].paths)
             await self._commit(results)
         self._progressed()
-
-    async def _hold_back_writers(
-        self, batch: Mapping[str, Pending], results: dict[str, Result]
-    ) -> None:
-        """Drop from ``results`` what a writer still holds open (or changed since it was
-        read), unless it held still long enough to publish with a ``writer-active`` problem.
-
-        An event can be older than the file: a close-write read late, after the writer's
-        next truncate. So content that became unusable is checked for writers too; the
-        usual case (new content that parses) pays nothing.
-        """
-        scanned = [
-            n for n, r in results.items()
-            if r.transition.events
-            and (batch[n].scan or r.transition.state.status in _UNUSABLE)
-        ]
-        if not scanned:
-            return
-        # The files actually read: a pattern's matches, the fallback's when in use.
-        read_paths: dict[str, list[str]] = {}
-        signatures = {}
-        for n in scanned:
-            read = results[n].read
-            assert read is not None
-            read_paths[n] = [r.info.path for r in read.reads]
-            signatures[n] = read.signatures
-        busy, moved = await anyio.to_thread.run_sync(
-            writers_and_moves, [p for n in scanned for p in read_paths[n]], signatures
-        )
-        for name in scanned:
-            held = sorted(p for p in read_paths[name] if p in busy)
-            result = results[name]
-            tr = result.transition
-            if held and batch[name].publish_held_open and self._holdback.held_still(
-                name, tr.state
-            ):
-                # Held open, but the content held still: publish it.
-                assert result.read is not None
-                problem = writer_active(result.read.spec, held)
-                results[name] = replace(result, transition=with_problem(tr, problem))
-            elif held:
-                # Found by a scan while a writer holds it: its close-write, or the writer
-                # loop once the content holds still, brings it back.
-                log.debug("file open for writing; waiting", extra={"credential": name})
-                self._holdback.hold(name, tr.state)
-                self.watcher.hold(self._table[name].paths)
-                del results[name]
-            elif name in moved:
-                # Changed since it was read (a writer that closed meanwhile): the event that
-                # change made reads it again.
-                del results[name]
 
     def _progressed(self) -> None:
         self._progress.set()

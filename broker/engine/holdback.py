@@ -8,18 +8,25 @@ same fingerprint, when it is published with a ``writer-active`` problem.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
+
+import anyio
 
 from broker.config import CredentialSettings
 from broker.core.machine import Transition
 from broker.core.problems import ProblemCode
 from broker.core.reads import Signature
 from broker.core.state import Problem, State, Status
+from broker.engine.commit import Result
 from broker.engine.reader import stat_signature
+from broker.engine.tracking import Pending
 from broker.engine.writers import open_for_writing
 
 __all__ = ["WriterHoldBack", "with_problem", "writer_active", "writers_and_moves"]
+
+log = logging.getLogger("broker.engine")
 
 _UNUSABLE = frozenset({Status.INVALID, Status.MISSING})
 
@@ -72,6 +79,62 @@ class WriterHoldBack:
     def release(self, name: str) -> None:
         """``name`` is being published: nothing of it is held back any more."""
         self._held.pop(name, None)
+
+    async def screen(
+        self,
+        batch: Mapping[str, Pending],
+        results: dict[str, Result],
+        *,
+        on_hold: Callable[[str], None],
+    ) -> None:
+        """Drop from ``results`` what a writer still holds open (or changed since it was
+        read), unless it held still long enough to publish with a ``writer-active`` problem.
+
+        An event can be older than the file: a close-write read late, after the writer's
+        next truncate. So content that became unusable is checked for writers too; the
+        usual case (new content that parses) pays nothing. ``on_hold`` is told of each
+        credential held back (the watcher then treats its files as held by a writer).
+        """
+        scanned = [
+            n for n, r in results.items()
+            if r.transition.events
+            and (batch[n].scan or r.transition.state.status in _UNUSABLE)
+        ]
+        if not scanned:
+            return
+        # The files actually read: a pattern's matches, the fallback's when in use.
+        read_paths: dict[str, list[str]] = {}
+        signatures = {}
+        for n in scanned:
+            read = results[n].read
+            assert read is not None
+            read_paths[n] = [r.info.path for r in read.reads]
+            signatures[n] = read.signatures
+        busy, moved = await anyio.to_thread.run_sync(
+            writers_and_moves, [p for n in scanned for p in read_paths[n]], signatures
+        )
+        for name in scanned:
+            held = sorted(p for p in read_paths[name] if p in busy)
+            result = results[name]
+            tr = result.transition
+            if held and batch[name].publish_held_open and self.held_still(
+                name, tr.state
+            ):
+                # Held open, but the content held still: publish it.
+                assert result.read is not None
+                problem = writer_active(result.read.spec, held)
+                results[name] = replace(result, transition=with_problem(tr, problem))
+            elif held:
+                # Found by a scan while a writer holds it: its close-write, or the writer
+                # loop once the content holds still, brings it back.
+                log.debug("file open for writing; waiting", extra={"credential": name})
+                self.hold(name, tr.state)
+                on_hold(name)
+                del results[name]
+            elif name in moved:
+                # Changed since it was read (a writer that closed meanwhile): the event that
+                # change made reads it again.
+                del results[name]
 
     def forget(self, names: Iterable[str]) -> None:
         """Drop credentials no longer tracked."""

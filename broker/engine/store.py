@@ -107,8 +107,10 @@ def _time(value: Any) -> float | None:
 class Store:
     """The files in ``state_dir``. Methods are blocking; the engine runs them in a thread."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, *, clock: Callable[[], float] = time.time) -> None:
         self.state_dir = state_dir
+        # When a credential was removed (tombstones) and when a corrupt file was set aside.
+        self._clock = clock
         self._snapshot = state_dir / SNAPSHOT
         self._journal = state_dir / JOURNAL
         self._tombstones_path = state_dir / TOMBSTONES
@@ -208,7 +210,7 @@ class Store:
 
     def bury(self, states: Iterable[State], *, save: bool = True) -> None:
         """Remember removed credentials' states (bounded, the most recent kept)."""
-        now = time.time()
+        now = self._clock()
         for state in states:
             self.tombstones.pop(state.credential, None)
             self.tombstones[state.credential] = (now, state)
@@ -364,7 +366,7 @@ class Store:
         self.error = message
 
     def _set_aside(self, path: Path) -> Path:
-        aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+        aside = path.with_name(f"{path.name}.corrupt-{int(self._clock())}")
         with contextlib.suppress(OSError):
             path.replace(aside)
         return aside

@@ -115,8 +115,15 @@ _Entry = tuple[str, str, _Kind]
 class Watcher:
     """Watches a set of file paths and calls ``notify`` when any of them may have changed."""
 
-    def __init__(self, notify: Notify, on_writing: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        notify: Notify,
+        on_writing: Callable[[], None] | None = None,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._notify = notify
+        self._monotonic = monotonic
         self._on_writing = on_writing
         self._inotify: Inotify | None = None
         self._plans: dict[str, frozenset[_Entry]] = {}
@@ -128,7 +135,7 @@ class Watcher:
         self._noise: dict[int, int] = {}
         #: Paths modified by a writer that has not closed them yet.
         self.writing: set[str] = set()
-        #: When each path in ``writing`` was last modified (``time.monotonic``).
+        #: When each path in ``writing`` was last modified (the ``monotonic`` clock).
         self.modified_at: dict[str, float] = {}
         #: Paths the kernel would not watch (limit reached, no permission): poll them.
         self.polled: set[str] = set()
@@ -173,7 +180,7 @@ class Watcher:
 
     def hold(self, paths: Iterable[str]) -> None:
         """Mark ``paths`` as held by a writer (found so by ``/proc``, not by an event)."""
-        now = time.monotonic()
+        now = self._monotonic()
         added = False
         for path in paths:
             if path in self._plans:
@@ -368,7 +375,7 @@ class Watcher:
         if direct:
             if mask & _MODIFY:
                 self.writing |= direct
-                now = time.monotonic()
+                now = self._monotonic()
                 for path in direct:
                     self.modified_at[path] = now
                 if self._on_writing is not None:
