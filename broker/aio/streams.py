@@ -1,4 +1,6 @@
-"""The shape every event stream has: ``async for``, ``async with``, ``get()``, ``close()``."""
+"""The shape every event stream has (:class:`EventReceiver`: ``async for``, ``async with``,
+``get()``, ``close()``), and the coalescing mailbox behind the bus's subscriptions and the
+client's streams."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import anyio
 from broker.core.events import Event
 
 
-class EventStream(ABC):
+class EventReceiver(ABC):
     """An async iterator and context manager over :meth:`get`; :meth:`close` ends it.
 
     ``get`` raises ``anyio.EndOfStream`` once the stream is closed and drained; iteration
@@ -49,7 +51,7 @@ class EventStream(ABC):
         self.close()
 
 
-class CoalescingQueue(EventStream):
+class CoalescingQueue(EventReceiver):
     """A bounded mailbox that never blocks its writer: the bus's subscriptions, the client's
     streams. When it holds more than ``buffer`` events, older events of each ``key`` (a
     credential) are dropped, so the latest of every key survives: a slow reader loses
