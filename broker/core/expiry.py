@@ -21,6 +21,7 @@ from broker.core.formats import (
     load_ini,
     load_json_object,
 )
+from broker.core.problems import ProblemCode as Code
 from broker.core.timefmt import MAX_TIMESTAMP, parse_time
 
 SourceKind = Literal["jwt", "json", "ini", "pem", "ttl", "none"]
@@ -142,10 +143,10 @@ def expiring_at(lifetime: Lifetime, before: float, fraction: float) -> float | N
 def _jwt_lifetime(data: bytes) -> Lifetime:
     claims = decode_jwt_claims(data)
     if "exp" not in claims:
-        raise ContentError("no-expiry", "JWT has no exp claim")
+        raise ContentError(Code.NO_EXPIRY, "JWT has no exp claim")
     exp = claims["exp"]
     if isinstance(exp, bool) or not isinstance(exp, int | float):
-        raise ContentError("bad-expiry", "JWT exp claim is not a number")
+        raise ContentError(Code.BAD_EXPIRY, "JWT exp claim is not a number")
     expires_at = _in_range(exp, "JWT exp claim")
     iat = claims.get("iat")
     # iat is optional and informative only; a non-numeric one is ignored rather than fatal.
@@ -161,12 +162,12 @@ def _json_expiry(path: tuple[str, ...], data: bytes) -> float:
     for depth, part in enumerate(path):
         if not isinstance(value, dict):
             parent = ".".join(path[:depth])
-            raise ContentError("no-expiry", f"{where} is missing ({parent} is not an object)")
+            raise ContentError(Code.NO_EXPIRY, f"{where} is missing ({parent} is not an object)")
         if part not in value:
-            raise ContentError("no-expiry", f"{where} is missing")
+            raise ContentError(Code.NO_EXPIRY, f"{where} is missing")
         value = value[part]
     if value is None:
-        raise ContentError("no-expiry", f"{where} is null")
+        raise ContentError(Code.NO_EXPIRY, f"{where} is null")
     return _time_value(value, where)
 
 
@@ -177,13 +178,13 @@ def _ini_expiry(path: tuple[str, ...], data: bytes) -> float:
     if section == parser.default_section:
         values = parser.defaults()
         if parser.optionxform(key) not in values:
-            raise ContentError("no-expiry", f"{where} is missing")
+            raise ContentError(Code.NO_EXPIRY, f"{where} is missing")
         return _time_value(values[parser.optionxform(key)], where)
     if not parser.has_section(section):
-        raise ContentError("no-expiry", f"INI section [{section}] is missing")
+        raise ContentError(Code.NO_EXPIRY, f"INI section [{section}] is missing")
     value = parser.get(section, key, fallback=None)
     if value is None:
-        raise ContentError("no-expiry", f"{where} is missing")
+        raise ContentError(Code.NO_EXPIRY, f"{where} is missing")
     return _time_value(value, where)
 
 
@@ -194,7 +195,9 @@ def _pem_lifetime(data: bytes) -> Lifetime:
         not_after = leaf.not_valid_after_utc.timestamp()
     # Validity is decoded lazily by some cryptography versions; a broken one is a broken file.
     except Exception:
-        raise ContentError("malformed-pem", "certificate validity period cannot be read") from None
+        raise ContentError(
+            Code.MALFORMED_PEM, "certificate validity period cannot be read"
+        ) from None
     return Lifetime(
         _in_range(not_before, "certificate notBefore"),
         _in_range(not_after, "certificate notAfter"),
@@ -204,11 +207,11 @@ def _pem_lifetime(data: bytes) -> Lifetime:
 def _time_value(value: object, where: str) -> float:
     """An expiry written as RFC 3339 text, epoch seconds or epoch milliseconds."""
     if isinstance(value, bool):
-        raise ContentError("bad-expiry", f"{where} is a boolean, expected a time")
+        raise ContentError(Code.BAD_EXPIRY, f"{where} is a boolean, expected a time")
     if isinstance(value, int | float):
         return _epoch(value, where)
     if not isinstance(value, str):
-        raise ContentError("bad-expiry", f"{where} is not a time string or number")
+        raise ContentError(Code.BAD_EXPIRY, f"{where} is not a time string or number")
     text = value.strip()
     if _NUMERIC.fullmatch(text):
         return _epoch(float(text), where)
@@ -218,7 +221,7 @@ def _time_value(value: object, where: str) -> float:
     try:
         seconds = parse_time(text)
     except (ValueError, OverflowError):
-        raise ContentError("bad-expiry", f"{where} is not an RFC 3339 time") from None
+        raise ContentError(Code.BAD_EXPIRY, f"{where} is not an RFC 3339 time") from None
     return _in_range(seconds, where)
 
 
@@ -226,7 +229,7 @@ def _epoch(value: int | float, where: str) -> float:
     try:
         seconds = float(value)
     except OverflowError:  # an int too large for a float
-        raise ContentError("expiry-out-of-range", f"{where} is out of range") from None
+        raise ContentError(Code.EXPIRY_OUT_OF_RANGE, f"{where} is out of range") from None
     if abs(seconds) > _MILLIS_THRESHOLD:
         seconds /= 1000.0
     return _in_range(seconds, where)
@@ -239,7 +242,7 @@ def _in_range(value: float, where: str) -> float:
         seconds = math.inf
     # Before 1970 is nonsense for a credential, and past MAX_TIMESTAMP cannot be formatted.
     if not (math.isfinite(seconds) and 0.0 <= seconds <= MAX_TIMESTAMP):
-        raise ContentError("expiry-out-of-range", f"{where} is out of range")
+        raise ContentError(Code.EXPIRY_OUT_OF_RANGE, f"{where} is out of range")
     return seconds
 
 

@@ -26,6 +26,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from broker.core.errors import BrokerError
+from broker.core.problems import ProblemCode as Code
 
 FORMATS: tuple[str, ...] = ("text", "jwt", "json", "pem", "ini")
 
@@ -48,7 +49,7 @@ class ContentError(BrokerError):
         return self.message
 
     def __repr__(self) -> str:
-        return f"ContentError({self.code!r}, {self.message!r})"
+        return f"ContentError({str(self.code)!r}, {self.message!r})"
 
 
 def check_format(fmt: str, data: bytes) -> None:
@@ -80,13 +81,13 @@ def decode_jwt_claims(data: bytes) -> dict[str, object]:
     text = _decode_text(data, "JWT").strip()
     parts = text.split(".")
     if len(parts) != 3:
-        raise ContentError("malformed-jwt", f"JWT has {len(parts)} parts, expected 3")
+        raise ContentError(Code.MALFORMED_JWT, f"JWT has {len(parts)} parts, expected 3")
     header_b64, payload_b64, signature_b64 = parts
     for name, part in (("header", header_b64), ("payload", payload_b64)):
         if not part:
-            raise ContentError("malformed-jwt", f"JWT {name} is empty")
+            raise ContentError(Code.MALFORMED_JWT, f"JWT {name} is empty")
     if _B64URL_PART.fullmatch(signature_b64) is None:
-        raise ContentError("malformed-jwt", "JWT signature is not valid base64url")
+        raise ContentError(Code.MALFORMED_JWT, "JWT signature is not valid base64url")
     _jwt_object(header_b64, "header")
     return _jwt_object(payload_b64, "payload")
 
@@ -98,7 +99,7 @@ def load_json_object(data: bytes) -> dict[str, object]:
     value = _parse_json(text, "JSON file")
     if not isinstance(value, dict):
         raise ContentError(
-            "not-a-json-object", f"JSON top level is {_json_type(value)}, expected an object"
+            Code.NOT_A_JSON_OBJECT, f"JSON top level is {_json_type(value)}, expected an object"
         )
     return value
 
@@ -109,7 +110,7 @@ def load_certificates(data: bytes) -> list[x509.Certificate]:
     UTF-8 is not required: PEM files often carry free-form explanatory text around the blocks.
     """
     if not data.strip():
-        raise ContentError("empty", "PEM file is empty")
+        raise ContentError(Code.EMPTY, "PEM file is empty")
     try:
         certificates = x509.load_pem_x509_certificates(data)
     # cryptography documents ValueError, but its Rust parser's failure modes are not a stable
@@ -117,11 +118,11 @@ def load_certificates(data: bytes) -> list[x509.Certificate]:
     except Exception:
         if _CERT_MARKER.search(data):
             raise ContentError(
-                "malformed-pem", "PEM file has a CERTIFICATE block that cannot be parsed"
+                Code.MALFORMED_PEM, "PEM file has a CERTIFICATE block that cannot be parsed"
             ) from None
-        raise ContentError("no-certificate", "no X.509 certificate found in PEM file") from None
+        raise ContentError(Code.NO_CERTIFICATE, "no X.509 certificate found in PEM file") from None
     if not certificates:
-        raise ContentError("no-certificate", "no X.509 certificate found in PEM file")
+        raise ContentError(Code.NO_CERTIFICATE, "no X.509 certificate found in PEM file")
     return certificates
 
 
@@ -134,21 +135,23 @@ def load_ini(data: bytes) -> configparser.ConfigParser:
         parser.read_string(text)
     except configparser.MissingSectionHeaderError as exc:
         raise ContentError(
-            "malformed-ini", f"INI line {exc.lineno} comes before the first [section] header"
+            Code.MALFORMED_INI, f"INI line {exc.lineno} comes before the first [section] header"
         ) from None
     except configparser.DuplicateSectionError as exc:
         raise ContentError(
-            "malformed-ini", f"INI line {exc.lineno} repeats a section name"
+            Code.MALFORMED_INI, f"INI line {exc.lineno} repeats a section name"
         ) from None
     except configparser.DuplicateOptionError as exc:
-        raise ContentError("malformed-ini", f"INI line {exc.lineno} repeats a key") from None
+        raise ContentError(Code.MALFORMED_INI, f"INI line {exc.lineno} repeats a key") from None
     except configparser.ParsingError as exc:
         lines = ", ".join(str(lineno) for lineno, _line in exc.errors[:5])
-        raise ContentError("malformed-ini", f"INI file cannot be parsed (line {lines})") from None
+        raise ContentError(
+            Code.MALFORMED_INI, f"INI file cannot be parsed (line {lines})"
+        ) from None
     except (configparser.Error, ValueError):
-        raise ContentError("malformed-ini", "INI file cannot be parsed") from None
+        raise ContentError(Code.MALFORMED_INI, "INI file cannot be parsed") from None
     if not parser.sections() and not parser.defaults():
-        raise ContentError("malformed-ini", "INI file has no [section]")
+        raise ContentError(Code.MALFORMED_INI, "INI file has no [section]")
     return parser
 
 
@@ -188,7 +191,7 @@ def apply_selector(selector: Selector, data: bytes) -> bytes:
     ``ini-section:<name>``: the section's keys and values (``[DEFAULT]`` values included, as
     every INI reader applies them), re-written as INI text in file order. Editing any other
     section leaves the result unchanged, byte for byte. A section that is not there raises
-    ``ContentError("section-missing")``.
+    ``ContentError(Code.SECTION_MISSING)``.
 
     The result holds secrets like ``data`` does: keep it no longer than the read it came from.
     """
@@ -199,7 +202,7 @@ def apply_selector(selector: Selector, data: bytes) -> bytes:
     elif parser.has_section(section):
         items = dict(parser.items(section))
     else:
-        raise ContentError("section-missing", f"INI section [{section}] is missing")
+        raise ContentError(Code.SECTION_MISSING, f"INI section [{section}] is missing")
     out = configparser.ConfigParser(interpolation=None)
     out.read_dict({section: items})
     buffer = io.StringIO()
@@ -217,14 +220,14 @@ def check_key_pair(cert_pem: bytes, key_pem: bytes) -> None:
     """
     certificate = load_certificates(cert_pem)[0]
     if not key_pem.strip():
-        raise ContentError("empty", "private key file is empty")
+        raise ContentError(Code.EMPTY, "private key file is empty")
     try:
         key = serialization.load_pem_private_key(key_pem, password=None)
     except TypeError:
         return  # encrypted: nothing to compare without the passphrase
     # Whatever cryptography raises, its text may describe the key; never pass it on.
     except Exception:
-        raise ContentError("malformed-key", "no readable PEM private key found") from None
+        raise ContentError(Code.MALFORMED_KEY, "no readable PEM private key found") from None
     try:
         ours = key.public_key().public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -234,19 +237,19 @@ def check_key_pair(cert_pem: bytes, key_pem: bytes) -> None:
         )
     except Exception:
         raise ContentError(
-            "malformed-key", "the key's or the certificate's public key cannot be read"
+            Code.MALFORMED_KEY, "the key's or the certificate's public key cannot be read"
         ) from None
     if ours != theirs:
-        raise ContentError("key-mismatch", "the private key does not belong to the certificate")
+        raise ContentError(Code.KEY_MISMATCH, "the private key does not belong to the certificate")
 
 
 def _decode_text(data: bytes, what: str, *, allow_bom: bool = False) -> str:
     """UTF-8 text that is neither blank nor binary, for every format but ``pem``."""
     if not data.strip():
-        raise ContentError("empty", f"{what} is empty")
+        raise ContentError(Code.EMPTY, f"{what} is empty")
     nul = data.find(b"\x00")
     if nul >= 0:
-        raise ContentError("binary-content", f"{what} contains a NUL byte at offset {nul}")
+        raise ContentError(Code.BINARY_CONTENT, f"{what} contains a NUL byte at offset {nul}")
     try:
         text = data.decode("utf-8-sig" if allow_bom else "utf-8")
     except UnicodeDecodeError as exc:
@@ -255,7 +258,7 @@ def _decode_text(data: bytes, what: str, *, allow_bom: bool = False) -> str:
         ) from None
     # Bytes-level strip only knows ASCII whitespace; this also catches e.g. NBSP-only files.
     if not text.strip():
-        raise ContentError("empty", f"{what} is empty")
+        raise ContentError(Code.EMPTY, f"{what} is empty")
     return text
 
 
@@ -265,17 +268,17 @@ def _parse_json(text: str, what: str) -> object:
     except json.JSONDecodeError as exc:
         # Only the position: exc.msg is safe today but exc.doc is the secret itself.
         raise ContentError(
-            "malformed-json", f"{what} is not valid JSON (line {exc.lineno} column {exc.colno})"
+            Code.MALFORMED_JSON, f"{what} is not valid JSON (line {exc.lineno} column {exc.colno})"
         ) from None
     except _NonStandardJSON:
         raise ContentError(
-            "malformed-json", f"{what} is not valid JSON (NaN or Infinity literal)"
+            Code.MALFORMED_JSON, f"{what} is not valid JSON (NaN or Infinity literal)"
         ) from None
     except RecursionError:
-        raise ContentError("malformed-json", f"{what} is nested too deeply") from None
+        raise ContentError(Code.MALFORMED_JSON, f"{what} is nested too deeply") from None
     except ValueError:
         # e.g. an integer literal longer than Python's int/str conversion limit.
-        raise ContentError("malformed-json", f"{what} is not valid JSON") from None
+        raise ContentError(Code.MALFORMED_JSON, f"{what} is not valid JSON") from None
 
 
 class _NonStandardJSON(Exception):
@@ -289,23 +292,23 @@ def _reject_constant(_name: str) -> NoReturn:
 
 def _jwt_object(part: str, name: str) -> dict[str, object]:
     if _B64URL_PART.fullmatch(part) is None:
-        raise ContentError("malformed-jwt", f"JWT {name} is not valid base64url")
+        raise ContentError(Code.MALFORMED_JWT, f"JWT {name} is not valid base64url")
     unpadded = part.rstrip("=")
     try:
         raw = base64.urlsafe_b64decode(unpadded + "=" * (-len(unpadded) % 4))
     except (binascii.Error, ValueError):
-        raise ContentError("malformed-jwt", f"JWT {name} is not valid base64url") from None
+        raise ContentError(Code.MALFORMED_JWT, f"JWT {name} is not valid base64url") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise ContentError("malformed-jwt", f"JWT {name} is not valid UTF-8") from None
+        raise ContentError(Code.MALFORMED_JWT, f"JWT {name} is not valid UTF-8") from None
     try:
         value = _parse_json(text, f"JWT {name}")
     except ContentError as exc:
-        raise ContentError("malformed-jwt", exc.message) from None
+        raise ContentError(Code.MALFORMED_JWT, exc.message) from None
     if not isinstance(value, dict):
         raise ContentError(
-            "malformed-jwt", f"JWT {name} is {_json_type(value)}, expected a JSON object"
+            Code.MALFORMED_JWT, f"JWT {name} is {_json_type(value)}, expected a JSON object"
         )
     return value
 
