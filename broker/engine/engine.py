@@ -38,7 +38,7 @@ from broker.engine.resync import SafetyNet
 from broker.engine.schedule import Deadlines, Kind
 from broker.engine.settle import SettleWindow
 from broker.engine.store import Store
-from broker.engine.tracking import CredentialTable, Pending
+from broker.engine.tracking import CredentialTable, Pending, WorkQueue
 from broker.engine.tuning import DEFAULT_SETTLE, EngineTuning
 from broker.engine.watcher import Watcher
 from broker.engine.writers import open_for_writing
@@ -83,7 +83,7 @@ class Engine:
         self.tuning = tuning or EngineTuning()
         self.resync_interval = resync_interval
         self._table = CredentialTable()
-        self._pending: dict[str, Pending] = {}
+        self._queue = WorkQueue()
         self._findings = Findings()
         self._window = SettleWindow(settle)
         self._holdback = WriterHoldBack(
@@ -96,7 +96,6 @@ class Engine:
             bus=bus, store=store, source=source, sequence=sequence, clock=clock,
             new_id=new_id, shown=self._with_consumers,
         )
-        self._wake = anyio.Event()
         self._reschedule = anyio.Event()
         self._lock = anyio.Lock()
         self._progress = anyio.Event()
@@ -105,7 +104,7 @@ class Engine:
         self._net = SafetyNet(
             table=self._table,
             watcher=self.watcher,
-            mark=partial(self._mark, scan=True),
+            mark=partial(self._queue.mark, scan=True),
             report=partial(self.report_finding, scan=True),
             tuning=lambda: self.tuning,
             resync_interval=lambda: self.resync_interval,
@@ -168,14 +167,9 @@ class Engine:
         if name not in self._table:
             raise KeyError(name)
         await self._evaluate({name: Pending(scan=True, force=True, publish_held_open=True)})
-        withheld = self._window.answer(name)
-        unpublished = self._holdback.unpublished(name)
-        if withheld is not None:
-            state = self._with_consumers(withheld)
-        elif unpublished is not None:
-            state = self._with_consumers(unpublished)
-        else:
-            state = self.state(name)
+        # What the files say now: withheld by the settle window, or held open by a writer.
+        now = self._window.answer(name) or self._holdback.unpublished(name)
+        state = self.state(name) if now is None else self._with_consumers(now)
         present = [f.path for f in state.files if f.present]
         busy = await anyio.to_thread.run_sync(open_for_writing, present)
         if busy and not any(p.code == ProblemCode.WRITER_ACTIVE for p in state.problems):
@@ -256,7 +250,7 @@ class Engine:
 
     async def quiesce(self) -> None:
         """Wait until nothing is queued, evaluating, or waiting out a settle window."""
-        while self._pending or self._lock.locked() or self._window.open:
+        while self._queue or self._lock.locked() or self._window.open:
             progress = self._progress
             await progress.wait()
 
@@ -279,11 +273,8 @@ class Engine:
             gone = [states[n] for n in removed if n in states]
             back = {n for n in added if n in self._store.tombstones}
             if gone or back:
-                def tombstones() -> dict[str, State]:
-                    found = {n: s for n in back if (s := self._store.exhume(n, save=False))}
-                    self._store.bury(gone)
-                    return found
-                states.update(await anyio.to_thread.run_sync(tombstones))
+                swap = self._store.swap_tombstones
+                states.update(await anyio.to_thread.run_sync(swap, gone, back))
             self._set_credentials(credentials, states)
             self._window.forget(removed)
             self._holdback.forget(removed)
@@ -336,26 +327,19 @@ class Engine:
         self, credentials: Iterable[CredentialSettings], states: Mapping[str, State]
     ) -> None:
         self._table.replace_all(credentials, states)
-        self._pending = {n: p for n, p in self._pending.items() if n in self._table}
+        self._queue.keep_only(self._table)
 
     def _on_paths(self, paths: set[str], scan: bool) -> None:
-        self._mark(self._table.names_at(paths), scan=scan)
+        self._queue.mark(self._table.names_at(paths), scan=scan)
 
     def _on_writing(self) -> None:
         self._writers.set()
-
-    def _mark(self, names: Iterable[str], *, scan: bool) -> None:
-        for name in names:
-            self._pending.setdefault(name, Pending()).scan |= scan
-        self._wake.set()
 
     # -- loops ------------------------------------------------------------------------------
 
     async def _evaluate_loop(self) -> None:
         while True:
-            await self._wake.wait()
-            self._wake = anyio.Event()
-            batch, self._pending = self._pending, {}
+            batch = await self._queue.take()
             if batch:
                 await self._evaluate(batch)
 
@@ -369,7 +353,7 @@ class Engine:
             if due.reread:
                 # Read again rather than publish what was withheld: the files say what is
                 # true now.
-                self._mark(due.reread, scan=True)
+                self._queue.mark(due.reread, scan=True)
             if due.tick:
                 await self._tick(due.tick, now)
             with anyio.move_on_after(self.deadlines.delay(now, self.tuning.max_sleep)):

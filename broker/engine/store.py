@@ -226,6 +226,13 @@ class Store:
             self.save_tombstones()
         return entry[1] if entry is not None else None
 
+    def swap_tombstones(self, gone: Iterable[State], back: Iterable[str]) -> dict[str, State]:
+        """A reload: exhume the credentials ``back`` (their last states, returned), bury the
+        ``gone`` ones, and save the tombstones once (blocking)."""
+        found = {n: s for n in back if (s := self.exhume(n, save=False)) is not None}
+        self.bury(gone)
+        return found
+
     def save_tombstones(self) -> None:
         """Write the tombstones. Never raises (a failure is reported like any write's)."""
         doc = {

@@ -3,14 +3,16 @@ which credentials each watched path belongs to, and the work queued for each."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+
+import anyio
 
 from broker.config import CredentialSettings
 from broker.core.reads import Signature
 from broker.core.state import State
 
-__all__ = ["CredentialTable", "Pending", "Tracked"]
+__all__ = ["CredentialTable", "Pending", "Tracked", "WorkQueue"]
 
 
 @dataclass(slots=True)
@@ -47,6 +49,34 @@ class Pending:
     #: Publish content a writer still holds open, if it is what the last read saw long
     #: enough ago (see :class:`broker.engine.holdback.WriterHoldBack`).
     publish_held_open: bool = False
+
+
+class WorkQueue:
+    """The credentials marked for the next evaluation, and the wake-up of its loop."""
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Pending] = {}
+        self._wake = anyio.Event()
+
+    def __bool__(self) -> bool:
+        return bool(self._pending)
+
+    def mark(self, names: Iterable[str], *, scan: bool) -> None:
+        """Queue ``names`` (``scan``: found by looking, so check them for writers)."""
+        for name in names:
+            self._pending.setdefault(name, Pending()).scan |= scan
+        self._wake.set()
+
+    async def take(self) -> dict[str, Pending]:
+        """Wait for work, then take all of it."""
+        await self._wake.wait()
+        self._wake = anyio.Event()
+        batch, self._pending = self._pending, {}
+        return batch
+
+    def keep_only(self, names: Collection[str]) -> None:
+        """Drop queued work for credentials no longer tracked."""
+        self._pending = {n: p for n, p in self._pending.items() if n in names}
 
 
 class CredentialTable:
