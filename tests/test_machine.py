@@ -8,22 +8,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker.config import CredentialSettings, parse_config
+from broker.core.events import EXPIRED, EXPIRING, INVALID, MISSING, REFRESHED
 from broker.core.expiry import Lifetime
 from broker.core.fingerprint import Fingerprinter
-from broker.core.machine import (
-    EXPIRED,
-    EXPIRING,
-    INVALID,
-    MISSING,
-    REFRESHED,
-    Observation,
-    next_deadline,
-    observe,
-    tick,
-    transition,
-)
+from broker.core.machine import Observation, next_deadline, observe, tick, transition
+from broker.core.reads import FileRead
 from broker.core.state import FileInfo, Problem, Stage, State, Status
-from broker.engine.reader import FileRead
 
 SPEC: CredentialSettings = parse_config(
     {

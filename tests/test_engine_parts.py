@@ -1,0 +1,179 @@
+"""The engine's parts on their own: the pure machine fed plain rules, deadlines, the settle
+window, writer hold-back, and an engine run on injected clocks and event ids."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePath
+
+import anyio
+import pytest
+
+from broker.core.events import REFRESHED
+from broker.core.expiry import ExpirySource, Lifetime
+from broker.core.fingerprint import Fingerprinter
+from broker.core.formats import Selector
+from broker.core.machine import Observation, observe, transition
+from broker.core.problems import ProblemCode
+from broker.core.reads import FileRead
+from broker.core.state import FileInfo, Problem, Stage, State, Status
+from broker.engine.bus import Bus
+from broker.engine.engine import Engine
+from broker.engine.holdback import WriterHoldBack
+from broker.engine.schedule import Deadlines, Kind
+from broker.engine.settle import SettleWindow
+from broker.engine.store import Store
+from tests.conftest import make_config, write_atomic
+
+pytestmark = pytest.mark.anyio
+
+FP = Fingerprinter(b"k" * 32)
+
+
+@dataclass(frozen=True)
+class PlainRules:
+    """Rules that are no pydantic model: all the machine needs of a credential's settings."""
+
+    name: str = "svc"
+    files: Mapping[str, PurePath] = field(default_factory=lambda: {"token": PurePath("/t")})
+    format: str = "text"
+    expiry_sources: Sequence[ExpirySource] = (ExpirySource("none"),)
+    expiry_file: str = "token"
+    select: Selector | None = None
+    key_file: str | None = None
+    private_roles: Collection[str] | None = None
+    strict_permissions: bool | None = None
+    expiring_before: float = 10.0
+    expiring_fraction: float = 0.8
+
+    def remedy(self, code: str, role: str) -> str | None:
+        return f"fix {code} on {role}"
+
+
+def read(content: bytes | None, mode: int = 0o600) -> FileRead:
+    info = FileInfo("token", "/t", content is not None, len(content or b""), 0.0, mode)
+    if content is None:
+        return FileRead(info, problem=Problem(ProblemCode.FILE_MISSING, "gone"))
+    return FileRead(info, content=content)
+
+
+def test_the_machine_judges_plain_rules_without_the_config() -> None:
+    rules = PlainRules()
+    obs = observe(rules, [read(b"secret-token")], FP)
+    assert obs.outcome is Status.VALID
+    tr = transition(rules, None, obs, now=5.0)
+    assert tr.state.status is Status.VALID and [t for t, _ in tr.events] == [REFRESHED]
+    loose = observe(rules, [read(b"secret-token", mode=0o644)], FP)
+    assert [p.code for p in loose.problems] == [ProblemCode.INSECURE_PERMISSIONS]
+    assert loose.problems[0].remedy == "fix insecure-permissions on token"
+    gone = observe(rules, [read(None)], FP)
+    assert gone.outcome is Status.MISSING and gone.problems[0].code == "file-missing"
+
+
+def test_problem_codes_are_their_text() -> None:
+    assert ProblemCode.WRITER_ACTIVE == "writer-active"
+    assert Problem(ProblemCode.SETTLING, "m") == Problem("settling", "m")
+    assert State("x", Status.VALID, problems=(Problem(ProblemCode.EXPIRED, "m"),)).to_dict()[
+        "problems"
+    ][0]["code"] == "expired"
+
+
+def lived(expires: float, expiring: float) -> State:
+    return State(
+        "svc", Status.VALID, generation=1, fingerprint="f", expires_at=expires,
+        expiring_at=expiring, stage=Stage.VALID,
+    )
+
+
+def test_deadlines_keep_only_the_live_lifetime_and_every_reread() -> None:
+    deadlines = Deadlines()
+    assert deadlines.follow("svc", lived(100.0, 80.0))
+    assert not deadlines.follow("svc", lived(100.0, 80.0))  # unchanged
+    assert deadlines.follow("svc", lived(200.0, 160.0))  # superseded: 80 no longer counts
+    deadlines.at(90.0, "svc", Kind.SETTLE)
+    deadlines.at(95.0, "other", Kind.RETRY)
+    assert deadlines.delay(0.0, cap=30.0) == 30.0
+    # The superseded entry still wakes the scheduler (lazy deletion), and then counts for nothing.
+    assert deadlines.delay(70.0, cap=30.0) == 10.0
+    assert deadlines.take_due(85.0).tick == set()
+    due = deadlines.take_due(100.0)
+    assert due.tick == set() and due.reread == {"svc", "other"}
+    assert deadlines.take_due(160.0).tick == {"svc"}
+    for i in range(500):  # many rotations: the heap stays bounded
+        deadlines.follow("svc", lived(1000.0 + i, 900.0 + i))
+    assert len(deadlines) <= 2 * deadlines.followed + 64 + 1
+    assert (deadlines.life("svc"), "svc", "life") in deadlines
+
+
+def observed(status: Status, fp: str | None) -> Observation:
+    problems = () if status is Status.VALID else (Problem(ProblemCode.EMPTY, "empty"),)
+    return Observation((read(b"x"),), status, fp, problems, Lifetime(None, None))
+
+
+def test_the_settle_window_withholds_a_bad_change_then_dates_it_when_first_seen() -> None:
+    window = SettleWindow(1.0)
+    prev = transition(PlainRules(), None, observed(Status.VALID, "a"), 0.0).state
+    bad = observed(Status.INVALID, "b")
+    tr = transition(PlainRules(), prev, bad, 10.0)
+    assert window.consider("svc", bad, tr, 10.0, exempt=False) is None
+    assert window.open and window.due("svc") == 11.0
+    answer = window.answer("svc")
+    assert answer is not None and answer.problems[-1].code == ProblemCode.SETTLING
+    # Still bad after the window: published as of the first bad read.
+    assert window.consider("svc", bad, tr, 11.5, exempt=False) == 10.0
+    assert not window.open
+    # Start-up, or nothing bad: at once.
+    assert window.consider("svc", bad, tr, 12.0, exempt=True) == 12.0
+    good = transition(PlainRules(), prev, observed(Status.VALID, "c"), 13.0)
+    assert window.consider("svc", observed(Status.VALID, "c"), good, 13.0, exempt=False) == 13.0
+
+
+def test_writer_hold_back_publishes_content_that_held_still_on_its_clock() -> None:
+    now = [100.0]
+    holdback = WriterHoldBack(quiet=lambda: (0.25, 5.0), monotonic=lambda: now[0])
+    state = State("svc", Status.VALID, fingerprint="a")
+    assert not holdback.held_still("svc", state)
+    holdback.hold("svc", state)
+    assert holdback.unpublished("svc") == state
+    now[0] += 0.2
+    assert not holdback.held_still("svc", state)
+    now[0] += 0.1
+    assert holdback.held_still("svc", state)
+    holdback.hold("svc", State("svc", Status.VALID, fingerprint="b"))  # new content: clock restarts
+    assert not holdback.held_still("svc", State("svc", Status.VALID, fingerprint="b"))
+    unusable = State("svc", Status.INVALID, fingerprint="c")
+    holdback.hold("svc", unusable)
+    now[0] += 1.0
+    assert not holdback.held_still("svc", unusable)  # unparsable content waits longer
+    now[0] += 4.0
+    assert holdback.held_still("svc", unusable)
+    holdback.release("svc")
+    assert holdback.unpublished("svc") is None
+
+
+async def test_an_engine_takes_its_clock_and_event_ids_from_its_caller(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    write_atomic(token, "first-secret-value")
+    config = make_config(tmp_path, [{"name": "svc", "files": {"token": str(token)}}])
+    store = Store(config.broker.state_dir)
+    store.prepare()
+    bus = Bus()
+    ids = (f"id-{i}" for i in itertools.count(1))
+    engine = Engine(
+        config.credentials, bus=bus, store=store, fingerprinter=FP, source="urn:credbroker:t",
+        resync_interval=30.0, clock=lambda: 1_700_000_000.0, new_id=lambda: next(ids),
+    )
+    async with bus.subscribe("*") as events, anyio.create_task_group() as tg:
+        await tg.start(engine.run)
+        first = events.get_nowait()
+        assert first is not None and first.id == "id-1"
+        assert first.time == "2023-11-14T22:13:20.000Z"
+        assert engine.state("svc").changed_at == 1_700_000_000.0
+        write_atomic(token, "second-secret-value")
+        with anyio.fail_after(10):
+            second = await events.get()
+        assert second.id == "id-2" and second.data.generation == 2
+        tg.cancel_scope.cancel()
+    engine.flush()
