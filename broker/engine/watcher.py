@@ -38,7 +38,7 @@ from types import TracebackType
 
 from asyncinotify import Mask
 
-from broker.config import glob_matches, is_glob
+from broker.core.globs import glob_matches, is_glob
 from broker.engine.inotify import HEADER, Inotify
 
 log = logging.getLogger("broker.watcher")
