@@ -53,10 +53,11 @@ from broker.config.errors import ConfigError
 from broker.config.filesets import FallbackSettings
 from broker.config.hooks import ActionSettings, SignalSettings, WebhookSettings
 from broker.config.loader import CONFIG_ENV_VAR, load_config, parse_config
-from broker.config.paths import expand_template, glob_matches, is_glob
+from broker.config.paths import expand_template
 from broker.config.scalars import default_host_id
 from broker.config.services import BrokerSettings, HttpSettings, MqttSettings
 from broker.config.upkeep import RefreshSettings, ValidateSettings
+from broker.core.globs import glob_matches, is_glob
 
 __all__ = [
     "CONFIG_ENV_VAR",

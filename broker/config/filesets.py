@@ -15,10 +15,10 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from broker.config.errors import Located, did_you_mean, errors_at, show
 from broker.config.fields import ExpandedPath, ExpiryField, Model, RoleName, SelectorField
-from broker.config.paths import GLOB_CHARS, is_glob
 from broker.config.preset_merge import default_expiry_file
 from broker.config.presets import PROBLEM_CODES
 from broker.core.expiry import ExpirySource
+from broker.core.globs import GLOB_CHARS, is_glob
 
 __all__ = ["FallbackSettings", "FileSet", "must_be_one_file", "must_be_role", "roles_of"]
 

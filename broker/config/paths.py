@@ -7,17 +7,15 @@ business (:mod:`broker.config.context`).
 
 from __future__ import annotations
 
-import fnmatch
-import os
 import pwd
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path, PurePath
+from pathlib import Path
 
 from broker.config.errors import show
 
-__all__ = ["GLOB_CHARS", "expand_template", "glob_matches", "home_display", "is_glob"]
+__all__ = ["expand_template", "home_display"]
 
 # --------------------------------------------------------------------------------------------
 # Path templates: ~, $VAR, ${VAR}, ${VAR:-default}, $$
@@ -147,29 +145,6 @@ def _evaluate(nodes: tuple[_Node, ...], env: Mapping[str, str], text: str) -> st
             else:
                 raise ValueError(f"environment variable ${node.name} is empty")
     return "".join(out)
-
-
-# --------------------------------------------------------------------------------------------
-# Glob roles: a path whose last component is a pattern is the set of files matching it
-
-#: The characters that make a path component a pattern.
-GLOB_CHARS = frozenset("*?[")
-
-
-def is_glob(path: str | PurePath) -> bool:
-    """True when the last component of ``path`` holds ``*``, ``?`` or ``[``."""
-    return not GLOB_CHARS.isdisjoint(os.path.basename(str(path)))
-
-
-def glob_matches(name: str, pattern: str) -> bool:
-    """Whether file ``name`` matches the last-component ``pattern``, as the shell's glob says.
-
-    As in the shell, a name starting with ``.`` matches only a pattern starting with ``.``:
-    that keeps the hidden temporary files of atomic writers (``.token.tmp-1234``) out.
-    """
-    if name.startswith(".") and not pattern.startswith("."):
-        return False
-    return fnmatch.fnmatchcase(name, pattern)
 
 
 # --------------------------------------------------------------------------------------------

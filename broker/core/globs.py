@@ -9,14 +9,15 @@ import fnmatch
 import os
 from pathlib import PurePath
 
-__all__ = ["glob_matches", "is_glob"]
+__all__ = ["GLOB_CHARS", "glob_matches", "is_glob"]
 
-_GLOB_CHARS = frozenset("*?[")
+#: The characters that make a path component a pattern.
+GLOB_CHARS = frozenset("*?[")
 
 
 def is_glob(path: str | PurePath) -> bool:
     """True when the last component of ``path`` holds ``*``, ``?`` or ``[``."""
-    return not _GLOB_CHARS.isdisjoint(os.path.basename(str(path)))
+    return not GLOB_CHARS.isdisjoint(os.path.basename(str(path)))
 
 
 def glob_matches(name: str, pattern: str) -> bool:
