@@ -1,44 +1,62 @@
-"""``Broker``: the embedded async API, and the lifespan that runs engine and sinks."""
+"""``Broker``: the embedded async API, and the lifespan that runs engine and sinks.
+
+This is the composition root: it makes the store, the bus and the engine, then every sink
+from a :class:`~broker.port.SinkContext` whose port (:class:`_BrokerPort`) is the only way a
+sink reaches back into the broker.
+"""
 
 from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Callable, Coroutine
+import time
+import uuid
+from collections.abc import Collection, Mapping, Sequence
+from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import anyio
-from anyio.abc import TaskGroup, TaskStatus
+from anyio.abc import TaskGroup
 
-from broker.config import Config
+from broker.config import Config, CredentialSettings
 from broker.core.fingerprint import Fingerprinter
-from broker.core.state import State
+from broker.core.state import Problem, State
 from broker.engine.bus import DEFAULT_BUFFER, Bus, Subscription
-from broker.engine.engine import Clock, Engine
+from broker.engine.consumers import ConsumerTracker
+from broker.engine.engine import Engine
+from broker.engine.reader import read_credential
 from broker.engine.store import Loaded, Store, StoreError
+from broker.port import (
+    Clock,
+    EngineHealth,
+    IdFactory,
+    Reconfigurable,
+    Sink,
+    SinkContext,
+    SinkFactory,
+    SinkHealth,
+)
+
+if TYPE_CHECKING:
+    from broker.engine.reader import FileRead
+
+__all__ = ["Broker", "Sink", "SinkFactory"]
 
 log = logging.getLogger("broker")
 
 
-class Sink(Protocol):
-    """A delivery path (MQTT, HTTP): started once the engine has a state for everything.
-
-    ``run`` calls ``task_status.started()`` once it is serving and returns when cancelled
-    (the broker stopping); cleanup such as MQTT's ``offline`` goes in its ``finally``.
-    """
-
-    name: str
-
-    async def run(self, *, task_status: TaskStatus[None]) -> None: ...
-
-
-SinkFactory = Callable[["Broker"], Sink]
-
-
 @runtime_checkable
 class _Validating(Sink, Protocol):
+    """The validator worker, as the broker asks it (a forced check, its last verdict)."""
+
     async def validate_now(self, name: str) -> State: ...
+
+    def last_verdict(self, name: str) -> float | None: ...
+
+
+def _new_id() -> str:
+    return str(uuid.uuid4())
 
 
 class Broker:
@@ -51,6 +69,9 @@ class Broker:
             await b.check("nebius")
             async with b.subscribe("credentials.*", credential="nebius") as events:
                 async for event in events: ...
+
+    ``clock`` (wall-clock seconds) and ``new_id`` (event ids) are fed to the engine and to
+    every sink through the port; tests pass fakes.
     """
 
     def __init__(
@@ -58,21 +79,26 @@ class Broker:
         config: Config,
         *,
         clock: Clock | None = None,
+        new_id: IdFactory | None = None,
         sinks: list[SinkFactory] | None = None,
     ) -> None:
         self._config = config
         self._clock = clock
+        self._new_id = new_id or _new_id
         self._extra_sinks = list(sinks or [])
         self.bus = Bus()
         self.store = Store(config.broker.state_dir)
         self._engine: Engine | None = None
         self._tg: TaskGroup | None = None
         self.source = f"urn:credbroker:{config.broker.host_id}"
-        #: Running sinks by name ("mqtt", "http"), for health and metrics.
+        #: Running sinks by name ("mqtt", "http"), for tests and embedders.
         self.sinks: dict[str, Sink] = {}
         #: The states persisted by the last run, as loaded at start (for sinks that recover
         #: what a crash may have kept from them, such as the webhook outbox).
         self.loaded_states: dict[str, State] = {}
+        self._port = _BrokerPort(self)
+        #: The table of consumer reports, run beside the engine when a sink takes reports.
+        self.consumers: ConsumerTracker | None = None
 
     def __repr__(self) -> str:
         host_id, count = self._config.broker.host_id, len(self._config.credentials)
@@ -83,10 +109,19 @@ class Broker:
         return self._config
 
     @property
+    def clock(self) -> Clock:
+        """The wall clock of states and events (``time.time`` unless one was given)."""
+        return self._clock or time.time
+
+    @property
     def engine(self) -> Engine:
         if self._engine is None:
             raise RuntimeError("the broker is not running (use `async with Broker(...)`)")
         return self._engine
+
+    def sink_context(self) -> SinkContext:
+        """A context to make a sink by hand with (tests, embedders): this broker's port."""
+        return SinkContext(self._port, self._config)
 
     # -- lifespan ---------------------------------------------------------------------------
 
@@ -95,6 +130,7 @@ class Broker:
         for problem in loaded.problems:
             log.warning("state store problem", extra={"problem": problem})
         self.loaded_states = dict(loaded.states)
+        # The engine takes its event ids from ``new_id`` once it can (engine work under way).
         self._engine = Engine(
             self._config.credentials,
             bus=self.bus,
@@ -113,15 +149,24 @@ class Broker:
             # Sinks are made (and subscribe) before the engine's first read, so that the
             # first-sight events reach them too; they start serving once the engine has a
             # state for every credential.
+            if self._config.mqtt is not None or self._config.http is not None:
+                self.consumers = ConsumerTracker(
+                    self._port, self._config.broker.state_dir, clock=self.clock
+                )
+                # Every state document and event shows who reported using it.
+                self._engine.consumers_of = self.consumers.consumers_of
             chosen: dict[str, Sink] = {}
+            context = self.sink_context()
             for factory in self._sink_factories():
-                sink = factory(self)
-                close = getattr(chosen.get(sink.name), "close", None)
-                if close is not None:
-                    close()  # made but never run: let go of its bus subscription
+                sink = factory(context)
+                replaced = chosen.get(sink.name)
+                if replaced is not None:
+                    replaced.close()  # made but never run: let go of its bus subscription
                 chosen[sink.name] = sink  # a caller's sink replaces the built-in of its name
             self.sinks.update(chosen)
             await self._tg.start(self._engine.run)
+            if self.consumers is not None:
+                await self._tg.start(self.consumers.run)
             for sink in chosen.values():
                 await self._tg.start(sink.run)
         except BaseException:
@@ -184,10 +229,6 @@ class Broker:
             from broker.workers.validate import Validator
 
             factories.append(Validator)
-        if self._config.mqtt is not None or self._config.http is not None:
-            from broker.engine.consumers import ConsumerTracker
-
-            factories.append(ConsumerTracker)
         if self._config.mqtt is not None:
             from broker.sinks.consumer_reports import MqttConsumerReports
 
@@ -210,14 +251,6 @@ class Broker:
             factories.append(Webhooks)
         factories.extend(self._extra_sinks)
         return factories
-
-    def start_soon(
-        self, fn: Callable[[], Coroutine[Any, Any, Any]], name: str | None = None
-    ) -> None:
-        """Run ``fn`` in the broker's task group (for sinks; stops with the broker)."""
-        if self._tg is None:
-            raise RuntimeError("the broker is not running")
-        self._tg.start_soon(fn, name=name)
 
     # -- the embedded API -------------------------------------------------------------------
 
@@ -264,7 +297,121 @@ class Broker:
         self._config = config
         removed, added = await self.engine.reconfigure(config.credentials)
         for each in self.sinks.values():
-            # Sinks that keep per-credential state outside the engine (MQTT's retained topics).
-            reconfigured = getattr(each, "reconfigured", None)
-            if callable(reconfigured):
-                reconfigured(removed, added)
+            if isinstance(each, Reconfigurable):
+                each.reconfigured(removed, added)
+
+
+class _BrokerPort:
+    """:class:`broker.port.BrokerPort` over one broker's engine, store, bus and sinks."""
+
+    def __init__(self, broker: Broker) -> None:
+        self._broker = broker
+
+    @property
+    def _engine(self) -> Engine:
+        return self._broker.engine
+
+    @property
+    def source(self) -> str:
+        return self._broker.source
+
+    @property
+    def host_id(self) -> str:
+        return self._broker.config.broker.host_id
+
+    @property
+    def state_dir(self) -> Path:
+        return self._broker.config.broker.state_dir
+
+    @property
+    def clock(self) -> Clock:
+        return self._broker.clock
+
+    @property
+    def new_id(self) -> IdFactory:
+        return self._broker._new_id
+
+    @property
+    def sequence(self) -> int:
+        return self._engine.sequence
+
+    @property
+    def loaded_states(self) -> Mapping[str, State]:
+        return self._broker.loaded_states
+
+    @property
+    def removed(self) -> Collection[str]:
+        configured = {c.name for c in self._broker.config.credentials}
+        return {n for n in self._broker.store.tombstones if n not in configured}
+
+    @property
+    def consumers(self) -> ConsumerTracker | None:
+        return self._broker.consumers
+
+    def names(self) -> list[str]:
+        return self._engine.names
+
+    def state(self, name: str) -> State:
+        return self._engine.state(name)
+
+    def states(self) -> list[State]:
+        return self._engine.states()
+
+    def settings(self, name: str) -> CredentialSettings:
+        return self._engine.spec(name)
+
+    def subscribe(
+        self, pattern: str = "credentials.*", *, credential: str | None = None,
+        buffer: int = DEFAULT_BUFFER,
+    ) -> Subscription:
+        return self._broker.subscribe(pattern, credential=credential, buffer=buffer)
+
+    async def check(self, name: str) -> State:
+        return await self._broker.check(name)
+
+    def read_files(self, name: str) -> Sequence[FileRead]:
+        return read_credential(self._engine.spec(name)).reads
+
+    def verdict_at(self, name: str) -> float | None:
+        validator = self._broker.sinks.get("validate")
+        return validator.last_verdict(name) if isinstance(validator, _Validating) else None
+
+    async def report(
+        self,
+        name: str,
+        source: str,
+        problem: Problem | None,
+        *,
+        fingerprint: str | None = None,
+        announce: str | None = None,
+        scan: bool = False,
+    ) -> State:
+        return await self._engine.set_problem(
+            name, source, problem, fingerprint=fingerprint, announce=announce, scan=scan
+        )
+
+    async def announce(
+        self, name: str, event_type: str, reason: str, *, generation: int
+    ) -> bool:
+        return await self._engine.announce(name, event_type, reason, generation=generation)
+
+    def health(self) -> Sequence[SinkHealth]:
+        return [sink.health() for sink in self._broker.sinks.values()]
+
+    def engine_health(self) -> EngineHealth:
+        engine = self._engine
+        watcher = engine.watcher
+        paths = {str(p) for name in engine.names for p in engine.spec(name).files.values()}
+        polled = len(paths & watcher.polled)
+        return EngineHealth(
+            inotify_files=len(paths) - polled,
+            polled_files=polled,
+            inotify_watches=watcher.watch_count,
+            watcher_errors=watcher.errors,
+            read_faults=engine.read_faults,
+            inotify_overflows=watcher.overflows,
+            unrelated_events=watcher.unrelated_total,
+            last_resync_seconds=engine.last_resync_seconds,
+            sequence=engine.sequence,
+            store_error=self._broker.store.error,
+        )

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from broker.config import Config, CredentialSettings
     from broker.engine.bus import Subscription
     from broker.engine.consumers import ConsumerTracker
+    from broker.engine.reader import FileRead
 
 __all__ = [
     "BrokerPort",
@@ -51,10 +52,12 @@ class SinkHealth:
     ``connected`` is ``None`` for a sink that holds no connection. ``delivered``,
     ``failures`` and ``pending`` count events; ``counters`` holds the sink's own figures
     (MQTT's connects, ignored consumer reports by code); ``outcomes`` what each action or
-    webhook last did.
+    webhook last did. ``delivers`` is ``False`` for a worker or a sink that takes in rather
+    than sends out (refresh, validate, consumer reports): its figures are not deliveries.
     """
 
     name: str
+    delivers: bool = True
     connected: bool | None = None
     delivered: int = 0
     failures: int = 0
@@ -132,6 +135,13 @@ class BrokerPort(Protocol):
 
     async def check(self, name: str) -> State:
         """Re-read ``name`` now (and ask its validator), publish any change, return the state."""
+
+    def read_files(self, name: str) -> Sequence[FileRead]:
+        """Every file of ``name`` read now, contents included (blocking: run it in a thread).
+
+        For what must see the secrets in use (redaction, a validator's header); nothing is
+        published. ``KeyError`` if unknown.
+        """
 
     def verdict_at(self, name: str) -> float | None:
         """When the validator last decided about ``name`` (``None``: no validator or no verdict)."""

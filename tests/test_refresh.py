@@ -17,18 +17,12 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from broker.core.redaction import _field_values
+from broker.aio.commands import command_env, redact, secret_needles, stderr_tail
+from broker.core.backoff import backoff_delay
+from broker.core.redaction import REDACTED, _field_values
 from broker.core.state import Status
-from broker.workers.refresh import (
-    REDACTED,
-    Refresher,
-    backoff_delay,
-    command_env,
-    persisted_refresh_problems,
-    redact,
-    secret_needles,
-    stderr_tail,
-)
+from broker.engine.store import persisted_problems
+from broker.workers.refresh import REFRESH_FAILED_CODE, Refresher
 from tests.conftest import Harness, SecretRegistry, write_atomic
 
 TIMEOUT = 15.0
@@ -180,7 +174,7 @@ async def test_expiring_credential_is_refreshed_with_a_minimal_environment(
         assert event.data.reason == "content changed"
         assert token.read_text() == fresh + "\n"
         assert stat.S_IMODE(token.stat().st_mode) == 0o600
-        assert not [p.name for p in tmp_path.iterdir() if ".refresh" in p.name]
+        assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
         await h.fence()
     assert "credentials.refresh_failed" not in h.types("svc")
     assert len(times(work, "starts")) == 1
@@ -338,7 +332,7 @@ async def test_already_expiring_at_start_and_command_not_found(
         await h.fence()
     # What `credbroker check` shows without the daemon: the last report, for the same content
     # only.
-    found = persisted_refresh_problems(tmp_path / "state")
+    found = persisted_problems(tmp_path / "state", REFRESH_FAILED_CODE)
     assert "svc" not in found
 
 
@@ -468,11 +462,11 @@ def test_persisted_refresh_problems_reads_without_writing(tmp_path: Path) -> Non
     )
     (state_dir / "journal.jsonl").write_text(journal)
     before = sorted(p.name for p in state_dir.iterdir())
-    found = persisted_refresh_problems(state_dir)
+    found = persisted_problems(state_dir, REFRESH_FAILED_CODE)
     assert found["svc"][0] == "hmac-sha256:00"
     assert found["svc"][1].message == "exit code 1"
     assert sorted(p.name for p in state_dir.iterdir()) == before
-    assert persisted_refresh_problems(tmp_path / "nowhere") == {}
+    assert persisted_problems(tmp_path / "nowhere", REFRESH_FAILED_CODE) == {}
 
 
 def test_a_token_that_reads_as_ini_without_values_is_redacted_whole() -> None:

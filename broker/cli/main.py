@@ -234,7 +234,8 @@ def check_now(
     content is shown.
     """
     from broker.workers import validate
-    from broker.workers.refresh import persisted_refresh_problems
+    from broker.engine.store import persisted_problems
+    from broker.workers.refresh import REFRESH_FAILED_CODE
 
     key = _read_key(config)
     fp = Fingerprinter(key)
@@ -244,7 +245,7 @@ def check_now(
     # A failing refresh is only known to the daemon: show what it last reported about the
     # content that is there now.
     refresh_failed = (
-        persisted_refresh_problems(config.broker.state_dir)
+        persisted_problems(config.broker.state_dir, REFRESH_FAILED_CODE)
         if any(spec.refresh is not None for spec in specs)
         else {}
     )

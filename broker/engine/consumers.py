@@ -1,11 +1,12 @@
 """Consumer tracking, the I/O shell around :mod:`broker.core.convergence`.
 
-:class:`ConsumerTracker` is a sink of the broker: it keeps the reports consumers send
+:class:`ConsumerTracker` is run by the broker beside the engine (the sinks that take reports
+reach it as ``port.consumers``): it keeps the reports consumers send
 (HTTP ``PUT/DELETE /v1/credentials/{name}/consumers/{id}``, and MQTT retained messages on
 ``<prefix>/<host_id>/consumers/<credential>/<id>`` through
 :class:`broker.sinks.consumer_reports.MqttConsumerReports`), forgets consumers silent for
 ``consumer_ttl``, puts them in every state document (``consumers``) and publishes
-``credentials.lagging`` / ``credentials.converged`` through the engine, so those events get
+``credentials.lagging`` / ``credentials.converged`` through the broker, so those events get
 sequence numbers, the journal and every sink like any other.
 
 What it knows survives restarts in ``state_dir/consumers.json`` (0600, written atomically):
@@ -22,11 +23,13 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 from anyio.abc import TaskStatus
 
+from broker.aio.atomicfile import atomic_write
+from broker.aio.wakeup import Wakeup
 from broker.core.convergence import (
     CONVERGED,
     LAGGING,
@@ -44,10 +47,10 @@ from broker.core.durations import format_duration
 from broker.core.events import encode
 from broker.core.state import Consumer, State
 from broker.core.timefmt import parse_time
-from broker.engine.store import atomic_write
 
 if TYPE_CHECKING:
-    from broker.app import Broker
+    from broker.config import CredentialSettings
+    from broker.engine.bus import Subscription
 
 log = logging.getLogger("broker.consumers")
 
@@ -143,25 +146,50 @@ class ConsumerStats:
     oldest_lag_seconds: float | None
 
 
+class Credentials(Protocol):
+    """What the tracker needs of the broker (the port offers it): states, settings, events."""
+
+    def names(self) -> list[str]: ...
+
+    def state(self, name: str) -> State: ...
+
+    def settings(self, name: str) -> CredentialSettings: ...
+
+    def subscribe(self, pattern: str = ...) -> Subscription: ...
+
+    async def announce(
+        self, name: str, event_type: str, reason: str, *, generation: int
+    ) -> bool: ...
+
+
 class ConsumerTracker:
-    """The broker's table of consumer reports (a sink named ``consumers``)."""
+    """The broker's table of consumer reports.
 
-    name = "consumers"
+    The broker makes it before the engine's first pass and shows its :meth:`consumers_of`
+    in every state; ``clock`` is the wall clock of reports, ``monotonic`` paces the saves.
+    """
 
-    def __init__(self, broker: Broker, *, clock: Callable[[], float] = time.time) -> None:
-        self._broker = broker
+    def __init__(
+        self,
+        credentials: Credentials,
+        state_dir: Path,
+        *,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._credentials = credentials
         self._clock = clock
-        self._path: Path = broker.config.broker.state_dir / CONSUMERS_FILE
+        self._monotonic = monotonic
+        self._path: Path = state_dir / CONSUMERS_FILE
         self._creds: dict[str, _Credential] = {}
         self._dirty: set[str] = set()
         self._deadlines: dict[str, float] = {}
-        self._wake = anyio.Event()
+        self._wakeup = Wakeup()
         self._unsaved = False
         self._save_failed = False
         # Subscribed now, before the engine's first pass: its first-sight `refreshed`
         # events say when each generation started.
-        self._subscription = broker.subscribe("*")
-        broker.engine.consumers_of = self.consumers_of
+        self._subscription = credentials.subscribe("*")
 
     def __repr__(self) -> str:
         count = sum(len(c.consumers) for c in self._creds.values())
@@ -185,8 +213,8 @@ class ConsumerTracker:
         cred = self._creds.get(name)
         if cred is None or not cred.consumers:
             return []
-        state = state or self._broker.engine.state(name)
-        spec = self._broker.engine.spec(name)
+        state = state or self._credentials.state(name)
+        spec = self._credentials.settings(name)
         return lagging_of(
             state, cred.consumers.values(), self._refreshed_at(cred, state), spec.lag_after,
             self._clock(),
@@ -196,7 +224,7 @@ class ConsumerTracker:
         """Per credential: consumers, lagging consumers, age of the oldest lagging report."""
         now = self._clock()
         out = []
-        for name in self._broker.engine.names:
+        for name in self._credentials.names():
             cred = self._creds.get(name)
             count = len(cred.consumers) if cred else 0
             lagging = self.lagging(name) if count else []
@@ -225,8 +253,8 @@ class ConsumerTracker:
         :class:`~broker.core.convergence.ReportError` for anything the broker refuses.
         """
         try:
-            state = self._broker.engine.state(name)
-            spec = self._broker.engine.spec(name)
+            state = self._credentials.state(name)
+            spec = self._credentials.settings(name)
         except KeyError:
             raise ReportError("unknown-credential", "unknown credential") from None
         check_consumer_id(consumer_id)
@@ -242,24 +270,24 @@ class ConsumerTracker:
             cred.consumers, consumer_id, generation, fingerprint, via=via, now=seen
         )
         self._touch(name)
-        return self._broker.engine.state(name)
+        return self._credentials.state(name)
 
     def remove(self, name: str, consumer_id: str) -> State:
         """Forget ``consumer_id`` (it went away); returns the state. Unknown ids are fine."""
         try:
-            self._broker.engine.state(name)
+            self._credentials.state(name)
         except KeyError:
             raise ReportError("unknown-credential", "unknown credential") from None
         check_consumer_id(consumer_id)
         cred = self._creds.get(name)
         if cred is not None and cred.consumers.pop(consumer_id, None) is not None:
             self._touch(name)
-        return self._broker.engine.state(name)
+        return self._credentials.state(name)
 
     def _touch(self, name: str) -> None:
         self._dirty.add(name)
         self._unsaved = True
-        self._wake.set()
+        self._wakeup.poke()
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -303,7 +331,6 @@ class ConsumerTracker:
     async def _loop(self) -> None:
         last_save = -math.inf
         while True:
-            self._wake = anyio.Event()
             now = self._clock()
             due = {n for n, d in self._deadlines.items() if d <= now} | self._dirty
             self._dirty = set()
@@ -314,25 +341,24 @@ class ConsumerTracker:
             if self._deadlines:
                 delay = min(delay, max(0.0, min(self._deadlines.values()) - self._clock()))
             if self._unsaved:
-                wait = last_save + PERSIST_EVERY - time.monotonic()
+                wait = last_save + PERSIST_EVERY - self._monotonic()
                 if wait <= 0:
                     self._unsaved = False
                     await anyio.to_thread.run_sync(self._save, self._snapshot())
-                    last_save = time.monotonic()
+                    last_save = self._monotonic()
                 else:
                     delay = min(delay, wait)
             if self._dirty:
                 continue
-            with anyio.move_on_after(delay):
-                await self._wake.wait()
+            await self._wakeup.wait(delay)
 
     async def _assess(self, name: str) -> None:
-        engine = self._broker.engine
+        credentials = self._credentials
         cred = self._creds.get(name)
         if cred is None:
             return
         try:
-            state, spec = engine.state(name), engine.spec(name)
+            state, spec = credentials.state(name), credentials.settings(name)
         except KeyError:  # removed from the config
             del self._creds[name]
             self._unsaved = True
@@ -355,7 +381,7 @@ class ConsumerTracker:
         cred.consumers = dict(verdict.consumers)
         for consumer in verdict.lagging:
             self._unsaved = True
-            said = await engine.announce(
+            said = await credentials.announce(
                 name, LAGGING, lagging_reason(consumer, state, spec.lag_after),
                 generation=state.generation,
             )
@@ -365,7 +391,7 @@ class ConsumerTracker:
                     cred.consumers[consumer.id] = replace(current, lagged=False)
                 self._dirty.add(name)
         if verdict.converged:
-            said = await engine.announce(
+            said = await credentials.announce(
                 name, CONVERGED, converged_reason(state, len(verdict.consumers)),
                 generation=state.generation,
             )

@@ -19,10 +19,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from broker.aio.atomicfile import atomic_write
 from broker.aio.safefile import UnsafeFile, read_regular
 from broker.core.errors import BrokerError
 from broker.core.events import encode
-from broker.core.state import Stage, State
+from broker.core.state import Problem, Stage, State
 
 log = logging.getLogger("broker.store")
 
@@ -410,23 +411,41 @@ def _tighten(path: Path, mode: int, what: str) -> None:
     )
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` (0600): temp file beside it, fsync, rename, fsync dir."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+
+def persisted_problems(state_dir: Path, code: str) -> dict[str, tuple[str | None, Problem]]:
+    """``name -> (fingerprint, problem coded code)`` from the daemon's persisted states.
+
+    For ``credbroker check``, which runs without the daemon (a failing refresh is only known
+    to it). Read-only (unlike :meth:`Store.load`, nothing is set aside or rewritten), and
+    tolerant: anything unreadable is simply not reported.
+    """
+    latest: dict[str, Any] = {}
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        # A full or failing disk: leave no half-written copy behind to hold the space.
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        snapshot = json.loads(read_regular(state_dir / SNAPSHOT, MAX_STATE_FILE)[0])
+        creds = snapshot.get("credentials", {}) if isinstance(snapshot, dict) else {}
+        if isinstance(creds, dict):
+            latest.update({n: d for n, d in creds.items() if isinstance(d, dict)})
+    except (OSError, UnsafeFile, ValueError, RecursionError):
+        pass
     try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        lines = read_regular(state_dir / JOURNAL, MAX_STATE_FILE)[0].splitlines()
+    except (OSError, UnsafeFile):
+        lines = []
+    for line in lines:
+        try:
+            entry = json.loads(line)
+            for doc in entry["states"]:
+                latest[str(doc["credential"])] = doc
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+            continue
+    found: dict[str, tuple[str | None, Problem]] = {}
+    for name, doc in latest.items():
+        try:
+            problems = [Problem.from_dict(p) for p in doc.get("problems", ())]
+            fingerprint = doc.get("fingerprint")
+        except (KeyError, TypeError, AttributeError, ValueError):
+            continue
+        for problem in problems:
+            if problem.code == code:
+                found[name] = (fingerprint if isinstance(fingerprint, str) else None, problem)
+    return found

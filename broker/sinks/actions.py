@@ -18,8 +18,8 @@ Decisions worth knowing:
   ``CREDBROKER_EVENTS_FILE`` is a 0600 file of the run's CloudEvents, one JSON a line,
   removed after the run.
 - **Failures** (exit code, timeout, a missing or stale pidfile) are findings attached to each
-  credential of the run with ``Engine.set_problem`` and announced as
-  ``credentials.action_failed`` (stderr tail redacted with the refresh module's redaction);
+  credential of the run with ``port.report`` and announced as
+  ``credentials.action_failed`` (stderr tail redacted as a refresh command's is);
   the run is retried with capped exponential backoff and full jitter, merged with any event
   that arrived meanwhile. A success clears the finding.
 """
@@ -30,38 +30,35 @@ import contextlib
 import fnmatch
 import logging
 import os
-import random
 import re
 import shlex
 import signal
 import subprocess
 import tempfile
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import anyio
 from anyio.abc import TaskStatus
 
-from broker.aio.commands import STDERR_KEEP, Tail, drain, reap, signal_name
-from broker.aio.wakeup import Wakeup
-from broker.config import ActionSettings
-from broker.core.backoff import backoff_delay
-from broker.core.events import Event
-from broker.core.state import Problem
-from broker.sinks.deliveries import Outcome, OutcomeFile
-from broker.workers.refresh import (
-    command_env,
-    read_contents,
+from broker.aio.commands import (
+    STDERR_KEEP,
+    CommandTunables,
+    Tail,
+    drain,
+    open_command,
+    reap,
     secret_needles,
+    signal_name,
     stderr_tail,
 )
-
-if TYPE_CHECKING:
-    from broker.app import Broker
-    from broker.sinks.metrics import DeliveryStats
+from broker.aio.wakeup import Wakeup
+from broker.config import ActionSettings
+from broker.core.events import Event
+from broker.core.state import Problem
+from broker.port import SinkContext, SinkHealth
+from broker.sinks.deliveries import Outcome, OutcomeFile
 
 __all__ = [
     "ACTION_FAILED",
@@ -79,8 +76,6 @@ log = logging.getLogger("broker.actions")
 
 ACTION_FAILED = "credentials.action_failed"
 ACTION_FAILED_CODE = "action-failed"
-BACKOFF_BASE = 1.0
-BACKOFF_CAP = 300.0
 #: A pidfile holds a number; anything longer than this is not a pidfile.
 _PIDFILE_MAX = 64
 #: Events kept for one run; beyond it, only each credential's latest is kept.
@@ -212,25 +207,9 @@ async def run_action(
         with os.fdopen(fd, "wb") as fh:  # mkstemp made it 0600
             fh.write(b"".join(e.payload + b"\n" for e in events))
         run_env = action_env(events, env, events_file)
-        home = run_env.get("HOME", "/")
-        cwd = home if await anyio.Path(home).is_dir() else "/"
-        try:
-            proc = await anyio.open_process(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                env=run_env,
-                cwd=cwd,
-                start_new_session=True,
-            )
-        except FileNotFoundError:
-            return ActionResult(False, f"command not found: {argv[0]}", remedy=remedy)
-        except PermissionError:
-            return ActionResult(False, f"permission denied running {argv[0]}", remedy=remedy)
-        except OSError as exc:
-            reason = f"cannot start {argv[0]}: {exc.strerror or type(exc).__name__}"
-            return ActionResult(False, reason, remedy=remedy)
+        proc = await open_command(argv, run_env, stdout=subprocess.DEVNULL)
+        if isinstance(proc, str):
+            return ActionResult(False, proc, remedy=remedy)
         err = Tail(STDERR_KEEP)
         timed_out = False
         try:
@@ -298,7 +277,7 @@ class _Worker:
                 if result.ok:
                     await self.owner._cleared(action, batch)
                     break
-                delay = backoff_delay(attempt, self.owner.base, self.owner.cap, self.owner.rand)
+                delay = self.owner.tunables.delay(attempt)
                 attempt += 1
                 await self.owner._failed(action, batch, result, attempt, delay)
                 await anyio.sleep(delay)
@@ -310,18 +289,19 @@ class _Worker:
         names = list(dict.fromkeys(e.subject for e in batch))
         self.running = True
         self.outcome.runs += 1
-        self.owner.started_at.append(time.time())
+        self.owner.started_at.append(self.owner.clock())
         log.info("running action", extra={"action": action.name, "credentials": names})
         try:
             result = await run_action(
-                action, batch, env=self.owner.env, secrets=lambda: self.owner.secrets(names)
+                action, batch, env=self.owner.tunables.env,
+                secrets=lambda: self.owner.secrets(names),
             )
         except Exception as exc:  # a bug here must not stop the broker
             log.exception("action error", extra={"action": action.name})
             result = ActionResult(False, f"internal error: {type(exc).__name__}")
         finally:
             self.running = False
-        self.outcome.last_at = time.time()
+        self.outcome.last_at = self.owner.clock()
         self.outcome.last_ok = result.ok
         self.outcome.last_reason = result.reason
         if not result.ok:
@@ -333,32 +313,34 @@ class _Worker:
 class Actions:
     """Runs the configured ``[[actions]]`` on matching events (a broker sink).
 
-    ``base``/``cap`` (seconds) and ``rand`` shape the retry backoff (default 1 s .. 5 m,
-    :func:`random.random`); ``env`` replaces the base environment of commands.
+    ``base``/``cap``/``rand``/``env``: see :class:`~broker.aio.commands.CommandTunables`.
     """
 
     name = "actions"
 
     def __init__(
         self,
-        broker: Broker,
+        context: SinkContext,
         *,
         base: float | None = None,
         cap: float | None = None,
         rand: Callable[[], float] | None = None,
         env: Mapping[str, str] | None = None,
     ) -> None:
-        self._broker = broker
-        self.base = BACKOFF_BASE if base is None else base
-        self.cap = BACKOFF_CAP if cap is None else cap
-        self.rand = rand or random.random
-        self.env = dict(env) if env is not None else command_env()
-        self.workers = [_Worker(self, a) for a in broker.config.actions]
+        port = self._port = context.port
+        self.tunables = CommandTunables.of(base, cap, rand, env)
+        self.clock = port.clock
+        self.workers = [_Worker(self, a) for a in context.config.actions]
         #: Wall-clock start time of every run (benchmarks, tests).
         self.started_at: list[float] = []
         # Subscribed now, before the engine's first read: first-sight events count too.
-        self._events = broker.subscribe("credentials.*", buffer=65536)
-        self.outcome_file = OutcomeFile(broker.config.broker.state_dir, self.name, self.outcomes)
+        self._events = port.subscribe("credentials.*", buffer=65536)
+        self.outcome_file = OutcomeFile(port.state_dir, self.name, self.outcomes)
+
+    @property
+    def base(self) -> float:
+        """The retry backoff's first step, in seconds."""
+        return self.tunables.base
 
     def close(self) -> None:
         self._events.close()
@@ -366,14 +348,15 @@ class Actions:
     def outcomes(self) -> list[Outcome]:
         return [w.outcome for w in self.workers]
 
-    def delivery_stats(self) -> DeliveryStats:
-        """For ``credbroker_sink_*{sink="actions"}``: runs ok, runs failed, events waiting."""
-        from broker.sinks.metrics import DeliveryStats
-
+    def health(self) -> SinkHealth:
+        """Runs ok (``delivered``), runs failed, events waiting; each action's outcome."""
         runs = sum(w.outcome.runs for w in self.workers)
         failures = sum(w.outcome.failures for w in self.workers)
         pending = sum(len(w.pending) for w in self.workers)
-        return DeliveryStats(delivered=runs - failures, failures=failures, pending=pending)
+        return SinkHealth(
+            self.name, delivered=runs - failures, failures=failures, pending=pending,
+            outcomes=tuple(self.outcomes()),
+        )
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         async with self._events as events, anyio.create_task_group() as tg:
@@ -391,7 +374,7 @@ class Actions:
         out: list[bytes] = []
         for name in names:
             with contextlib.suppress(KeyError, OSError):
-                out.extend(read_contents(self._broker.engine.spec(name)))
+                out.extend(r.content for r in self._port.read_files(name) if r.content)
         return out
 
     async def _failed(
@@ -424,18 +407,18 @@ class Actions:
     async def _each(
         self, batch: Sequence[Event], action: ActionSettings, problem: Problem | None
     ) -> None:
-        engine = self._broker.engine
+        port = self._port
         source = f"action:{action.name}"
         for name in dict.fromkeys(e.subject for e in batch):
             try:
-                state = engine.state(name)
+                state = port.state(name)
                 had = any(
                     p.code == ACTION_FAILED_CODE and p.message.startswith(f"action {action.name}:")
                     for p in state.problems
                 )
                 if problem is None and not had:
                     continue
-                await engine.set_problem(
+                await port.report(
                     name,
                     source,
                     problem,

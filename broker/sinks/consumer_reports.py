@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import anyio
 from aiomqtt import Client, Message, MqttError, ProtocolVersion
@@ -22,6 +22,7 @@ from anyio.abc import TaskStatus
 from broker.config import MqttSettings
 from broker.core.convergence import ReportError
 from broker.engine.consumers import ConsumerTracker, parse_report
+from broker.port import SinkContext, SinkHealth
 from broker.sinks.mqtt import (
     CONNECT_TIMEOUT,
     PROTOCOLS,
@@ -34,9 +35,6 @@ from broker.sinks.mqtt import (
     protocol_name,
 )
 
-if TYPE_CHECKING:
-    from broker.app import Broker
-
 log = logging.getLogger("broker.consumers")
 
 #: An ignored report of the same kind is logged at most this often.
@@ -46,8 +44,11 @@ LOG_EVERY = 60.0
 class RateLimitedLog:
     """Logs the first refusal of each code, then at most every ``every`` seconds."""
 
-    def __init__(self, every: float = LOG_EVERY) -> None:
+    def __init__(
+        self, every: float = LOG_EVERY, *, monotonic: Callable[[], float] = time.monotonic
+    ) -> None:
         self._every = every
+        self._monotonic = monotonic
         self._last: dict[str, float] = {}
         self._suppressed: dict[str, int] = {}
         #: Refusals counted, by code (for tests and metrics).
@@ -55,7 +56,7 @@ class RateLimitedLog:
 
     def ignored(self, code: str, message: str, **extra: object) -> None:
         self.counts[code] = self.counts.get(code, 0) + 1
-        now = time.monotonic()
+        now = self._monotonic()
         last = self._last.get(code)
         if last is not None and now - last < self._every:
             self._suppressed[code] = self._suppressed.get(code, 0) + 1
@@ -73,30 +74,46 @@ class MqttConsumerReports:
 
     name = "consumer-reports"
 
-    def __init__(self, broker: Broker, *, settings: MqttSettings | None = None) -> None:
-        settings = settings if settings is not None else broker.config.mqtt
+    def __init__(
+        self,
+        context: SinkContext,
+        *,
+        settings: MqttSettings | None = None,
+        log_every: float = LOG_EVERY,
+    ) -> None:
+        settings = settings if settings is not None else context.config.mqtt
         if settings is None:
             raise ValueError("MQTT is not configured ([mqtt] is missing)")
-        self._broker = broker
+        self._port = context.port
         self._settings = settings
-        host_id = broker.config.broker.host_id
+        host_id = context.port.host_id
         self.filter = join_topic(settings.topic_prefix, host_id, "consumers", "+", "+",
                                  wildcards=True)
         self._prefix = self.filter[: -len("+/+")]
         self.client_id = f"{settings.client_id or f'credbroker-{host_id}'}-consumers"
         self._backoff = Backoff()
-        self.log = RateLimitedLog()
+        self.log = RateLimitedLog(log_every)
         self.connected = False
         self.reports = 0
 
     def __repr__(self) -> str:
         return f"MqttConsumerReports(filter={self.filter!r}, connected={self.connected})"
 
+    def health(self) -> SinkHealth:
+        """Connected or not; ``counters`` holds the ignored reports by why."""
+        return SinkHealth(
+            self.name, delivers=False, connected=self.connected, delivered=self.reports,
+            counters=dict(self.log.counts),
+        )
+
+    def close(self) -> None:
+        """Nothing to let go of: the subscription is made by ``run``."""
+
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Subscribe, reconnecting with backoff, until cancelled."""
-        tracker = self._broker.sinks.get("consumers")
-        if not isinstance(tracker, ConsumerTracker):
-            raise RuntimeError("consumer reports need the consumer tracker sink")
+        tracker = self._port.consumers
+        if tracker is None:
+            raise RuntimeError("consumer reports need the broker's consumer tracker")
         task_status.started()
         protocols = list(PROTOCOLS)
         while True:

@@ -9,20 +9,21 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 import anyio
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from broker.aio.atomicfile import atomic_write
 from broker.aio.wakeup import Wakeup
 from broker.core.events import encode
 from broker.core.outcome import Outcome
-from broker.engine.store import atomic_write
 
 if TYPE_CHECKING:
     from broker.config import Config
+    from broker.port import SinkHealth
 
 __all__ = [
     "Outcome",
@@ -108,19 +109,16 @@ def print_outcomes(outcomes: Sequence[Mapping[str, Any]], out: TextIO) -> None:
         out.write(f"{label}  {said}\n")
 
 
-def outcomes_of(sinks: Mapping[str, object]) -> list[Outcome]:
-    """Every action's and webhook's last outcome, from a broker's running sinks."""
-    found: list[Outcome] = []
-    for key in SINKS:
-        get = getattr(sinks.get(key), "outcomes", None)
-        if get is not None:
-            found.extend(get())
-    return found
+def outcomes_of(health: Iterable[SinkHealth]) -> list[Outcome]:
+    """Every action's and webhook's last outcome, from the running sinks' health
+    (``port.health()``), actions first."""
+    by_name = {h.name: h for h in health}
+    return [o for key in SINKS if key in by_name for o in by_name[key].outcomes]
 
 
-def delivery_metrics(sinks: Mapping[str, object]) -> Iterator[Any]:
+def delivery_metrics(health: Iterable[SinkHealth]) -> Iterator[Any]:
     """Prometheus families per action and webhook (read at scrape time)."""
-    outcomes = outcomes_of(sinks)
+    outcomes = outcomes_of(health)
     if not outcomes:
         return
     runs = CounterMetricFamily(

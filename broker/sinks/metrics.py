@@ -13,10 +13,9 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import platform
-import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -29,10 +28,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 
 from broker.core.events import Event
-from broker.core.state import Status
+from broker.core.state import State, Status
 
 if TYPE_CHECKING:
-    from broker.app import Broker
+    from broker.port import BrokerPort, SinkHealth
 
 #: HTTP methods kept as a label value; anything else a client sends is counted as "other"
 #: (a label must never take arbitrary client input: that is unbounded cardinality).
@@ -49,18 +48,12 @@ class StreamStats:
 
 @dataclass(frozen=True, slots=True)
 class DeliveryStats:
-    """What a sink tells the metrics about its deliveries (read at scrape time)."""
+    """A sink's deliveries, as the HTTP API's ``delivery_stats`` gave them before
+    :class:`~broker.port.SinkHealth` (which the metrics read now); kept until it goes."""
 
     delivered: int  #: events (or messages) the other side accepted
     failures: int  #: attempts that failed and will be retried (or were given up)
     pending: int  #: events accepted from the bus but not delivered yet
-
-
-@runtime_checkable
-class Delivering(Protocol):
-    """A sink that reports its deliveries: ``credbroker_sink_*{sink="<its name>"}``."""
-
-    def delivery_stats(self) -> DeliveryStats: ...
 
 
 class Metrics:
@@ -69,7 +62,7 @@ class Metrics:
     ``stream_stats`` is called at every scrape for the SSE gauges.
     """
 
-    def __init__(self, broker: Broker, stream_stats: Callable[[], StreamStats]) -> None:
+    def __init__(self, port: BrokerPort, stream_stats: Callable[[], StreamStats]) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self._events = Counter(
             "credbroker_events",
@@ -90,7 +83,7 @@ class Metrics:
             buckets=(0.001, 0.005, 0.025, 0.1, 0.5, 2.5, 10.0, 60.0, 600.0),
             registry=self.registry,
         )
-        self.registry.register(_LiveCollector(broker, stream_stats))
+        self.registry.register(_LiveCollector(port, stream_stats))
         # process_* (CPU, memory, fds against their limit, start time) and python_info: the
         # ones every exporter has, in this registry rather than the process-global one.
         ProcessCollector(registry=self.registry)
@@ -114,22 +107,27 @@ class Metrics:
 
 
 class _LiveCollector:
-    """Reads the broker's current values at scrape time (a prometheus-client collector)."""
+    """Reads the broker's current values at scrape time (a prometheus-client collector).
 
-    def __init__(self, broker: Broker, stream_stats: Callable[[], StreamStats]) -> None:
-        self._broker = broker
+    Everything comes through the port: the states, the engine's figures and each sink's
+    :class:`~broker.port.SinkHealth` (``credbroker_mqtt_*`` from the one named ``mqtt``).
+    """
+
+    def __init__(self, port: BrokerPort, stream_stats: Callable[[], StreamStats]) -> None:
+        self._port = port
         self._stream_stats = stream_stats
 
     def collect(self) -> Iterator[Any]:
+        health = list(self._port.health())
         yield _build_info()
         yield from self._credentials()
         yield from self._engine()
-        yield from self._mqtt()
-        yield from self._deliveries()
-        yield from self._consumers()
+        yield from self._mqtt(health)
+        yield from self._deliveries(health)
+        yield from self._consumers(health)
         from broker.sinks.deliveries import delivery_metrics
 
-        yield from delivery_metrics(self._broker.sinks)
+        yield from delivery_metrics(health)
         stats = self._stream_stats()
         yield _gauge("credbroker_sse_clients", "Connected Server-Sent Events clients.",
                      stats.clients)
@@ -140,7 +138,7 @@ class _LiveCollector:
         )
 
     def _credentials(self) -> Iterator[Any]:
-        now = time.time()
+        now = self._port.clock()
         status = GaugeMetricFamily(
             "credbroker_credential_status",
             "1 for the credential's current status, 0 for the others.",
@@ -176,7 +174,7 @@ class _LiveCollector:
             "Consumers that report an older generation than the current one.",
             labels=["credential"],
         )
-        for state in self._broker.states():
+        for state in self._port.states():
             name = state.credential
             for value in Status:
                 status.add_metric([name, value.value], 1.0 if state.status is value else 0.0)
@@ -191,23 +189,19 @@ class _LiveCollector:
         yield from (status, left, expires, generation, problems, problem, behind)
 
     def _engine(self) -> Iterator[Any]:
-        engine = self._broker.engine
-        watcher = engine.watcher
-        paths = {str(p) for name in engine.names for p in engine.spec(name).files.values()}
-        polled = len(paths & watcher.polled)
+        engine = self._port.engine_health()
         files = GaugeMetricFamily(
             "credbroker_watched_files",
             "Credential files, by how changes to them are noticed.",
             labels=["method"],
         )
-        files.add_metric(["inotify"], len(paths) - polled)
-        files.add_metric(["polling"], polled)
+        files.add_metric(["inotify"], engine.inotify_files)
+        files.add_metric(["polling"], engine.polled_files)
         yield files
         yield _gauge("credbroker_inotify_watches", "Directories watched with inotify.",
-                     watcher.watch_count)
-        errors = getattr(watcher, "errors", None)
-        if isinstance(errors, int):  # only once the watcher counts them
-            yield _counter("credbroker_watcher_errors", "Errors seen by the file watcher.", errors)
+                     engine.inotify_watches)
+        yield _counter("credbroker_watcher_errors", "Errors seen by the file watcher.",
+                       engine.watcher_errors)
         yield _counter(
             "credbroker_read_faults",
             "Credential reads that failed for the broker's own reasons (out of file "
@@ -215,9 +209,9 @@ class _LiveCollector:
             engine.read_faults,
         )
         yield _counter("credbroker_inotify_overflows", "inotify queue overflows (each one "
-                       "re-reads every watched file).", watcher.overflows)
+                       "re-reads every watched file).", engine.inotify_overflows)
         yield _counter("credbroker_unrelated_events", "inotify events for names no credential "
-                       "watches, dropped by the name filter.", watcher.unrelated_total)
+                       "watches, dropped by the name filter.", engine.unrelated_events)
         yield _gauge(
             "credbroker_resync_duration_seconds",
             "How long the last resync (re-stat of every file) took.",
@@ -228,32 +222,29 @@ class _LiveCollector:
         yield _gauge(
             "credbroker_state_store_healthy",
             "1 while state is persisted to state_dir, 0 when running from memory.",
-            1.0 if self._broker.store.error is None else 0.0,
+            1.0 if engine.store_error is None else 0.0,
         )
 
-    def _mqtt(self) -> Iterator[Any]:
-        sink = self._broker.sinks.get("mqtt")
+    def _mqtt(self, health: Sequence[SinkHealth]) -> Iterator[Any]:
+        mqtt = next((h for h in health if h.name == "mqtt"), None)
         yield _gauge("credbroker_mqtt_enabled", "1 when an [mqtt] section is configured.",
-                     0.0 if sink is None else 1.0)
-        if sink is None:
+                     0.0 if mqtt is None else 1.0)
+        if mqtt is None:
             return
-        # The publisher is another component: read what it offers, never assume its shape.
         yield _gauge("credbroker_mqtt_connected", "1 while connected to the MQTT server.",
-                     1.0 if getattr(sink, "state", None) == "connected" else 0.0)
+                     1.0 if mqtt.connected else 0.0)
         yield _gauge("credbroker_mqtt_buffered", "Events waiting for the MQTT server.",
-                     _number(getattr(sink, "buffered", 0)))
-        for attr, help_text in (
-            ("connects", "Successful connections to the MQTT server."),
-            ("published", "Messages published to the MQTT server."),
-            ("publish_failures", "Publishes that failed."),
-        ):
-            yield _counter(f"credbroker_mqtt_{attr}", help_text, _number(getattr(sink, attr, 0)))
+                     mqtt.pending)
+        yield _counter("credbroker_mqtt_connects", "Successful connections to the MQTT server.",
+                       mqtt.counters.get("connects", 0))
+        yield _counter("credbroker_mqtt_published", "Messages published to the MQTT server.",
+                       mqtt.delivered)
+        yield _counter("credbroker_mqtt_publish_failures", "Publishes that failed.",
+                       mqtt.failures)
 
-
-    def _consumers(self) -> Iterator[Any]:
-        tracker = self._broker.sinks.get("consumers")
-        stats = getattr(tracker, "stats", None)
-        if stats is None:
+    def _consumers(self, health: Sequence[SinkHealth]) -> Iterator[Any]:
+        tracker = self._port.consumers
+        if tracker is None:
             return
         count = GaugeMetricFamily(
             "credbroker_consumers", "Consumers that reported which generation they use.",
@@ -271,15 +262,15 @@ class _LiveCollector:
             "absent when none lags.",
             labels=["credential"],
         )
-        for entry in stats():
+        for entry in tracker.stats():
             count.add_metric([entry.credential], entry.consumers)
             lagging.add_metric([entry.credential], entry.lagging)
             if entry.oldest_lag_seconds is not None:
                 oldest.add_metric([entry.credential], entry.oldest_lag_seconds)
         yield from (count, lagging, oldest)
-        reports = self._broker.sinks.get("consumer-reports")
-        ignored = getattr(getattr(reports, "log", None), "counts", None)
-        if isinstance(ignored, dict):
+        reports = next((h for h in health if h.name == "consumer-reports"), None)
+        if reports is not None:
+            ignored = reports.counters
             family = CounterMetricFamily(
                 "credbroker_consumer_reports_ignored",
                 "MQTT consumer reports ignored, by why (unknown-credential, invalid-report, ...).",
@@ -289,7 +280,7 @@ class _LiveCollector:
                 family.add_metric([code], value)
             yield family
 
-    def _deliveries(self) -> Iterator[Any]:
+    def _deliveries(self, health: Sequence[SinkHealth]) -> Iterator[Any]:
         delivered = CounterMetricFamily(
             "credbroker_sink_delivered_events",
             "Events each sink delivered (the other side accepted them).",
@@ -305,39 +296,16 @@ class _LiveCollector:
             "Events a sink has taken from the bus and not delivered yet.",
             labels=["sink"],
         )
-        for name, sink in self._broker.sinks.items():
-            stats = _delivery_stats(sink)
-            if stats is None:
-                continue
-            delivered.add_metric([name], stats.delivered)
-            failures.add_metric([name], stats.failures)
-            pending.add_metric([name], stats.pending)
+        for each in health:
+            if each.delivers:
+                delivered.add_metric([each.name], each.delivered)
+                failures.add_metric([each.name], each.failures)
+                pending.add_metric([each.name], each.pending)
         yield from (delivered, failures, pending)
 
 
-def _delivery_stats(sink: object) -> DeliveryStats | None:
-    if isinstance(sink, Delivering):
-        return sink.delivery_stats()
-    if getattr(sink, "name", None) == "mqtt":
-        # The publisher's own counters (see MqttPublisher), until it reports DeliveryStats.
-        return DeliveryStats(
-            delivered=int(_number(getattr(sink, "published", 0))),
-            failures=int(_number(getattr(sink, "publish_failures", 0))),
-            pending=int(_number(getattr(sink, "buffered", 0))),
-        )
-    return None
-
-
-def _consumers_behind(state: object) -> int:
-    # ``consumers`` is new in the state document: dicts or objects with a generation.
-    current = getattr(state, "generation", 0)
-    count = 0
-    for consumer in getattr(state, "consumers", None) or ():
-        generation = (consumer.get("generation") if isinstance(consumer, Mapping)
-                      else getattr(consumer, "generation", None))
-        if isinstance(generation, int) and generation < current:
-            count += 1
-    return count
+def _consumers_behind(state: State) -> int:
+    return sum(1 for c in state.consumers if c.generation < state.generation)
 
 
 @functools.cache
@@ -356,15 +324,6 @@ def _build_info() -> Any:
     )
     info.add_metric([_version(), platform.python_version()], 1.0)
     return info
-
-
-def _number(value: object) -> float:
-    if isinstance(value, int | float):
-        return float(value)
-    try:
-        return float(len(value))  # type: ignore[arg-type]  # a buffer given as a collection
-    except TypeError:
-        return 0.0
 
 
 def _gauge(name: str, help_text: str, value: float) -> Any:

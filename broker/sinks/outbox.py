@@ -24,8 +24,8 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
+from broker.aio.atomicfile import atomic_write
 from broker.core.events import Event, encode
-from broker.engine.store import atomic_write
 
 log = logging.getLogger("broker.outbox")
 

@@ -26,10 +26,8 @@ import logging
 import os
 import random
 import stat
-import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import aiohttp
 import anyio
@@ -41,13 +39,10 @@ from broker.core.errors import BrokerError
 from broker.core.events import CONTENT_TYPE, DATACONTENTTYPE, SPECVERSION, Event, encode, make_event
 from broker.core.machine import EXPIRED, EXPIRING, INVALID, MISSING, REFRESHED
 from broker.core.timefmt import parse_time
+from broker.port import SinkContext, SinkHealth
 from broker.sinks.actions import matches
 from broker.sinks.deliveries import Outcome, OutcomeFile
 from broker.sinks.outbox import DEFAULT_LIMIT, Outbox
-
-if TYPE_CHECKING:
-    from broker.app import Broker
-    from broker.sinks.metrics import DeliveryStats
 
 __all__ = ["Webhooks", "read_secret", "request_for", "sign"]
 
@@ -216,7 +211,7 @@ class _Endpoint:
             )
         except SecretError as exc:
             return self._failed(str(exc))
-        headers, body = request_for(event, hook.mode, key, time.time())
+        headers, body = request_for(event, hook.mode, key, self.owner.clock())
         assert self.session is not None
         async with self.limiter:
             try:
@@ -232,7 +227,7 @@ class _Endpoint:
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 return self._failed(f"request failed: {type(exc).__name__}")
         if 200 <= status < 300:
-            self.outcome.last_at, self.outcome.last_ok = time.time(), True
+            self.outcome.last_at, self.outcome.last_ok = self.owner.clock(), True
             self.outcome.last_reason = f"HTTP {status}"
             self.owner.outcome_file.changed()
             return True
@@ -245,7 +240,7 @@ class _Endpoint:
             )
         self.outcome.failures += 1
         self.outcome.last_at, self.outcome.last_ok, self.outcome.last_reason = (
-            time.time(),
+            self.owner.clock(),
             False,
             reason,
         )
@@ -264,38 +259,39 @@ class Webhooks:
 
     def __init__(
         self,
-        broker: Broker,
+        context: SinkContext,
         *,
         base: float | None = None,
         cap: float | None = None,
         rand: Callable[[], float] | None = None,
         limit: int = DEFAULT_LIMIT,
     ) -> None:
-        self._broker = broker
+        port = self._port = context.port
+        self.clock = port.clock
         self.base = BACKOFF_BASE if base is None else base
         self.cap = BACKOFF_CAP if cap is None else cap
         self.rand = rand or random.random
         self.limit = limit
-        state_dir = broker.config.broker.state_dir
-        self.endpoints = [_Endpoint(self, h, state_dir) for h in broker.config.webhooks]
-        self._events = broker.subscribe("credentials.*", buffer=65536)
+        state_dir = port.state_dir
+        self.endpoints = [_Endpoint(self, h, state_dir) for h in context.config.webhooks]
+        self._events = port.subscribe("credentials.*", buffer=65536)
         self.outcome_file = OutcomeFile(state_dir, self.name, self.outcomes)
 
     def close(self) -> None:
         self._events.close()
 
-    def delivery_stats(self) -> DeliveryStats:
-        """For ``credbroker_sink_*{sink="webhooks"}``: events delivered, failed requests, outbox."""
-        from broker.sinks.metrics import DeliveryStats
-
-        return DeliveryStats(
+    def health(self) -> SinkHealth:
+        """Events delivered, failed requests, events in the outboxes; each webhook's outcome."""
+        return SinkHealth(
+            self.name,
             delivered=sum(ep.delivered for ep in self.endpoints),
             failures=sum(ep.outcome.failures for ep in self.endpoints),
             pending=sum(len(ep.outbox) for ep in self.endpoints),
+            outcomes=tuple(self.outcomes()),
         )
 
     def outcomes(self) -> list[Outcome]:
-        now = time.time()
+        now = self.clock()
         for ep in self.endpoints:
             ep.outcome.extra = {
                 "delivered": ep.delivered,
@@ -353,8 +349,8 @@ class Webhooks:
         """
         if not ep.outbox.existed:
             return []
-        hook, source, lost = ep.hook, self._broker.source, []
-        for name, state in self._broker.loaded_states.items():
+        hook, source, lost = ep.hook, self._port.source, []
+        for name, state in self._port.loaded_states.items():
             event_type = _STATUS_EVENT.get(state.status.value)
             if (
                 event_type is not None
@@ -362,7 +358,7 @@ class Webhooks:
                 and matches(hook.credentials, name)
                 and matches(hook.on, event_type)
             ):
-                lost.append(make_event(event_type, state, source=source, now=time.time()))
+                lost.append(make_event(event_type, state, source=source, now=self.clock()))
         return sorted(lost, key=lambda e: e.sequence)
 
     async def _intake(self, batch: list[Event], tg: TaskGroup) -> None:

@@ -2,7 +2,7 @@
 
 One GET to ``validate.url`` with ``validate.header`` filled from the credential's files
 (``{role}`` -> that role's content, stripped). The answer becomes a finding of source
-``"validate"`` on the engine (:meth:`broker.engine.engine.Engine.set_problem`):
+``"validate"`` through the port (:meth:`broker.port.BrokerPort.report`):
 
 - a status in ``expect`` clears the finding;
 - 401/403: ``rejected-by-validator``, tied to the fingerprint the request was made with, which
@@ -36,7 +36,6 @@ import os
 import re
 import shlex
 import socket
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -51,10 +50,10 @@ from broker.config import CredentialSettings, ValidateSettings
 from broker.core.errors import BrokerError
 from broker.core.machine import REJECTING_CODES
 from broker.core.state import Problem, State, Status
-from broker.engine.reader import FileRead, read_credential
+from broker.port import SinkContext, SinkHealth
 
 if TYPE_CHECKING:
-    from broker.app import Broker
+    from broker.engine.reader import FileRead
 
 __all__ = [
     "REJECTED",
@@ -261,11 +260,6 @@ def header_contents(reads: Iterable[FileRead]) -> dict[str, bytes]:
     return {role: found[0] for role, found in by_role.items() if len(found) == 1 and found[0]}
 
 
-def read_contents(spec: CredentialSettings) -> dict[str, bytes]:
-    """The content of the roles the header can name (blocking)."""
-    return header_contents(read_credential(spec).reads)
-
-
 def worth_validating(state: State) -> bool:
     """Content worth sending: usable, not expired, or invalid only by a validator's verdict."""
     if state.status in (Status.VALID, Status.EXPIRING):
@@ -315,8 +309,8 @@ class Validator:
 
     name = "validate"
 
-    def __init__(self, broker: Broker, *, min_interval: float | None = None) -> None:
-        self._broker = broker
+    def __init__(self, context: SinkContext, *, min_interval: float | None = None) -> None:
+        self._port = context.port
         self.min_interval = MIN_INTERVAL if min_interval is None else min_interval
         #: name -> (anyio time, wall-clock time, fingerprint) of the last request made.
         self._last: dict[str, tuple[float, float, str | None]] = {}
@@ -331,13 +325,13 @@ class Validator:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         async with (
             new_session() as session,
-            self._broker.subscribe("credentials.refreshed") as events,
+            self._port.subscribe("credentials.refreshed") as events,
             anyio.create_task_group() as tg,
         ):
             self._session = session
             self._tg = tg
             try:
-                for name in self._broker.engine.names:
+                for name in self._port.names():
                     self._poke(name)  # the first run of each loop validates at once
                 task_status.started()
                 async for event in events:
@@ -353,16 +347,25 @@ class Validator:
         (or with content not worth sending) is returned as it is.
         """
         await self._validate(name, forced=True)
-        return self._broker.engine.state(name)
+        return self._port.state(name)
 
     def last_verdict(self, name: str) -> float | None:
         """When (wall clock) the verdict ``name``'s state carries was made; ``None`` if never."""
         last = self._last.get(name)
         return last[1] if last is not None else None
 
+    def health(self) -> SinkHealth:
+        """Requests made (``delivered``) and of those without an expected answer."""
+        return SinkHealth(
+            self.name, delivers=False, delivered=self.requests, failures=self.failures
+        )
+
+    def close(self) -> None:
+        """Nothing to let go of: the subscription is made by ``run``."""
+
     def _poke(self, name: str) -> None:
         try:
-            spec = self._broker.engine.spec(name)
+            spec = self._port.settings(name)
         except KeyError:
             return
         if spec.validate_ is None or self._tg is None:
@@ -374,12 +377,12 @@ class Validator:
         wakeup.poke()
 
     async def _loop(self, name: str, wakeup: Wakeup) -> None:
-        engine = self._broker.engine
+        port = self._port
         try:
             await wakeup.wait()
             while True:
                 try:
-                    settings = engine.spec(name).validate_
+                    settings = port.settings(name).validate_
                 except KeyError:
                     return  # dropped from the config
                 if settings is None:
@@ -400,14 +403,14 @@ class Validator:
             self._wakeups.pop(name, None)
 
     async def _validate(self, name: str, *, forced: bool = False) -> None:
-        engine = self._broker.engine
-        spec = engine.spec(name)  # KeyError for an unknown name
+        port = self._port
+        spec = port.settings(name)  # KeyError for an unknown name
         if spec.validate_ is None:
             return
         lock = self._locks.setdefault(name, anyio.Lock())
         async with lock:
             session = self._session
-            state = engine.state(name)
+            state = port.state(name)
             if session is None or not worth_validating(state):
                 return
             last = self._last.get(name)
@@ -420,8 +423,8 @@ class Validator:
             ):
                 log.debug("validation answered from the last verdict", extra={"credential": name})
                 return
-            self._last[name] = (now, time.time(), state.fingerprint)
-            contents = await anyio.to_thread.run_sync(read_contents, spec)
+            self._last[name] = (now, port.clock(), state.fingerprint)
+            contents = header_contents(await anyio.to_thread.run_sync(port.read_files, name))
             self.requests += 1
             try:
                 verdict = await probe(session, spec, contents)
@@ -433,8 +436,8 @@ class Validator:
                     "validator accepted",
                     extra={"credential": name, "http_status": verdict.status},
                 )
-                if any(p.code in VALIDATOR_CODES for p in engine.state(name).problems):
-                    await engine.set_problem(name, "validate", None)
+                if any(p.code in VALIDATOR_CODES for p in port.state(name).problems):
+                    await port.report(name, "validate", None)
                 return
             self.failures += 1
             log.warning(
@@ -445,7 +448,7 @@ class Validator:
                     "error": verdict.problem.message,
                 },
             )
-            await engine.set_problem(
+            await port.report(
                 name,
                 "validate",
                 verdict.problem,
