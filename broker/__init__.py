@@ -22,12 +22,16 @@ if TYPE_CHECKING:
     from broker.core.events import Event
     from broker.core.state import FileInfo, Problem, State, Status
     from broker.engine.bus import Subscription
+    from broker.port import Sink, SinkContext, SinkHealth
 
 # Resolved on first use, so that `import broker.client` (a consumer service) loads neither
 # the engine nor pydantic.
 _WHERE = {
     "Broker": "broker.app",
     "Subscription": "broker.engine.bus",
+    "Sink": "broker.port",
+    "SinkContext": "broker.port",
+    "SinkHealth": "broker.port",
     "Config": "broker.config",
     "ConfigError": "broker.config",
     "load_config": "broker.config",
@@ -46,6 +50,9 @@ __all__ = [
     "FileInfo",
     "Problem",
     "State",
+    "Sink",
+    "SinkContext",
+    "SinkHealth",
     "Status",
     "Subscription",
     "load_config",
