@@ -233,8 +233,8 @@ def check_now(
     concurrently); a ``refresh-failed`` problem the daemon last reported for the same
     content is shown.
     """
-    from broker.workers import validate
     from broker.engine.store import persisted_problems
+    from broker.workers import validate
     from broker.workers.refresh import REFRESH_FAILED_CODE
 
     key = _read_key(config)
