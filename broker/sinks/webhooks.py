@@ -23,9 +23,7 @@ import contextlib
 import hashlib
 import hmac
 import logging
-import os
 import random
-import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,6 +31,7 @@ import aiohttp
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
+from broker.aio.secretfile import SecretFileError, read_secret_file
 from broker.config import WebhookSettings
 from broker.core.backoff import backoff_delay
 from broker.core.errors import BrokerError
@@ -71,24 +70,12 @@ class SecretError(BrokerError):
 def read_secret(path: Path) -> bytes:
     """The HMAC key from a ``whsec_<base64>`` file that only its owner may read."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise SecretError(f"secret_file {path} not found") from None
-    except OSError as exc:
-        raise SecretError(f"cannot open secret_file {path}: {exc.strerror or exc}") from None
-    with os.fdopen(fd, "rb") as fh:
-        info = os.fstat(fh.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise SecretError(f"secret_file {path} is not a regular file")
-        if info.st_mode & 0o077:
-            raise SecretError(
-                f"secret_file {path} is readable by others (mode {info.st_mode & 0o777:04o}); "
-                f"fix: chmod 600 {path}"
-            )
-        raw = fh.read(_SECRET_MAX + 1)
+        raw = read_secret_file(path, limit=_SECRET_MAX, refuse_mode=0o077).data
+    except SecretFileError as exc:
+        raise SecretError(_secret_refusal(path, exc)) from None
     text = raw.decode("ascii", "replace").strip()
     # Never quote the file: it is the secret.
-    if len(raw) > _SECRET_MAX or not text.startswith(_PREFIX):
+    if not text.startswith(_PREFIX):
         raise SecretError(f"secret_file {path} does not hold a whsec_... secret")
     try:
         key = base64.b64decode(text[len(_PREFIX) :], validate=True)
@@ -97,6 +84,23 @@ def read_secret(path: Path) -> bytes:
     if len(key) < 16:
         raise SecretError(f"secret_file {path}: the secret is shorter than 16 bytes")
     return key
+
+
+def _secret_refusal(path: Path, exc: SecretFileError) -> str:
+    """Why ``secret_file`` cannot be used, and how to fix it (never its content)."""
+    if exc.reason == "missing":
+        return f"secret_file {path} not found"
+    if exc.reason in ("directory", "not-regular"):
+        return f"secret_file {path} is not a regular file"
+    if exc.reason == "permissions":
+        return (
+            f"secret_file {path} is readable by others (mode {exc.mode & 0o777:04o}); "
+            f"fix: chmod 600 {path}"
+        )
+    if exc.reason == "too-large":
+        return f"secret_file {path} does not hold a whsec_... secret"
+    detail = exc.detail or ("Permission denied" if exc.reason == "denied" else "unreadable")
+    return f"cannot open secret_file {path}: {detail}"
 
 
 def sign(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
