@@ -9,9 +9,8 @@ reach it as ``port.consumers``): it keeps the reports consumers send
 ``credentials.lagging`` / ``credentials.converged`` through the broker, so those events get
 sequence numbers, the journal and every sink like any other.
 
-What it knows survives restarts in ``state_dir/consumers.json`` (0600, written atomically):
-reports, the ``lagged`` marks and the generation last announced as converged, so a restart
-neither forgets an HTTP consumer nor repeats an announcement.
+What it knows survives restarts in ``state_dir/consumers.json`` (0600, written atomically;
+see :mod:`broker.engine.consumers_file`).
 """
 
 from __future__ import annotations
@@ -20,10 +19,10 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import anyio
 from anyio.abc import TaskStatus
@@ -44,9 +43,14 @@ from broker.core.convergence import (
     record,
 )
 from broker.core.durations import format_duration
-from broker.core.events import encode
 from broker.core.state import Consumer, State
 from broker.core.timefmt import parse_time
+from broker.engine.consumers_file import (
+    CONSUMERS_FILE,
+    Tracked,
+    encode_consumers,
+    load_consumers,
+)
 
 if TYPE_CHECKING:
     from broker.config import CredentialSettings
@@ -54,8 +58,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("broker.consumers")
 
-CONSUMERS_FILE = "consumers.json"
-FORMAT_VERSION = 1
 #: A report is a few dozen bytes; anything much larger is refused unread.
 MAX_REPORT = 4096
 #: Fingerprints of this many recent generations are kept to check reports of older ones.
@@ -126,15 +128,6 @@ def parse_report(body: bytes, fields: frozenset[str] = _MQTT_FIELDS) -> Report:
     return Report(generation, doc.get("fingerprint"), consumer, credential, at)
 
 
-@dataclass(slots=True)
-class _Credential:
-    consumers: dict[str, Consumer]
-    converged: int = 0
-    #: (generation, when it was refreshed), from the bus.
-    refreshed: tuple[int, float] | None = None
-    known: dict[int, str] | None = None
-
-
 @dataclass(frozen=True, slots=True)
 class ConsumerStats:
     """One credential's consumers, for metrics and tables."""
@@ -181,7 +174,7 @@ class ConsumerTracker:
         self._clock = clock
         self._monotonic = monotonic
         self._path: Path = state_dir / CONSUMERS_FILE
-        self._creds: dict[str, _Credential] = {}
+        self._creds: dict[str, Tracked] = {}
         self._dirty: set[str] = set()
         self._deadlines: dict[str, float] = {}
         self._wakeup = Wakeup()
@@ -258,7 +251,7 @@ class ConsumerTracker:
         except KeyError:
             raise ReportError("unknown-credential", "unknown credential") from None
         check_consumer_id(consumer_id)
-        cred = self._creds.setdefault(name, _Credential({}))
+        cred = self._creds.setdefault(name, Tracked({}))
         generation, fingerprint = check_report(state, generation, fingerprint, known=cred.known)
         now = self._clock()
         seen = now if at is None else min(at, now)
@@ -304,7 +297,7 @@ class ConsumerTracker:
             self.close()
             with anyio.CancelScope(shield=True):
                 if self._unsaved:
-                    await anyio.to_thread.run_sync(self._save, self._snapshot())
+                    await anyio.to_thread.run_sync(self._save, encode_consumers(self._creds))
 
     async def _follow(self) -> None:
         async for event in self._subscription:
@@ -313,7 +306,7 @@ class ConsumerTracker:
             name, state = event.subject, event.data
             cred = self._creds.get(name)
             if event.type == "credentials.refreshed":
-                cred = cred or self._creds.setdefault(name, _Credential({}))
+                cred = cred or self._creds.setdefault(name, Tracked({}))
                 try:
                     when = parse_time(event.time)
                 except ValueError:
@@ -344,7 +337,7 @@ class ConsumerTracker:
                 wait = last_save + PERSIST_EVERY - self._monotonic()
                 if wait <= 0:
                     self._unsaved = False
-                    await anyio.to_thread.run_sync(self._save, self._snapshot())
+                    await anyio.to_thread.run_sync(self._save, encode_consumers(self._creds))
                     last_save = self._monotonic()
                 else:
                     delay = min(delay, wait)
@@ -405,26 +398,12 @@ class ConsumerTracker:
             self._deadlines[name] = min(deadlines)
 
     @staticmethod
-    def _refreshed_at(cred: _Credential, state: State) -> float | None:
+    def _refreshed_at(cred: Tracked, state: State) -> float | None:
         if cred.refreshed is not None and cred.refreshed[0] == state.generation:
             return cred.refreshed[1]
         return None
 
     # -- persistence -------------------------------------------------------------------------
-
-    def _snapshot(self) -> bytes:
-        creds: dict[str, Any] = {}
-        for name, cred in self._creds.items():
-            creds[name] = {
-                "converged": cred.converged,
-                "refreshed": list(cred.refreshed) if cred.refreshed else None,
-                "known": {str(g): f for g, f in (cred.known or {}).items()},
-                "consumers": [
-                    {**c.to_dict(), "seen": c.seen, "lagged": c.lagged}
-                    for c in cred.consumers.values()
-                ],
-            }
-        return encode({"version": FORMAT_VERSION, "credentials": creds})
 
     def _save(self, data: bytes) -> None:
         try:
@@ -437,42 +416,8 @@ class ConsumerTracker:
         else:
             self._save_failed = False
 
-    def _load(self) -> dict[str, _Credential]:
+    def _load(self) -> dict[str, Tracked]:
         return load_consumers(self._path)
-
-
-def load_consumers(path: Path) -> dict[str, _Credential]:
-    """What ``consumers.json`` holds; anything unreadable is skipped (reports come again)."""
-    try:
-        doc = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as exc:
-        log.warning("consumer reports not loaded; consumers will report again",
-                    extra={"path": str(path), "error": type(exc).__name__})
-        return {}
-    out: dict[str, _Credential] = {}
-    creds = doc.get("credentials") if isinstance(doc, dict) else None
-    if not isinstance(creds, dict) or doc.get("version") != FORMAT_VERSION:
-        return {}
-    for name, entry in creds.items():
-        try:
-            consumers = {}
-            for raw in entry["consumers"]:
-                consumer = replace(
-                    Consumer.from_dict(raw), seen=float(raw["seen"]), lagged=bool(raw["lagged"])
-                )
-                consumers[consumer.id] = consumer
-            refreshed = entry.get("refreshed")
-            out[str(name)] = _Credential(
-                consumers,
-                converged=int(entry.get("converged", 0)),
-                refreshed=(int(refreshed[0]), float(refreshed[1])) if refreshed else None,
-                known={int(g): str(f) for g, f in entry.get("known", {}).items()},
-            )
-        except (KeyError, TypeError, ValueError, AttributeError, IndexError):
-            continue
-    return out
 
 
 def consumer_lines(state: State, now: float, lagging: Iterable[str] = ()) -> list[str]:
@@ -492,21 +437,3 @@ def consumer_lines(state: State, now: float, lagging: Iterable[str] = ()) -> lis
             note += ", LAGGING"
         lines.append(f"    consumer {c.id}: generation {c.generation} ({note}) via {c.via}")
     return lines
-
-
-def persisted_consumers(
-    state_dir: Path, states: Iterable[State], specs: Mapping[str, Any], now: float
-) -> list[State]:
-    """``states`` with the consumers the daemon last persisted (``credbroker check``),
-    less those silent for longer than their credential's ``consumer_ttl``."""
-    known = load_consumers(state_dir / CONSUMERS_FILE)
-    out = []
-    for state in states:
-        cred = known.get(state.credential)
-        spec = specs.get(state.credential)
-        if cred is None or spec is None:
-            out.append(state)
-            continue
-        kept, _ = forget_silent(cred.consumers, spec.consumer_ttl, now)
-        out.append(replace(state, consumers=tuple(kept[i] for i in sorted(kept))))
-    return out

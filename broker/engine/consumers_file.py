@@ -1,0 +1,112 @@
+"""``consumers.json``: what the consumer tracker keeps across restarts, and what
+``credbroker check`` (no daemon) reads of it.
+
+Reports, the ``lagged`` marks and the generation last announced as converged, so a
+restart neither forgets an HTTP consumer nor repeats an announcement. Read tolerantly:
+anything unreadable is skipped (consumers report again).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from broker.core.convergence import forget_silent
+from broker.core.events import encode
+from broker.core.state import Consumer, State
+
+__all__ = [
+    "CONSUMERS_FILE",
+    "Tracked",
+    "encode_consumers",
+    "load_consumers",
+    "persisted_consumers",
+]
+
+log = logging.getLogger("broker.consumers")
+
+CONSUMERS_FILE = "consumers.json"
+FORMAT_VERSION = 1
+
+
+@dataclass(slots=True)
+class Tracked:
+    """What the tracker knows of one credential's consumers."""
+
+    consumers: dict[str, Consumer]
+    converged: int = 0
+    #: (generation, when it was refreshed), from the bus.
+    refreshed: tuple[int, float] | None = None
+    known: dict[int, str] | None = None
+
+
+def encode_consumers(creds: Mapping[str, Tracked]) -> bytes:
+    """The ``consumers.json`` document of what the tracker knows."""
+    out: dict[str, Any] = {}
+    for name, cred in creds.items():
+        out[name] = {
+            "converged": cred.converged,
+            "refreshed": list(cred.refreshed) if cred.refreshed else None,
+            "known": {str(g): f for g, f in (cred.known or {}).items()},
+            "consumers": [
+                {**c.to_dict(), "seen": c.seen, "lagged": c.lagged}
+                for c in cred.consumers.values()
+            ],
+        }
+    return encode({"version": FORMAT_VERSION, "credentials": out})
+
+
+def load_consumers(path: Path) -> dict[str, Tracked]:
+    """What ``consumers.json`` holds; anything unreadable is skipped (reports come again)."""
+    try:
+        doc = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        log.warning("consumer reports not loaded; consumers will report again",
+                    extra={"path": str(path), "error": type(exc).__name__})
+        return {}
+    out: dict[str, Tracked] = {}
+    creds = doc.get("credentials") if isinstance(doc, dict) else None
+    if not isinstance(creds, dict) or doc.get("version") != FORMAT_VERSION:
+        return {}
+    for name, entry in creds.items():
+        try:
+            consumers = {}
+            for raw in entry["consumers"]:
+                consumer = replace(
+                    Consumer.from_dict(raw), seen=float(raw["seen"]), lagged=bool(raw["lagged"])
+                )
+                consumers[consumer.id] = consumer
+            refreshed = entry.get("refreshed")
+            out[str(name)] = Tracked(
+                consumers,
+                converged=int(entry.get("converged", 0)),
+                refreshed=(int(refreshed[0]), float(refreshed[1])) if refreshed else None,
+                known={int(g): str(f) for g, f in entry.get("known", {}).items()},
+            )
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError):
+            continue
+    return out
+
+
+def persisted_consumers(
+    state_dir: Path, states: Iterable[State], specs: Mapping[str, Any], now: float
+) -> list[State]:
+    """``states`` with the consumers the daemon last persisted (``credbroker check``),
+    less those silent for longer than their credential's ``consumer_ttl``."""
+    known = load_consumers(state_dir / CONSUMERS_FILE)
+    out = []
+    for state in states:
+        cred = known.get(state.credential)
+        spec = specs.get(state.credential)
+        if cred is None or spec is None:
+            out.append(state)
+            continue
+        kept, _ = forget_silent(cred.consumers, spec.consumer_ttl, now)
+        out.append(replace(state, consumers=tuple(kept[i] for i in sorted(kept))))
+    return out
