@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-import uuid
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -20,6 +19,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from broker.config import Config, CredentialSettings
+from broker.core.events import new_event_id
 from broker.core.fingerprint import Fingerprinter
 from broker.core.state import Problem, State
 from broker.engine.bus import DEFAULT_BUFFER, Bus, Subscription
@@ -55,10 +55,6 @@ class _Validating(Sink, Protocol):
     def last_verdict(self, name: str) -> float | None: ...
 
 
-def _new_id() -> str:
-    return str(uuid.uuid4())
-
-
 class Broker:
     """The credential broker, running inside the caller's event loop.
 
@@ -84,7 +80,7 @@ class Broker:
     ) -> None:
         self._config = config
         self._clock = clock
-        self._new_id = new_id or _new_id
+        self._new_id = new_id or new_event_id
         self._extra_sinks = list(sinks or [])
         self.bus = Bus()
         self.store = Store(config.broker.state_dir)
@@ -130,7 +126,6 @@ class Broker:
         for problem in loaded.problems:
             log.warning("state store problem", extra={"problem": problem})
         self.loaded_states = dict(loaded.states)
-        # The engine takes its event ids from ``new_id`` once it can (engine work under way).
         self._engine = Engine(
             self._config.credentials,
             bus=self.bus,
@@ -142,6 +137,7 @@ class Broker:
             states=loaded.states,
             sequence=loaded.sequence,
             clock=self._clock,
+            new_id=self._new_id,
         )
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()

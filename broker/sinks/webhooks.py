@@ -362,7 +362,9 @@ class Webhooks:
                 and matches(hook.credentials, name)
                 and matches(hook.on, event_type)
             ):
-                lost.append(make_event(event_type, state, source=source, now=self.clock()))
+                lost.append(make_event(
+                    event_type, state, source=source, now=self.clock(), id=self._port.new_id()
+                ))
         return sorted(lost, key=lambda e: e.sequence)
 
     async def _intake(self, batch: list[Event], tg: TaskGroup) -> None:

@@ -58,8 +58,8 @@ from broker.aio.wakeup import Wakeup
 from broker.config import CredentialSettings, RefreshSettings
 from broker.core.fingerprint import Fingerprinter
 from broker.core.machine import REFRESH_FAILED, observe
+from broker.core.reads import FileRead
 from broker.core.state import FileInfo, Problem, State, Status
-from broker.engine.reader import FileRead
 from broker.port import SinkContext, SinkHealth
 
 if TYPE_CHECKING:
