@@ -382,8 +382,8 @@ class _BrokerPort:
         announce: str | None = None,
         scan: bool = False,
     ) -> State:
-        return await self._engine.set_problem(
-            name, source, problem, fingerprint=fingerprint, announce=announce, scan=scan
+        return await self._engine.report_finding(
+            name, source, problem, fingerprint=fingerprint, event_type=announce, scan=scan
         )
 
     async def announce(
