@@ -27,6 +27,7 @@ import time
 import tracemalloc
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +36,12 @@ import anyio
 import pytest
 from aiomqtt import Client, MqttError
 
-import broker.sinks.http as http_module
 from broker import Broker
 from broker.cli.remote import iter_sse
 from broker.client import BrokerClient
 from broker.core.events import Event, make_event
 from broker.core.state import State, Status
+from broker.sinks.http import HttpApi
 from broker.sinks.mqtt import Backoff, MqttPublisher, Topics
 from tests.conftest import SecretRegistry, make_config, record_figures, write_atomic
 from tests.mosquitto import Mosquitto, Subscriber, mosquitto_fixture  # noqa: F401 - fixture
@@ -227,12 +228,10 @@ _NOT_MINE = [tracemalloc.Filter(False, "*/tests/*"),
 ])
 async def test_stalled_consumers_stall_no_one_and_memory_stays_bounded(
     tmp_path: Path, secrets: SecretRegistry, mosquitto: Mosquitto,
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, events: int,
+    caplog: pytest.LogCaptureFixture, events: int,
 ) -> None:
     # Small bounds, so that warming up fills them and their ups and downs stay small beside
     # the events measured: the replay ring, each SSE client's and the stalled subscriber's.
-    monkeypatch.setattr(http_module, "RING_SIZE", 256)
-    monkeypatch.setattr(http_module, "SSE_BUFFER", 64)
     mosquitto.start()
     prefix = f"stall{pysecrets.token_hex(3)}"
     paths = [tmp_path / f"c{i}" for i in range(3)]
@@ -250,12 +249,12 @@ async def test_stalled_consumers_stall_no_one_and_memory_stays_bounded(
     stuck_sse.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     stuck_sse.settimeout(10)
     stuck_mqtt: socket.socket | None = None
-    broker = Broker(config)
+    broker = Broker(config, sinks=[partial(HttpApi, ring_size=256, sse_buffer=64)])
     try:
         async with broker:
             api = broker.sinks["http"]
             publisher = broker.sinks["mqtt"]
-            assert isinstance(api, http_module.HttpApi) and isinstance(publisher, MqttPublisher)
+            assert isinstance(api, HttpApi) and isinstance(publisher, MqttPublisher)
             stalled_bus = broker.subscribe("*", buffer=64)
             healthy_bus = broker.subscribe("*")
             # The stalled SSE client: headers read, then never another byte.
@@ -385,7 +384,7 @@ async def test_stalled_consumers_stall_no_one_and_memory_stays_bounded(
             assert max(mqtt_lags) < STALL_LAG_BOUND, max(mqtt_lags)
             # The stalled ones are held to their bounds, and are still stalled.
             assert stalled_bus.pending <= 64 and stalled_bus.coalesced >= events - 64
-            stuck = [c for c in api._clients if c.request.transport is not None
+            stuck = [c for c in api.streams if c.request.transport is not None
                      and c.request.transport.get_extra_info("peername") == stuck_address]
             assert len(stuck) == 1 and stuck[0].subscription.pending <= 64
             assert stuck[0].subscription.coalesced >= events - 64  # blocked all along

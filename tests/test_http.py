@@ -17,6 +17,7 @@ import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,6 @@ import jsonschema
 import pytest
 from multidict import CIMultiDictProxy
 
-import broker.sinks.http as http_module
 from broker import Broker
 from broker.cli.remote import SseMessage, iter_sse
 from broker.config import ConfigError, parse_config
@@ -173,11 +173,16 @@ async def serving(
     token: str | None = None,
     connections: int = 100,
     broker: dict[str, Any] | None = None,
+    api: Any = None,
     **http: Any,
 ) -> AsyncIterator[tuple[Harness, HttpApi, ApiClient]]:
-    """A running broker with its HTTP API (``[http]`` = ``http``), and a client for it."""
+    """A running broker with its HTTP API (``[http]`` = ``http``), and a client for it.
+
+    ``api`` makes the API instead of the built-in one (``partial(HttpApi, ring_size=4)``).
+    """
     http.setdefault("listen", "127.0.0.1:0")
-    async with harness_factory(credentials, http=http, broker=broker or {}) as h:
+    sinks = [api] if api is not None else None
+    async with harness_factory(credentials, http=http, broker=broker or {}, sinks=sinks) as h:
         api = h.broker.sinks["http"]
         assert isinstance(api, HttpApi) and api.url is not None
         headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -507,12 +512,13 @@ async def test_an_id_older_than_the_ring_gets_a_reset(
     harness_factory: Any,
     tmp_path: Path,
     secrets: SecretRegistry,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(http_module, "RING_SIZE", 4)
     path = tmp_path / "svc"
     write_atomic(path, secrets.token())
-    async with serving(harness_factory, [cred("svc", path)], secrets) as (h, _api, client):
+    small = partial(HttpApi, ring_size=4)
+    async with serving(harness_factory, [cred("svc", path)], secrets, api=small) as (
+        h, _api, client
+    ):
         start = h.broker.engine.sequence
         for _ in range(6):
             write_atomic(path, secrets.token())
@@ -579,13 +585,12 @@ async def test_keep_alive_comments_on_an_idle_stream(
     harness_factory: Any,
     tmp_path: Path,
     secrets: SecretRegistry,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(http_module, "KEEPALIVE", 0.2)
     path = tmp_path / "svc"
     write_atomic(path, secrets.token())
     async with (
-        serving(harness_factory, [cred("svc", path)], secrets) as (_, _api, client),
+        serving(harness_factory, [cred("svc", path)], secrets,
+                api=partial(HttpApi, keepalive=0.2)) as (_, _api, client),
         client.stream() as stream,
     ):
         seen = b""
@@ -635,10 +640,7 @@ async def test_a_client_that_stops_reading_stalls_no_one(
     harness_factory: Any,
     tmp_path: Path,
     secrets: SecretRegistry,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(http_module, "SSE_BUFFER", 4)
-    monkeypatch.setattr(http_module, "RING_SIZE", 16)  # the events here are big
     path = tmp_path / "svc"
     write_atomic(path, secrets.token())
     stuck = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -646,7 +648,10 @@ async def test_a_client_that_stops_reading_stalls_no_one(
     stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     stuck.settimeout(TIMEOUT)
     try:
-        async with serving(harness_factory, [cred("svc", path)], secrets) as (h, api, client):
+        small = partial(HttpApi, sse_buffer=4, ring_size=16)  # a ring of 16: the events are big
+        async with serving(harness_factory, [cred("svc", path)], secrets, api=small) as (
+            h, api, client
+        ):
             request = b"GET /v1/events HTTP/1.1\r\nHost: localhost\r\n\r\n"
             await anyio.to_thread.run_sync(stuck.connect, ("127.0.0.1", api.port))
             await anyio.to_thread.run_sync(stuck.sendall, request)
@@ -721,12 +726,13 @@ async def test_too_many_streams_are_refused(
     harness_factory: Any,
     tmp_path: Path,
     secrets: SecretRegistry,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(http_module, "MAX_SSE_CLIENTS", 2)
     path = tmp_path / "svc"
     write_atomic(path, secrets.token())
-    async with serving(harness_factory, [cred("svc", path)], secrets) as (_, api, client):
+    small = partial(HttpApi, max_clients=2)
+    async with serving(harness_factory, [cred("svc", path)], secrets, api=small) as (
+        _, api, client
+    ):
         async with client.stream(), client.stream():
             refused = await client.get("/v1/events")
             assert refused.status == 503
@@ -818,7 +824,7 @@ async def test_the_document_lists_exactly_the_served_routes(
     path = tmp_path / "svc"
     write_atomic(path, secrets.token())
     async with serving(harness_factory, [cred("svc", path)], secrets) as (_, api, _client):
-        app = api._make_app()
+        app = api.make_app()
         served = {
             (route.method.lower(), route.resource.canonical)
             for route in app.router.routes()

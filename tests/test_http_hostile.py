@@ -7,6 +7,7 @@ import contextlib
 import resource
 import socket
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -198,7 +199,7 @@ async def test_an_idle_connection_is_closed_after_the_idle_timeout(
     token = tmp_path / "token"
     write_atomic(token, secrets.token())
     cred = [{"name": "svc", "files": {"token": str(token)}}]
-    sinks = [lambda broker: HttpApi(broker, idle_timeout=0.5)]
+    sinks = [partial(HttpApi, idle_timeout=0.5)]
     async with harness_factory(cred, sinks=sinks, http={"listen": "127.0.0.1:0"}) as h:
         api = h.broker.sinks["http"]
         assert isinstance(api, HttpApi) and api.port is not None

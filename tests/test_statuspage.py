@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from broker.sinks.statuspage import COOKIE, CSP, session_value
+from broker.sinks.http.statuspage import COOKIE, CSP, session_value
 from tests.conftest import SecretRegistry, write_atomic
 from tests.daemon import ROOT, run_daemon
 from tests.mosquitto import free_port
