@@ -33,11 +33,14 @@ _CORS_METHODS = "GET, POST, PUT, DELETE"
 _CORS_HEADERS = "Authorization, Content-Type, Last-Event-ID"
 
 
+#: The application's route that stays open without a token (``/healthz``, for probes).
+OPEN_RESOURCE = web.AppKey("open_resource", web.AbstractResource)
+
+
 class Guards:
     """The API's middlewares, for one ``[http]`` section.
 
-    ``set_token`` gives the token once it is read (``None``: no auth); ``open_resource``
-    is the route that stays open without one (``/healthz``, for probes).
+    ``set_token`` gives the token once it is read (``None``: no auth).
     """
 
     def __init__(self, settings: HttpSettings, page: StatusPage, metrics: Metrics) -> None:
@@ -47,7 +50,6 @@ class Guards:
         self._hosts = accepted_hosts(settings)
         self._cors = frozenset(settings.cors_origins)
         self._token: bytes | None = None
-        self.open_resource: web.AbstractResource | None = None
 
     def set_token(self, token: bytes | None) -> None:
         """The bearer token requests must carry (and the status page's session is keyed by)."""
@@ -152,7 +154,7 @@ class Guards:
         token = self._token
         if (
             token is not None
-            and request.match_info.route.resource is not self.open_resource
+            and request.match_info.route.resource is not request.config_dict.get(OPEN_RESOURCE)
             and not self._page.is_public(request)
             and not bearer_matches(request.headers.get("Authorization"), token)
             and not self._page.cookie_allows(request)  # the status page's session

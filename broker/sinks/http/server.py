@@ -33,7 +33,7 @@ from broker.config import ConfigError, HttpSettings
 from broker.port import SinkContext, SinkHealth
 from broker.sinks.http.connections import AcceptErrorLog, ApiRunner, connection_cap
 from broker.sinks.http.listen import Listening, listen, remove_unix
-from broker.sinks.http.middleware import MAX_BODY, Guards
+from broker.sinks.http.middleware import MAX_BODY, OPEN_RESOURCE, Guards
 from broker.sinks.http.replay import RING_SIZE, ReplayRing
 from broker.sinks.http.routes import Routes
 from broker.sinks.http.sse import KEEPALIVE, MAX_SSE_CLIENTS, SSE_BUFFER, Client, EventStreams
@@ -129,7 +129,7 @@ class HttpApi:
         """The aiohttp application: middlewares, the JSON routes, the stream, the page."""
         app = web.Application(middlewares=self._guards.middlewares(), client_max_size=MAX_BODY)
         router = app.router
-        self._guards.open_resource = self._routes.add_to(router, self._streams)
+        app[OPEN_RESOURCE] = self._routes.add_to(router, self._streams)
         self._page.add_routes(router)  # GET /: the status page
         return app
 
