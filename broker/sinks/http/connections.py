@@ -168,14 +168,16 @@ class ApiRunner(web.AppRunner):
         # AppRunner starts and freezes the application and makes aiohttp's server for it:
         # ours takes that server's request handler, request factory and cancellation mode.
         plain = await super()._make_server()
+        loop = asyncio.get_running_loop()
         return CappedServer(
             plain.request_handler,
             request_factory=plain.request_factory,
             handler_cancellation=plain.handler_cancellation,
             max_connections=self._max_connections,
-            loop=asyncio.get_running_loop(),
+            loop=loop,
             keepalive_timeout=self._keepalive_timeout,
             access_log=None,
+            debug=loop.get_debug(),  # what aiohttp's own server gets by default
         )
 
 
