@@ -22,13 +22,13 @@ The modules beside this one hold the rest: ``middleware`` (what every request go
 from __future__ import annotations
 
 import logging
-import os
 import stat
 
 import anyio
 from aiohttp import web
 from anyio.abc import TaskStatus
 
+from broker.aio.secretfile import SecretFileError, load_secret_file
 from broker.config import ConfigError, HttpSettings
 from broker.port import SinkContext, SinkHealth
 from broker.sinks.http.connections import AcceptErrorLog, ApiRunner, connection_cap
@@ -140,7 +140,7 @@ class HttpApi:
         accept_errors = AcceptErrorLog(ACCEPT_ERROR_LOG_INTERVAL)
         accept_errors.install()
         try:
-            token = await anyio.to_thread.run_sync(self._read_token)
+            token = await self._read_token()
             self._guards.set_token(token)
             runner = ApiRunner(self.make_app(), max_connections=self._max_connections,
                                keepalive_timeout=self._idle_timeout,
@@ -169,23 +169,21 @@ class HttpApi:
             remove_unix(path, listening.unix_inode)
         log.info("http stopped", extra={"url": self.url, "streams_closed": closed})
 
-    def _read_token(self) -> bytes | None:
+    async def _read_token(self) -> bytes | None:
         path = self.settings.token_file
         if path is None:
             return None
         try:
-            raw = path.read_bytes()
-            mode = os.stat(path).st_mode
-        except OSError as exc:
-            message = f"cannot read {path}: {exc.strerror}"
-            raise ConfigError([("http.token_file", message)]) from None
-        token = raw.strip()
+            read = await load_secret_file(path)
+        except SecretFileError as exc:
+            raise ConfigError([("http.token_file", f"cannot use {exc}")]) from None
+        token = read.data.strip()
         if not token:
             raise ConfigError([("http.token_file", f"{path} is empty")])
-        if mode & 0o077:
+        if read.shared:
             log.warning(
                 "token file is readable by other users",
-                extra={"path": str(path), "mode": f"{stat.S_IMODE(mode):04o}",
+                extra={"path": str(path), "mode": f"{stat.S_IMODE(read.mode):04o}",
                        "remedy": f"chmod 600 {path}"},
             )
         return token
