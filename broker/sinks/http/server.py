@@ -38,7 +38,7 @@ from broker.sinks.http.replay import RING_SIZE, ReplayRing
 from broker.sinks.http.routes import Routes
 from broker.sinks.http.sse import KEEPALIVE, MAX_SSE_CLIENTS, SSE_BUFFER, Client, EventStreams
 from broker.sinks.http.statuspage import StatusPage
-from broker.sinks.metrics import DeliveryStats, Metrics, StreamStats
+from broker.sinks.metrics import Metrics, StreamStats
 
 log = logging.getLogger("broker.http")
 
@@ -115,11 +115,6 @@ class HttpApi:
             pending=streams.pending,
             counters={"sse_clients": len(streams.clients), "sse_coalesced": streams.coalesced},
         )
-
-    def delivery_stats(self) -> DeliveryStats:
-        """Events written to SSE clients; pending: what their mailboxes hold now."""
-        health = self.health()
-        return DeliveryStats(delivered=health.delivered, failures=0, pending=health.pending)
 
     def close(self) -> None:
         """Let go of the replay ring's subscription (for an API made but never run)."""
