@@ -1,14 +1,20 @@
-"""One MQTT connection of the publisher, driven by the event loop: paho's protocol, no aiomqtt.
+"""Connections to an MQTT server: the one connect-with-fallback, and the publisher's link.
 
-Why not aiomqtt: per QoS 1 publish it costs a future, a ``wait_for`` and (the way a window
-must drive it) a task, about twice the CPU of paho itself (``python -m
+:class:`ProtocolFallback` is how every connect is made (the publisher's, the consumer-report
+subscriber's, the consumer client's): MQTT 5 first, falling back to 3.1.1 when the server
+refuses the version, sticking to the version that worked, and (``connect_retrying``) retrying
+other failures with backoff. :func:`open_client` opens an aiomqtt client (for subscribers).
+
+:class:`MqttLink` is the publisher's connection, driven by the event loop: paho's protocol, no
+aiomqtt. Why not aiomqtt: per QoS 1 publish it costs a future, a ``wait_for`` and (the way a
+window must drive it) a task, about twice the CPU of paho itself (``python -m
 benchmarks.mqtt_clients``). Here paho's socket is registered with the event loop, paho's
 callbacks run inline in the loop's reader callback, and a PUBACK is a plain function call
 (``on_ack``) with the packet id. gmqtt was cheaper still, but its wheels install a top-level
 ``tests`` package that shadows any project's own.
 
-The link is only the wire: what is sent, when, and what a PUBACK completes is
-:class:`broker.sinks.mqtt.MqttPublisher`'s business (see :class:`Pipeline` there).
+The link is only the wire: what is sent, when, and what a PUBACK completes is the publisher's
+business (``broker.sinks.mqtt``). Nothing here knows of credentials.
 """
 
 from __future__ import annotations
@@ -17,20 +23,41 @@ import asyncio
 import logging
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import paho.mqtt.client as paho
-from aiomqtt import MqttError, ProtocolVersion
+from aiomqtt import Client, MqttError, ProtocolVersion, Will
 from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-__all__ = ["LinkLost", "MqttLink", "WillMessage"]
+from broker.aio.mqtt_material import (
+    CONNECT_TIMEOUT,
+    PROTOCOLS,
+    is_protocol_refusal,
+    protocol_name,
+)
+from broker.core.backoff import Backoff
+
+__all__ = [
+    "LinkLost",
+    "MqttLink",
+    "ProtocolFallback",
+    "WillMessage",
+    "close_client",
+    "open_client",
+]
+
+T = TypeVar("T")
+
+#: What a failed connect raises: refused or lost (``MqttError``), unreachable or timed out
+#: (``OSError``), a password file that is not UTF-8 (``ValueError``).
+CONNECT_ERRORS = (MqttError, OSError, ValueError)
 
 #: How often paho's timers (keepalive PINGREQ, the missing-PINGRESP check) are looked at.
 TICK = 1.0
@@ -42,6 +69,120 @@ _PAHO_PROTOCOL = {
     ProtocolVersion.V311: paho.MQTTv311,
     ProtocolVersion.V31: paho.MQTTv31,
 }
+
+
+class ProtocolFallback:
+    """Connect with the first of ``protocols`` the server accepts, and keep to it.
+
+    A refusal of the protocol version is instant and final, so the next version is tried at
+    once (not a failure, and no backoff); any other failure is the caller's, or, with
+    :meth:`connect_retrying`, retried after a backoff delay.
+    """
+
+    def __init__(self, protocols: Sequence[ProtocolVersion] = PROTOCOLS) -> None:
+        if not protocols:
+            raise ValueError("need at least one protocol")
+        self._protocols = tuple(protocols)
+        self._index = 0
+
+    def __repr__(self) -> str:
+        return f"ProtocolFallback(protocol={self.name!r})"
+
+    @property
+    def protocol(self) -> ProtocolVersion:
+        """The version in use (or to be tried next)."""
+        return self._protocols[self._index]
+
+    @property
+    def name(self) -> str:
+        """:attr:`protocol` as people write it (``5``, ``3.1.1``)."""
+        return protocol_name(self.protocol)
+
+    async def connect(
+        self,
+        attempt: Callable[[ProtocolVersion], Awaitable[T]],
+        *,
+        on_fallback: Callable[[ProtocolVersion], None] | None = None,
+    ) -> T:
+        """``await attempt(protocol)``, falling back past refused versions; raises the rest.
+
+        ``on_fallback(refused)`` is told of each refused version before the next is tried.
+        """
+        while True:
+            protocol = self.protocol
+            try:
+                return await attempt(protocol)
+            except CONNECT_ERRORS as exc:
+                if not (is_protocol_refusal(exc) and self._index + 1 < len(self._protocols)):
+                    raise
+                self._index += 1
+                if on_fallback is not None:
+                    on_fallback(protocol)
+
+    async def connect_retrying(
+        self,
+        attempt: Callable[[ProtocolVersion], Awaitable[T]],
+        backoff: Backoff,
+        *,
+        on_failure: Callable[[BaseException, float], None],
+        on_fallback: Callable[[ProtocolVersion], None] | None = None,
+    ) -> T:
+        """:meth:`connect` until it succeeds, waiting ``backoff.next()`` after each failure.
+
+        ``on_failure(exc, delay)`` is told of each failure before the wait. The backoff is
+        not reset here: the caller does, once the connection has proved itself.
+        """
+        while True:
+            try:
+                return await self.connect(attempt, on_fallback=on_fallback)
+            except CONNECT_ERRORS as exc:
+                delay = backoff.next()
+                on_failure(exc, delay)
+            await anyio.sleep(delay)
+
+
+async def open_client(
+    host: str,
+    port: int,
+    *,
+    protocol: ProtocolVersion,
+    username: str | None,
+    password: str | None,
+    tls_context: ssl.SSLContext | None,
+    client_id: str | None,
+    keepalive: int,
+    logger: logging.Logger,
+    will: Will | None = None,
+) -> Client:
+    """A connected aiomqtt client (for subscribers), within :data:`CONNECT_TIMEOUT`."""
+    client = Client(
+        host,
+        port,
+        username=username,
+        password=password,
+        identifier=client_id,
+        protocol=protocol,
+        keepalive=keepalive,
+        timeout=CONNECT_TIMEOUT + 5,
+        tls_context=tls_context,
+        will=will,
+        logger=logger,
+    )
+    try:
+        with anyio.fail_after(CONNECT_TIMEOUT):
+            await client.__aenter__()
+    except MqttError:
+        raise  # refused or unreachable: aiomqtt has let go of it
+    except BaseException:
+        await close_client(client, wait=0.2)
+        raise
+    return client
+
+
+async def close_client(client: Client, wait: float = 1.0) -> None:
+    """Disconnect ``client`` if it is still connected, never waiting long, even if cancelled."""
+    with anyio.CancelScope(shield=True), anyio.move_on_after(wait), suppress(MqttError):
+        await client.__aexit__(None, None, None)  # MqttError: already gone, nothing to close
 
 
 class LinkLost(MqttError):
