@@ -1,0 +1,128 @@
+"""What the publisher's retained state topics hold (``<prefix>/<host_id>/state/<credential>``),
+and what the current connection still owes them.
+
+Each credential's topic holds its latest event. A credential with no event yet (a restarted
+broker whose credentials did not change publishes none, and the MQTT server may have lost its
+retained messages) gets one made up from its state, so that every connect republishes them
+all. A credential removed from the config gets its topic cleared (SPEC section 4: an empty
+retained message) until the server acknowledged the clearing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from broker.core.events import Event, make_event
+from broker.core.state import State, Status
+
+__all__ = ["TYPE_FOR_STATUS", "RetainedStates"]
+
+#: The event type a state made into an event stands for: the one that put it in that status.
+TYPE_FOR_STATUS = {
+    Status.VALID: "credentials.refreshed",
+    Status.EXPIRING: "credentials.expiring",
+    Status.EXPIRED: "credentials.expired",
+    Status.INVALID: "credentials.invalid",
+    Status.MISSING: "credentials.missing",
+}
+
+
+class RetainedStates:
+    """The latest event of each credential, and per connection which topics are up to date.
+
+    ``state(name)`` is the broker's current state of a credential (``KeyError`` if unknown),
+    ``source`` the events' CloudEvents source and ``clock`` the wall clock, for the events
+    made up from a state.
+    """
+
+    def __init__(
+        self, state: Callable[[str], State], *, source: str, clock: Callable[[], float]
+    ) -> None:
+        self._state = state
+        self._source = source
+        self._clock = clock
+        #: The latest event of each credential: what goes retained on its state topic.
+        self.latest: dict[str, Event] = {}
+        #: Per connection: the event id last sent on each state topic.
+        self.sent: dict[str, str] = {}
+        #: Removed credentials whose retained state topic is still to be cleared on this
+        #: connection; refilled from the broker's removed credentials at every connect.
+        self.to_clear: set[str] = set()
+        #: Clearings in flight on this connection (sent, not yet acknowledged).
+        self.clearing: set[str] = set()
+        #: Added credentials whose retained state is to be published once they have one.
+        self.resync: set[str] = set()
+
+    def __repr__(self) -> str:
+        return f"RetainedStates(latest={len(self.latest)}, to_clear={len(self.to_clear)})"
+
+    def take(self, event: Event) -> None:
+        """``event`` is its credential's latest."""
+        self.latest[event.subject] = event
+
+    def connected(self) -> None:
+        """A new connection: what the server retains is unknown, every state is owed again."""
+        self.sent.clear()
+
+    def to_clear_now(self, removed: Iterable[str]) -> None:
+        """The topics this connection is to clear: those of the ``removed`` credentials."""
+        self.to_clear = set(removed)
+        self.clearing.clear()  # in flight on a connection that is gone
+
+    def owed(self, event: Event) -> bool:
+        """True if ``event`` is its credential's latest and not yet sent on this connection."""
+        return self.latest.get(event.subject) is event and self.sent.get(event.subject) != event.id
+
+    def unsent(self) -> list[Event]:
+        """The latest events not sent on this connection (a state publish cut short)."""
+        return [e for e in self.latest.values() if self.sent.get(e.subject) != e.id]
+
+    def sending(self, event: Event) -> None:
+        # Marked when sent, not when acknowledged: it is in flight on this connection, and a
+        # connection that drops forgets every mark (the next one republishes every state).
+        self.sent[event.subject] = event.id
+
+    def clearing_started(self, name: str) -> None:
+        self.clearing.add(name)
+        self.sent.pop(name, None)
+
+    def cleared(self, name: str) -> None:
+        """The server acknowledged the clearing of ``name``'s topic."""
+        self.to_clear.discard(name)
+        self.clearing.discard(name)
+
+    def reconfigured(self, removed: Iterable[str], added: Iterable[str]) -> None:
+        """A reload: removed credentials' topics are to be cleared, added ones' published."""
+        for name in removed:
+            self.latest.pop(name, None)
+            self.to_clear.add(name)
+        for name in added:
+            self.to_clear.discard(name)
+            self.resync.add(name)
+
+    def latest_of(self, name: str) -> Event | None:
+        """The latest event of ``name``, made up from its state if it has none yet."""
+        event = self.latest.get(name)
+        if event is None:
+            try:
+                state = self._state(name)
+            except KeyError:
+                return None
+            event = self._made_up(state)
+        return event
+
+    def all_latest(self, states: Iterable[State]) -> list[Event]:
+        """The latest event of every credential in ``states`` (the configured ones), made up
+        from its state if it has none; forgets credentials no longer configured."""
+        states = list(states)
+        names = {s.credential for s in states}
+        for gone in [n for n in self.latest if n not in names]:
+            del self.latest[gone]  # removed by a reload
+        return [self.latest.get(s.credential) or self._made_up(s) for s in states]
+
+    def _made_up(self, state: State) -> Event:
+        event = make_event(
+            TYPE_FOR_STATUS[state.status], state, source=self._source, now=self._clock()
+        )
+        self.latest[state.credential] = event
+        return event
