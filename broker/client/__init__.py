@@ -19,8 +19,9 @@ and an MQTT library only for ``mqtt://`` URLs. ``docs/consumers.md`` has recipes
 
 from __future__ import annotations
 
+from .broker_client import BrokerClient, EventStream
 from .cache import CredentialCache, GenerationGate, invalidates
-from .follower import BrokerClient, EventStream, Follower
+from .follower import Follower
 
 __all__ = [
     "BrokerClient",

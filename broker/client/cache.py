@@ -24,11 +24,11 @@ from broker.core.events import Event
 from broker.core.state import Status
 from broker.core.timefmt import format_time
 
-from .follower import SOURCE_PREFIX, host_of
+from .origin import SOURCE_PREFIX, host_of
 from .reports import REPORT_INTERVAL
 
 if TYPE_CHECKING:
-    from .follower import BrokerClient
+    from .broker_client import BrokerClient
 
 __all__ = ["CredentialCache", "GenerationGate", "invalidates"]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
@@ -19,26 +20,23 @@ from urllib.parse import urlsplit
 import anyio
 from aiomqtt import Client, Message, MqttError, ProtocolVersion, Will
 
-from broker.core.errors import BrokerError
-from broker.core.events import Event
-from broker.core.timefmt import parse_time
-from broker.sinks.mqtt import (
-    CONNECT_TIMEOUT,
+from broker.aio.mqtt_link import ProtocolFallback, close_client, open_client
+from broker.aio.mqtt_material import (
     PROTOCOLS,
-    close_client,
     connect_material,
     describe_connect_error,
     is_auth_refusal,
-    is_protocol_refusal,
-    join_topic,
-    protocol_name,
 )
+from broker.core.errors import BrokerError
+from broker.core.events import Event
+from broker.core.timefmt import parse_time
+from broker.core.topics import join_topic
 
-from .follower import SOURCE_PREFIX
+from .origin import SOURCE_PREFIX
 from .reports import report_document
 
 if TYPE_CHECKING:
-    from .follower import BrokerClient
+    from .broker_client import BrokerClient
 
 __all__ = ["MqttReporter", "MqttTransport"]
 
@@ -82,9 +80,7 @@ class MqttTransport:
         self._host, self._port, self._tls = split_mqtt_url(url)
         if password is not None and password_file is not None:
             raise ValueError("pass password or password_file, not both")
-        protocols = PROTOCOLS if protocols is None else tuple(protocols)
-        if not protocols:
-            raise ValueError("need at least one protocol")
+        self._fallback = ProtocolFallback(PROTOCOLS if protocols is None else protocols)
         self.description = f"{self._host}:{self._port}"
         self.prefix = prefix
         self._credential = credential
@@ -101,8 +97,6 @@ class MqttTransport:
         self._client_id = client_id
         self._keepalive = keepalive
         self._max_payload = max_payload
-        self._protocols = protocols
-        self._protocol_index = 0
         #: Re-subscriptions to the retained state after a gap.
         self.rereads = 0
 
@@ -111,46 +105,33 @@ class MqttTransport:
                                              consumer_id), credential, consumer_id)
 
     async def connect(self, *, will: Will | None = None, client_id: str | None = None) -> Client:
-        """A connected client, trying each protocol in turn (MQTT 5, then 3.1.1)."""
-        while True:
-            protocol = self._protocols[self._protocol_index]
-            try:
-                return await self._connect(protocol, will, client_id)
-            except (MqttError, OSError) as exc:
-                if is_protocol_refusal(exc) and self._protocol_index + 1 < len(self._protocols):
-                    self._protocol_index += 1
-                    continue
-                raise ConnectFailed(describe_connect_error(exc), is_auth_refusal(exc)) from None
+        """A connected client, trying each protocol in turn (MQTT 5, then 3.1.1).
+
+        Not retried here: the client's connection loop backs off, whatever the transport.
+        """
+        try:
+            return await self._fallback.connect(partial(self._connect, will, client_id))
+        except (MqttError, OSError) as exc:
+            raise ConnectFailed(describe_connect_error(exc), is_auth_refusal(exc)) from None
 
     async def _connect(
-        self, protocol: ProtocolVersion, will: Will | None, client_id: str | None
+        self, will: Will | None, client_id: str | None, protocol: ProtocolVersion
     ) -> Client:
         from_file, context = await connect_material(
             self._password_file, self._tls, self._ca_file, self._cert_file, self._key_file
         )
-        password = self._password if from_file is None else from_file
-        client = Client(
+        return await open_client(
             self._host,
             self._port,
-            username=self._username,
-            password=password,
-            identifier=client_id,
             protocol=protocol,
-            keepalive=self._keepalive,
-            timeout=CONNECT_TIMEOUT + 5,
+            username=self._username,
+            password=self._password if from_file is None else from_file,
             tls_context=context,
+            client_id=client_id,
+            keepalive=self._keepalive,
             will=will,
             logger=logging.getLogger("broker.client.paho"),
         )
-        try:
-            with anyio.fail_after(CONNECT_TIMEOUT):
-                await client.__aenter__()
-        except MqttError:
-            raise
-        except BaseException:
-            await close_client(client, wait=0.2)
-            raise
-        return client
 
     async def session(self, client: BrokerClient) -> None:
         mqtt = await self.connect(client_id=self._client_id)
@@ -163,7 +144,7 @@ class MqttTransport:
             log.info(
                 "broker client connected",
                 extra={"server": self.description,
-                       "protocol": protocol_name(self._protocols[self._protocol_index]),
+                       "protocol": self._fallback.name,
                        "filters": ",".join(self._filters)},
             )
             async for message in mqtt.messages:

@@ -24,11 +24,11 @@ from broker.core.errors import BrokerError
 from broker.core.events import Event
 from broker.core.state import State
 
-from .follower import SOURCE_PREFIX, state_event
+from .origin import SOURCE_PREFIX, state_event
 from .reports import HttpReporter
 
 if TYPE_CHECKING:
-    from .follower import BrokerClient
+    from .broker_client import BrokerClient
 
 __all__ = ["HttpEndpoint", "SseTransport"]
 
