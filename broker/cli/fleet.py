@@ -28,11 +28,13 @@ from typing import Any, TextIO
 import anyio
 from aiomqtt import Client, MqttError, ProtocolVersion
 
+from broker.aio.mqtt_material import connect_material, describe_connect_error
 from broker.core.convergence import is_lagging
 from broker.core.durations import format_duration
 from broker.core.events import Event
 from broker.core.state import Consumer, State, Status
 from broker.core.timefmt import parse_time
+from broker.core.topics import join_topic
 
 HEALTHY = frozenset({Status.VALID, Status.EXPIRING})
 #: No message for this long ends the collection (servers that lose the sentinel).
@@ -240,8 +242,6 @@ def cmd_fleet(args: argparse.Namespace) -> int:
     try:
         return anyio.run(_fleet, settings, args, lag_after, timeout)
     except (MqttError, OSError, TimeoutError) as exc:
-        from broker.sinks.mqtt import describe_connect_error
-
         print(f"credbroker fleet: {settings.host}:{settings.port} unreachable: "
               f"{describe_connect_error(exc)}", file=sys.stderr)
         return EXIT_PROBLEM
@@ -250,8 +250,6 @@ def cmd_fleet(args: argparse.Namespace) -> int:
 async def _fleet(
     settings: Any, args: argparse.Namespace, lag_after: float, collect_for: float
 ) -> int:
-    from broker.sinks.mqtt import connect_material, join_topic
-
     password, context = await connect_material(
         settings.password_file, settings.tls, settings.ca_file, None, None
     )

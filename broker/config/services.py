@@ -75,8 +75,7 @@ class BrokerSettings(Model):
 
 
 def _check_mqtt_text(value: str) -> None:
-    # Imported here, not at the top: loading the config must not load the MQTT sink.
-    from broker.sinks.mqtt import mqtt_text_problem
+    from broker.core.topics import mqtt_text_problem
 
     problem = mqtt_text_problem(value)
     if problem is not None:
