@@ -173,7 +173,8 @@ async def _credbroker(port: int, messages: list[tuple[str, bytes, bool]], window
     from aiomqtt import ProtocolVersion
 
     from broker.aio.mqtt_link import MqttLink, WillMessage
-    from broker.sinks.mqtt import _Pipeline, publish_properties
+    from broker.sinks.mqtt.material import publish_properties
+    from broker.sinks.mqtt.outbox import Pipeline
 
     link = await MqttLink.open(
         "127.0.0.1", port, client_id="bench-credbroker", protocol=ProtocolVersion.V5,
@@ -181,7 +182,7 @@ async def _credbroker(port: int, messages: list[tuple[str, bytes, bool]], window
         will=WillMessage("bench/status", b"offline", None), keepalive=60,
         logger=logging.getLogger("bench"),
     )
-    pipe = _Pipeline(link, min(window, link.receive_maximum), ack_timeout=60)
+    pipe = Pipeline(link, min(window, link.receive_maximum), ack_timeout=60)
     props = publish_properties(ProtocolVersion.V5, CONTENT_TYPE)
     for topic, payload, retain in messages:
         await pipe.send(topic, payload, retain, props)

@@ -23,11 +23,13 @@ from pathlib import Path
 import anyio
 from aiomqtt import Client
 
-import broker.sinks.mqtt
 from broker import Broker
 from broker.config import Config, MqttSettings, parse_config
+from broker.core.backoff import Backoff
 from broker.core.events import Event, make_event
-from broker.sinks.mqtt import Backoff, MqttPublisher, Topics
+from broker.core.topics import Topics
+from broker.port import SinkContext
+from broker.sinks.mqtt import WINDOW, MqttPublisher
 from tests.mosquitto import Mosquitto
 
 
@@ -93,8 +95,8 @@ async def latency(directory: Path, server: Mosquitto, changes: int) -> None:
     bus_times: list[float] = []
     mqtt_times: list[float] = []
 
-    def sink(b: Broker) -> MqttPublisher:
-        return MqttPublisher(b, settings=settings)
+    def sink(context: SinkContext) -> MqttPublisher:
+        return MqttPublisher(context, settings=settings)
 
     async with (
         Broker(config, sinks=[sink]) as b,
@@ -125,10 +127,9 @@ async def flush(directory: Path, server: Mosquitto, buffered: int, window: int) 
     config, settings = _config(directory, server, prefix)
     topics = Topics(prefix, "bench")
     backoff = FixedBackoff(1.0)
-    broker.sinks.mqtt.WINDOW = window
 
-    def sink(b: Broker) -> MqttPublisher:
-        return MqttPublisher(b, settings=settings, backoff=backoff)
+    def sink(context: SinkContext) -> MqttPublisher:
+        return MqttPublisher(context, settings=settings, backoff=backoff, window=window)
 
     async with Broker(config, sinks=[sink]) as b:
         publisher = b.sinks["mqtt"]
@@ -172,13 +173,9 @@ async def main(changes: int, buffered: int) -> None:
             server.start()
             (root / "latency").mkdir()
             await latency(root / "latency", server, changes)
-            default = broker.sinks.mqtt.WINDOW
-            try:
-                for window in (default, 1):
-                    (root / f"flush-{window}").mkdir()
-                    await flush(root / f"flush-{window}", server, buffered, window)
-            finally:
-                broker.sinks.mqtt.WINDOW = default
+            for window in (WINDOW, 1):
+                (root / f"flush-{window}").mkdir()
+                await flush(root / f"flush-{window}", server, buffered, window)
 
 
 if __name__ == "__main__":

@@ -39,10 +39,12 @@ from aiomqtt import Client, MqttError
 from broker import Broker
 from broker.cli.remote import iter_sse
 from broker.client import BrokerClient
+from broker.core.backoff import Backoff
 from broker.core.events import Event, make_event
 from broker.core.state import State, Status
+from broker.core.topics import Topics
 from broker.sinks.http import HttpApi
-from broker.sinks.mqtt import Backoff, MqttPublisher, Topics
+from broker.sinks.mqtt import MqttPublisher
 from tests.conftest import SecretRegistry, make_config, record_figures, write_atomic
 from tests.mosquitto import Mosquitto, Subscriber, mosquitto_fixture  # noqa: F401 - fixture
 from tests.test_http import cred, serving

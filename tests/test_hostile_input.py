@@ -34,8 +34,9 @@ from broker import Broker
 from broker.client import BrokerClient, CredentialCache
 from broker.config import ConfigError, CredentialSettings, MqttSettings, parse_config
 from broker.core.fingerprint import Fingerprinter
+from broker.core.topics import Topics, join_topic
 from broker.engine.reader import FileRead, read_credential, read_file
-from broker.sinks.mqtt import MqttPublisher, Topics, join_topic
+from broker.sinks.mqtt import MqttPublisher
 from tests.conftest import SecretRegistry, make_config, record_figures, write_atomic
 from tests.mosquitto import Mosquitto, mosquitto_server_fixture  # noqa: F401 - fixture
 from tests.test_http import OPENAPI, cred, serving
@@ -130,7 +131,7 @@ def test_topic_building_refuses_injection_even_from_unvalidated_models(
         buffer=10, client_id=None, keepalive=30.0,
     )
     with pytest.raises(ValueError, match="MQTT topic"):
-        MqttPublisher(broker, settings=settings)
+        MqttPublisher(broker.sink_context(), settings=settings)
 
 
 def test_valid_topics_still_build() -> None:

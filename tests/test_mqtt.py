@@ -28,21 +28,15 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
 from broker import Broker
+from broker.aio.mqtt_material import describe_connect_error, is_auth_refusal, is_protocol_refusal
 from broker.client import BrokerClient, CredentialCache
 from broker.config import MqttSettings
+from broker.core.backoff import BACKOFF_CAP, Backoff
 from broker.core.events import CONTENT_TYPE, Event, make_event
 from broker.core.state import State, Status
-from broker.sinks.mqtt import (
-    BACKOFF_CAP,
-    Backoff,
-    MqttPublisher,
-    Outbox,
-    Topics,
-    describe_connect_error,
-    is_auth_refusal,
-    is_protocol_refusal,
-    join_topic,
-)
+from broker.core.topics import Topics, join_topic
+from broker.port import SinkContext
+from broker.sinks.mqtt import MqttPublisher, Outbox
 from tests.conftest import SecretRegistry, make_config, write_atomic
 from tests.mosquitto import (
     Mosquitto,
@@ -140,7 +134,7 @@ class SpyBackoff(Backoff):
 
 @asynccontextmanager
 async def running_broker(
-    config: Any, sink: Callable[[Broker], MqttPublisher]
+    config: Any, sink: Callable[[SinkContext], MqttPublisher]
 ) -> AsyncIterator[tuple[Broker, MqttPublisher, Any]]:
     """A broker with one MQTT publisher made by ``sink``, and a bus subscription to all."""
     broker = Broker(config, sinks=[sink])
@@ -465,8 +459,8 @@ async def test_outage_buffers_events_and_reconnect_delivers_them_in_order(
     spy = SpyBackoff(floor=1.5)
     config = make_config(tmp_path, [svc, other])
 
-    def sink(b: Broker) -> MqttPublisher:
-        return MqttPublisher(b, settings=settings, backoff=spy)
+    def sink(context: SinkContext) -> MqttPublisher:
+        return MqttPublisher(context, settings=settings, backoff=spy)
 
     async with running_broker(config, sink) as (broker, publisher, bus):
         async with Subscriber(mosquitto.port, [f"{prefix}/#"], secrets) as first:
@@ -587,8 +581,8 @@ async def test_forced_mqtt_311_publishes_without_properties(
     svc = token_cred(tmp_path, "svc", secrets)
     settings = mqtt_settings(tmp_path, url=mosquitto_server.url, topic_prefix=prefix)
 
-    def sink(b: Broker) -> MqttPublisher:
-        return MqttPublisher(b, settings=settings, protocols=[ProtocolVersion.V311])
+    def sink(context: SinkContext) -> MqttPublisher:
+        return MqttPublisher(context, settings=settings, protocols=[ProtocolVersion.V311])
 
     async with running_broker(make_config(tmp_path, [svc]), sink) as (_, publisher, _bus):
         async with Subscriber(mosquitto_server.port, [f"{prefix}/#"], secrets) as sub:
@@ -645,7 +639,7 @@ async def test_falls_back_to_mqtt_311_when_the_server_refuses_5(
             # Started after the first-sight events, so it publishes status and retained
             # states only: nats-server's MQTT gateway refuses a "." in a topic level, which
             # every event topic has (credentials.refreshed), and drops the connection.
-            publisher = MqttPublisher(h.broker, settings=settings)
+            publisher = MqttPublisher(h.broker.sink_context(), settings=settings)
             async with anyio.create_task_group() as tg:
                 await tg.start(publisher.run)
                 await sub.wait_for(has_states(topics, ["svc"]))

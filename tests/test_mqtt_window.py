@@ -15,7 +15,8 @@ from aiomqtt.exceptions import MqttConnectError
 
 from broker.aio.mqtt_link import LinkLost, MqttLink, WillMessage
 from broker.core.events import Event
-from broker.sinks.mqtt import WINDOW, MqttPublisher, Topics
+from broker.core.topics import Topics
+from broker.sinks.mqtt import WINDOW, MqttPublisher
 from tests.conftest import SecretRegistry, write_atomic
 from tests.mosquitto import (
     Mosquitto,

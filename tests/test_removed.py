@@ -10,8 +10,8 @@ from typing import Any
 import anyio
 import pytest
 
+from broker.core.topics import Topics
 from broker.engine.store import MAX_TOMBSTONES, Loaded, Store
-from broker.sinks.mqtt import Topics
 from tests.conftest import SecretRegistry, make_config, write_atomic
 from tests.mosquitto import (
     Mosquitto,
