@@ -7,7 +7,8 @@ Topics, under ``<prefix>/<host_id>`` (:class:`~broker.core.topics.Topics`):
 - ``state/<credential>``: the latest event of the credential (retained, QoS 1);
 - ``events/<credential>/<type>``: every event (QoS 1, not retained).
 
-The modules: :mod:`.publisher` (the sink, :class:`MqttPublisher`), :mod:`.outbox` (what waits
+The modules: :mod:`.publisher` (the sink, :class:`MqttPublisher`), :mod:`.connection`
+(getting connected, retried with backoff), :mod:`.outbox` (what waits
 for the server, and the window of publishes in flight), :mod:`.retained` (what the retained
 state topics hold), :mod:`.material` (status payloads, the Will, publish properties). What the
 consumer client shares with the publisher lives below the sinks: topic rules in
@@ -34,6 +35,7 @@ from broker.aio.mqtt_material import (
 from broker.core.backoff import BACKOFF_CAP, BACKOFF_INITIAL, Backoff
 from broker.core.topics import Topics, join_topic, mqtt_text_problem
 
+from .connection import Connector
 from .material import publish_properties
 from .outbox import Outbox, Pipeline
 from .publisher import FLUSH_TIMEOUT, SHUTDOWN_TIMEOUT, WINDOW, MqttPublisher
@@ -48,6 +50,7 @@ __all__ = [
     "SHUTDOWN_TIMEOUT",
     "WINDOW",
     "Backoff",
+    "Connector",
     "MqttPublisher",
     "Outbox",
     "Pipeline",

@@ -6,8 +6,8 @@ How delivery works:
 - A *pump* moves events from the bus subscription into the :class:`~.outbox.Outbox` as they
   come, so the bus never waits for the network; the outbox is bounded and coalesces older
   events of a credential when full, so the latest event of every credential always survives.
-- A *connection loop* connects (:class:`~broker.aio.mqtt_link.ProtocolFallback`: MQTT 5,
-  falling back to 3.1.1 when the server refuses 5; failures retried with backoff), publishes
+- A *connection loop* connects (:class:`~.connection.Connector`: MQTT 5, falling back to
+  3.1.1 when the server refuses 5; failures retried with backoff), publishes
   ``online``, the retained state of every credential, then the outbox in order. An event
   leaves the outbox only when the server acknowledged it (PUBACK): anything unacknowledged
   when a connection drops is sent again (at-least-once; consumers dedupe by CloudEvent
@@ -19,7 +19,6 @@ How delivery works:
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Collection, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Literal
@@ -29,13 +28,11 @@ import anyio.abc
 from aiomqtt import ProtocolVersion
 from paho.mqtt.properties import Properties
 
-from broker.aio.mqtt_link import MqttLink, ProtocolFallback
+from broker.aio.mqtt_link import MqttLink
 from broker.aio.mqtt_material import (
     CONNECT_TIMEOUT,
     PROTOCOLS,
-    connect_material,
     describe_connect_error,
-    is_auth_refusal,
     protocol_name,
 )
 from broker.core.backoff import Backoff
@@ -43,7 +40,8 @@ from broker.core.events import CONTENT_TYPE, Event
 from broker.core.topics import Topics
 from broker.port import SinkContext, SinkHealth
 
-from .material import OFFLINE, ONLINE, STATUS_CONTENT_TYPE, publish_properties, will
+from .connection import Connector
+from .material import OFFLINE, ONLINE, STATUS_CONTENT_TYPE, publish_properties
 from .outbox import Outbox, Pipeline, SessionLost
 from .retained import RetainedStates
 
@@ -101,10 +99,15 @@ class MqttPublisher:
         self._settings = settings
         self.topics = Topics(settings.topic_prefix, port.host_id)
         self.client_id = settings.client_id or f"credbroker-{port.host_id}"
-        self._backoff = backoff if backoff is not None else Backoff()
-        self._fallback = ProtocolFallback(protocols)
+        self._connector = Connector(
+            settings,
+            client_id=self.client_id,
+            status_topic=self.topics.status,
+            backoff=backoff if backoff is not None else Backoff(),
+            protocols=protocols,
+            timeout=connect_timeout,
+        )
         self._window = window
-        self._connect_timeout = connect_timeout
         self._flush_timeout = flush_timeout
         self._shutdown_timeout = shutdown_timeout
         self._outbox = Outbox(settings.buffer)
@@ -116,7 +119,6 @@ class MqttPublisher:
         self._subscription = port.subscribe("*", buffer=settings.buffer)
         self.connected = False
         self.connects = 0
-        self.connect_failures = 0
         self.published = 0
         self.publish_failures = 0
         #: The most publishes ever unacknowledged at once (bounded by the server's limit).
@@ -130,7 +132,7 @@ class MqttPublisher:
 
     @property
     def server(self) -> str:
-        return f"{self._settings.host}:{self._settings.port}"
+        return self._connector.server
 
     @property
     def state(self) -> Literal["connected", "disconnected"]:
@@ -150,7 +152,12 @@ class MqttPublisher:
     @property
     def protocol(self) -> str:
         """The MQTT protocol version in use (or to be tried next): ``5`` or ``3.1.1``."""
-        return self._fallback.name
+        return self._connector.protocol
+
+    @property
+    def connect_failures(self) -> int:
+        """Failed connection attempts (a refusal of the protocol version is not one)."""
+        return self._connector.failures
 
     def health(self) -> SinkHealth:
         """For ``/health``, ``/metrics`` and ``credbroker check``."""
@@ -216,15 +223,10 @@ class MqttPublisher:
             )
         self._changed.set()
 
-    # -- connecting -------------------------------------------------------------------------
-
     async def _connect_loop(self) -> None:
         while True:
-            link = await self._fallback.connect_retrying(
-                self._connect, self._backoff,
-                on_failure=self._connect_failed, on_fallback=self._fell_back,
-            )
-            lost = await self._serve(link, self._fallback.protocol)
+            link, protocol = await self._connector.connect()
+            lost = await self._serve(link, protocol)
             log.warning(
                 "mqtt disconnected",
                 extra={
@@ -233,53 +235,7 @@ class MqttPublisher:
                     "buffered": len(self._outbox),
                 },
             )
-            await anyio.sleep(self._backoff.next())
-
-    def _fell_back(self, refused: ProtocolVersion) -> None:
-        log.info(
-            "mqtt server refused the protocol version; falling back",
-            extra={"server": self.server, "refused": protocol_name(refused),
-                   "next": self.protocol},
-        )
-
-    def _connect_failed(self, exc: BaseException, delay: float) -> None:
-        self.connect_failures += 1
-        extra: dict[str, object] = {
-            "server": self.server,
-            "error": describe_connect_error(exc),
-            "attempt": self._backoff.attempt,
-            "retry_in": round(delay, 3),
-            "protocol": self.protocol,
-        }
-        if is_auth_refusal(exc):
-            extra["hint"] = "check mqtt.username and the password in mqtt.password_file"
-        log.error("mqtt connect failed", extra=extra)
-
-    async def _connect(self, protocol: ProtocolVersion) -> MqttLink:
-        settings = self._settings
-        password, context = await connect_material(
-            settings.password_file,
-            settings.tls,
-            settings.ca_file,
-            settings.cert_file,
-            settings.key_file,
-        )
-        with anyio.fail_after(self._connect_timeout):
-            return await MqttLink.open(
-                settings.host,
-                settings.port,
-                # A fixed client id makes a restarted daemon take over its old session: the
-                # server then sends the old session's Will (``offline``) *before* accepting
-                # us, so it can never land after our ``online``.
-                client_id=self.client_id,
-                protocol=protocol,
-                username=settings.username,
-                password=password,
-                tls_context=context,
-                will=will(self.topics.status, protocol),
-                keepalive=max(1, math.ceil(settings.keepalive)),
-                logger=logging.getLogger("broker.mqtt.paho"),
-            )
+            await anyio.sleep(self._connector.backoff.next())
 
     # -- one connection ---------------------------------------------------------------------
 
@@ -402,7 +358,7 @@ class MqttPublisher:
         except SessionLost as exc:
             fail(exc)
             return
-        self._backoff.reset()  # this server works: the next outage starts from 0.5 s again
+        self._connector.backoff.reset()  # this server works: the next outage starts afresh
         log.info(
             "mqtt retained state published",
             extra={"credentials": len(retained.latest), "buffered": len(self._outbox)},
