@@ -93,10 +93,12 @@ class Backoff:
 
     @property
     def initial(self) -> float:
+        """The first ceiling (seconds)."""
         return self.policy.base
 
     @property
     def cap(self) -> float:
+        """The largest ceiling (seconds)."""
         return self.policy.cap
 
     def ceiling(self) -> float:

@@ -78,11 +78,13 @@ class RetainedStates:
         return [e for e in self.latest.values() if self.sent.get(e.subject) != e.id]
 
     def sending(self, event: Event) -> None:
+        """``event`` goes out on its state topic on this connection."""
         # Marked when sent, not when acknowledged: it is in flight on this connection, and a
         # connection that drops forgets every mark (the next one republishes every state).
         self.sent[event.subject] = event.id
 
     def clearing_started(self, name: str) -> None:
+        """The empty retained message clearing ``name``'s topic goes out."""
         self.clearing.add(name)
         self.sent.pop(name, None)
 
