@@ -120,7 +120,11 @@ class RetainedStates:
         names = {s.credential for s in states}
         for gone in [n for n in self.latest if n not in names]:
             del self.latest[gone]  # removed by a reload
-        return [self.latest.get(s.credential) or self._made_up(s) for s in states]
+        events: list[Event] = []
+        for state in states:
+            event = self.latest.get(state.credential)
+            events.append(event if event is not None else self._made_up(state))
+        return events
 
     def _made_up(self, state: State) -> Event:
         event = make_event(
