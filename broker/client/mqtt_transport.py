@@ -15,7 +15,6 @@ from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
-from urllib.parse import urlsplit
 
 import anyio
 from aiomqtt import Client, Message, MqttError, ProtocolVersion, Will
@@ -31,6 +30,7 @@ from broker.core.errors import BrokerError
 from broker.core.events import Event
 from broker.core.timefmt import parse_time
 from broker.core.topics import join_topic
+from broker.core.urls import MQTT_SCHEMES, split_url
 
 from .origin import SOURCE_PREFIX
 from .reports import report_document
@@ -44,16 +44,10 @@ log = logging.getLogger("broker.client")
 
 
 def split_mqtt_url(url: str) -> tuple[str, int, bool]:
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme not in ("mqtt", "mqtts"):
-        raise ValueError("expected mqtt://host[:port] or mqtts://host[:port]")
-    if "@" in parts.netloc:
-        raise ValueError("credentials in the url are not accepted; pass username/password_file")
-    if not parts.hostname:
-        raise ValueError("the url has no host")
-    tls = scheme == "mqtts"
-    return parts.hostname, parts.port or (8883 if tls else 1883), tls
+    """``(host, port, tls)`` of an ``mqtt://`` / ``mqtts://`` URL (``ValueError`` if unusable)."""
+    parts = split_url(url, MQTT_SCHEMES, "mqtt://host[:port] or mqtts://host[:port]",
+                      credentials_hint="pass username/password_file")
+    return parts.host, parts.port, parts.scheme == "mqtts"
 
 
 class MqttTransport:
