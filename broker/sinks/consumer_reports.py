@@ -19,21 +19,21 @@ import anyio
 from aiomqtt import Client, Message, MqttError, ProtocolVersion
 from anyio.abc import TaskStatus
 
-from broker.config import MqttSettings
-from broker.core.convergence import ReportError
-from broker.engine.consumers import ConsumerTracker, parse_report
-from broker.port import SinkContext, SinkHealth
-from broker.sinks.mqtt import (
+from broker.aio.mqtt_link import close_client
+from broker.aio.mqtt_material import (
     CONNECT_TIMEOUT,
     PROTOCOLS,
-    Backoff,
-    close_client,
     connect_material,
     describe_connect_error,
     is_protocol_refusal,
-    join_topic,
     protocol_name,
 )
+from broker.config import MqttSettings
+from broker.core.backoff import Backoff
+from broker.core.convergence import ReportError
+from broker.core.topics import join_topic
+from broker.engine.consumers import ConsumerTracker, parse_report
+from broker.port import SinkContext, SinkHealth
 
 log = logging.getLogger("broker.consumers")
 

@@ -18,8 +18,8 @@ consumer client shares with the publisher lives below the sinks: topic rules in
 
 from __future__ import annotations
 
-# Re-exported from where they live, for the sibling sinks that import them from here
-# (consumer_reports); new code imports them from broker.core / broker.aio directly.
+# Re-exported from where they live (broker.core, broker.aio) for code written against the
+# single module this package was; new code imports them from their homes.
 from broker.aio.mqtt_link import close_client
 from broker.aio.mqtt_material import (
     CONNECT_TIMEOUT,
