@@ -12,6 +12,7 @@ from typing import Self
 
 import anyio
 
+from broker.aio.wakeup import Wakeup
 from broker.core.events import Event
 
 
@@ -65,7 +66,7 @@ class CoalescingQueue(EventReceiver):
         self._limit = buffer
         self._key = key
         self._queue: deque[Event] = deque()
-        self._wakeup = anyio.Event()
+        self._wakeup = Wakeup()
         self._closed = False
         #: Events dropped by coalescing, over the queue's life.
         self.coalesced = 0
@@ -82,7 +83,7 @@ class CoalescingQueue(EventReceiver):
         self._queue.append(event)
         if len(self._queue) > self._limit:
             self._coalesce()
-        self._wakeup.set()
+        self._wakeup.poke()
 
     def _coalesce(self) -> None:
         latest = {self._key(event): event for event in self._queue}
@@ -102,7 +103,6 @@ class CoalescingQueue(EventReceiver):
         while not self._queue:
             if self._closed:
                 raise anyio.EndOfStream
-            self._wakeup = anyio.Event()
             await self._wakeup.wait()
         return self._queue.popleft()
 
@@ -110,7 +110,7 @@ class CoalescingQueue(EventReceiver):
         if not self._closed:
             self._closed = True
             self._detach()
-            self._wakeup.set()
+            self._wakeup.poke()
 
     def _detach(self) -> None:
         """Let go of the writer (called once, on close)."""

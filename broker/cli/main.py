@@ -12,7 +12,6 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import TextIO
 
 import anyio
 
@@ -21,9 +20,9 @@ from broker.cli import fleet, logs, remote
 from broker.cli.hints import first_lines
 from broker.cli.limits import raise_open_files_limit
 from broker.cli.sdnotify import Notifier
+from broker.cli.table import print_table
 from broker.config import Config, ConfigError, CredentialSettings, load_config
 from broker.config.presets import PRESETS
-from broker.core.durations import format_duration
 from broker.core.fingerprint import Fingerprinter
 from broker.core.machine import Observation
 from broker.core.state import Problem, State, Status
@@ -294,31 +293,6 @@ def _read_key(config: Config) -> bytes:
         key = b""
     # Without the daemon's key a fingerprint still tells versions apart within this run.
     return key if len(key) >= 16 else secrets.token_hex(32).encode()
-
-
-def print_table(states: Sequence[State], out: TextIO, now: float | None = None) -> None:
-    """The human table of ``check`` and ``status``: status, time left, fingerprint, problems
-    and consumers."""
-    from broker.engine.consumers import consumer_lines
-
-    now = time.time() if now is None else now
-    rows = [("CREDENTIAL", "STATUS", "EXPIRES IN", "FINGERPRINT")]
-    for s in states:
-        left = "-" if s.expires_at is None else format_duration(s.expires_at - now)
-        rows.append((s.credential, s.status.value, left, s.fingerprint or "-"))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    for i, row in enumerate(rows):
-        print(
-            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip(), file=out
-        )
-        if i == 0:
-            continue
-        for problem in states[i - 1].problems:
-            print(f"    ! {problem.code}: {problem.message}", file=out)
-            if problem.remedy:
-                print(f"      fix: {problem.remedy}", file=out)
-        for line in consumer_lines(states[i - 1], now):
-            print(line, file=out)
 
 
 # -- presets --------------------------------------------------------------------------------

@@ -353,7 +353,7 @@ def add_parsers(sub: Any) -> None:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """``credbroker status``: 0 with a table (or JSON), 1 when the daemon cannot be asked."""
-    from broker.cli.main import print_table
+    from broker.cli.table import print_table
     from broker.sinks.deliveries import print_outcomes
 
     try:

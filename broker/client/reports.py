@@ -16,8 +16,10 @@ import anyio
 
 from broker.core.timefmt import format_time
 
+from .endpoint import error_of
+
 if TYPE_CHECKING:
-    from .sse import HttpEndpoint
+    from .endpoint import HttpEndpoint
 
 __all__ = ["CONSUMER_TTL", "REPORT_INTERVAL", "HttpReporter", "Reporter", "report_document"]
 
@@ -95,7 +97,6 @@ class HttpReporter:
                 await self._cm.__aexit__(exc_type, exc, tb)
 
     async def send(self, generation: int, fingerprint: str | None, now: float) -> None:
-        from .sse import error_of
 
         assert self._session is not None, "use async with"
         body = {"generation": generation, "fingerprint": fingerprint}

@@ -22,6 +22,7 @@ from functools import partial
 import anyio
 from anyio.abc import TaskStatus
 
+from broker.aio.wakeup import Broadcast, Wakeup
 from broker.config import CredentialSettings
 from broker.core.events import IdFactory, new_event_id
 from broker.core.fingerprint import Fingerprinter
@@ -96,10 +97,10 @@ class Engine:
             bus=bus, store=store, source=source, sequence=sequence, clock=clock,
             new_id=new_id, shown=self._with_consumers,
         )
-        self._reschedule = anyio.Event()
+        self._reschedule = Wakeup()
         self._lock = anyio.Lock()
-        self._progress = anyio.Event()
-        self._writers = anyio.Event()
+        self._progress = Broadcast()
+        self._writers = Wakeup()
         self.watcher = Watcher(self._on_paths, self._on_writing, monotonic=monotonic)
         self._net = SafetyNet(
             table=self._table,
@@ -251,13 +252,12 @@ class Engine:
 
         Without a poke the scheduler notices within ``tuning.max_sleep`` anyway.
         """
-        self._reschedule.set()
+        self._reschedule.poke()
 
     async def quiesce(self) -> None:
         """Wait until nothing is queued, evaluating, or waiting out a settle window."""
         while self._queue or self._lock.locked() or self._window.open:
-            progress = self._progress
-            await progress.wait()
+            await self._progress.wait()
 
     async def reconfigure(
         self, credentials: Iterable[CredentialSettings]
@@ -338,7 +338,7 @@ class Engine:
         self._queue.mark(self._table.names_at(paths), scan=scan)
 
     def _on_writing(self) -> None:
-        self._writers.set()
+        self._writers.poke()
 
     # -- loops ------------------------------------------------------------------------------
 
@@ -350,9 +350,8 @@ class Engine:
 
     async def _schedule_loop(self) -> None:
         while True:
-            # A fresh event before looking, so a poke or a new deadline that arrives
-            # during this pass wakes the next wait instead of being lost.
-            self._reschedule = anyio.Event()
+            # Level-triggered: a poke or a new deadline that arrives during this pass
+            # wakes the next wait instead of being lost.
             now = self._clock()
             due = self.deadlines.take_due(now)
             if due.reread:
@@ -361,15 +360,13 @@ class Engine:
                 self._queue.mark(due.reread, scan=True)
             if due.tick:
                 await self._tick(due.tick, now)
-            with anyio.move_on_after(self.deadlines.delay(now, self.tuning.max_sleep)):
-                await self._reschedule.wait()
+            await self._reschedule.wait(self.deadlines.delay(now, self.tuning.max_sleep))
 
     async def _writer_loop(self) -> None:
         """Publish what writers that keep their files open have stopped changing."""
         while True:
             if not self.watcher.writing:
                 await self._writers.wait()
-            self._writers = anyio.Event()
             quiet = self.tuning.writer_quiet
             await anyio.sleep(quiet)
             cutoff = self._monotonic() - quiet
@@ -401,7 +398,7 @@ class Engine:
                 if read.fault is not None:
                     self._faults.record(name, read.fault, now)
                     self.deadlines.at(now + self.tuning.fault_retry, name, Kind.RETRY)
-                    self._reschedule.set()
+                    self._reschedule.poke()
                     continue
                 startup = tracked.startup and tracked.state is not None
                 ev = evaluate(
@@ -424,7 +421,7 @@ class Engine:
                     due = self._window.due(name)
                     assert due is not None
                     self.deadlines.at(due, name, Kind.SETTLE)
-                    self._reschedule.set()
+                    self._reschedule.poke()
                     continue
                 # Published after the window: as of the moment it was first observed.
                 tr = ev.transition if as_of == now else ev.as_of(as_of)
@@ -444,8 +441,7 @@ class Engine:
         self._progressed()
 
     def _progressed(self) -> None:
-        self._progress.set()
-        self._progress = anyio.Event()
+        self._progress.notify()
 
     async def _tick(self, names: set[str], now: float) -> None:
         async with self._lock:
@@ -467,7 +463,7 @@ class Engine:
 
     def _follow(self, name: str, state: State | None) -> None:
         if self.deadlines.follow(name, state):
-            self._reschedule.set()
+            self._reschedule.poke()
 
 
 def _no_consumers(name: str) -> tuple[Consumer, ...]:

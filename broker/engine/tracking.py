@@ -6,8 +6,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
-import anyio
-
+from broker.aio.wakeup import Wakeup
 from broker.config import CredentialSettings
 from broker.core.reads import Signature
 from broker.core.state import State
@@ -56,7 +55,7 @@ class WorkQueue:
 
     def __init__(self) -> None:
         self._pending: dict[str, Pending] = {}
-        self._wake = anyio.Event()
+        self._wake = Wakeup()
 
     def __bool__(self) -> bool:
         return bool(self._pending)
@@ -65,12 +64,11 @@ class WorkQueue:
         """Queue ``names`` (``scan``: found by looking, so check them for writers)."""
         for name in names:
             self._pending.setdefault(name, Pending()).scan |= scan
-        self._wake.set()
+        self._wake.poke()
 
     async def take(self) -> dict[str, Pending]:
         """Wait for work, then take all of it."""
         await self._wake.wait()
-        self._wake = anyio.Event()
         batch, self._pending = self._pending, {}
         return batch
 

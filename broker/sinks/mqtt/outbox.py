@@ -13,6 +13,7 @@ from paho.mqtt.properties import Properties
 
 from broker.aio.mqtt_link import LinkLost, MqttLink
 from broker.aio.mqtt_material import describe_connect_error
+from broker.aio.wakeup import Wakeup
 from broker.core.errors import BrokerError
 from broker.core.events import Event
 
@@ -125,7 +126,7 @@ class Pipeline:
         self._pending: dict[int, Callable[[], None] | None] = {}
         #: The most publishes unacknowledged at once, over the pipeline's life.
         self.peak = 0
-        self._wake = anyio.Event()
+        self._wake = Wakeup()
         link.on_ack = self._acked
         link.on_lost = self._lost
 
@@ -163,9 +164,7 @@ class Pipeline:
                 while not ready():
                     if self._link.lost is not None:
                         raise SessionLost(describe_connect_error(self._link.lost))
-                    # No await between the check and the new Event: no wake-up is lost.
-                    wake = self._wake = anyio.Event()
-                    await wake.wait()
+                    await self._wake.wait()  # level-triggered: no wake-up is lost
         except TimeoutError:
             raise SessionLost(f"no PUBACK within {self._ack_timeout:g} s") from None
 
@@ -173,7 +172,7 @@ class Pipeline:
         done = self._pending.pop(mid, None)
         if done is not None:
             done()
-        self._wake.set()
+        self._wake.poke()
 
     def _lost(self, exc: BaseException) -> None:
-        self._wake.set()
+        self._wake.poke()

@@ -35,6 +35,7 @@ from broker.aio.mqtt_material import (
     describe_connect_error,
     protocol_name,
 )
+from broker.aio.wakeup import Wakeup
 from broker.core.backoff import Backoff
 from broker.core.events import CONTENT_TYPE, Event
 from broker.core.topics import Topics
@@ -112,7 +113,7 @@ class MqttPublisher:
         self._shutdown_timeout = shutdown_timeout
         self._outbox = Outbox(settings.buffer)
         self._retained = RetainedStates(port.state, source=port.source, clock=port.clock)
-        self._changed = anyio.Event()
+        self._changed = Wakeup()
         # Subscribed now rather than in ``run``: no event published from here on is missed
         # (a broker that makes its sinks before the engine's first pass gets the first-sight
         # events, and changes made while it was stopped, on the events topics too).
@@ -207,7 +208,7 @@ class MqttPublisher:
         in :meth:`_deliver`.
         """
         self._retained.reconfigured(removed, added)
-        self._changed.set()
+        self._changed.poke()
 
     def _take(self, event: Event) -> None:
         self._retained.take(event)
@@ -221,7 +222,7 @@ class MqttPublisher:
                     "limit": self._outbox.limit,
                 },
             )
-        self._changed.set()
+        self._changed.poke()
 
     async def _connect_loop(self) -> None:
         while True:
@@ -376,9 +377,7 @@ class MqttPublisher:
                         await self._send_state(pipe, latest, props)
                 item = self._outbox.next_unsent()
                 if item is None:
-                    # No await between the check and the new Event: no wake-up is lost.
-                    changed = self._changed = anyio.Event()
-                    await changed.wait()
+                    await self._changed.wait()  # level-triggered: no wake-up is lost
                     continue
                 await self._send_event(pipe, item[0], item[1], props)
         except SessionLost as exc:
