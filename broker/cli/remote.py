@@ -12,20 +12,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
-from urllib.parse import urlsplit
 
 import aiohttp
 import anyio
 
 from broker.config import HttpSettings, load_config
+from broker.core.backoff import backoff_delay
 from broker.core.errors import BrokerError
 from broker.core.state import State
+from broker.core.urls import HTTP_SCHEMES, UrlError, split_url
 
 DEFAULT_URL = "http://127.0.0.1:8790"
 EXIT_OK = 0
@@ -125,11 +125,11 @@ def _check_url(url: str) -> str:
         if len(url) <= 5:
             raise RemoteError("a unix: URL needs a path, e.g. unix:/run/credbroker.sock")
         return url
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise RemoteError(f"unsupported URL {url!r}; expected http://host:port or unix:/path")
-    if "@" in parts.netloc:
-        raise RemoteError("credentials in the URL are not accepted; use --token-file")
+    try:
+        split_url(url, HTTP_SCHEMES, "http://host:port or unix:/path",
+                  credentials_hint="use --token-file")
+    except UrlError as exc:
+        raise RemoteError(str(exc)) from None
     return url
 
 
@@ -294,7 +294,7 @@ async def follow_events(
                       file=err, flush=True)
             failures += 1
             # Full jitter: many followers of one restarted daemon do not come back in step.
-            await anyio.sleep(random.uniform(0, min(retry_max, retry_min * 2 ** failures)))
+            await anyio.sleep(backoff_delay(failures, retry_min, retry_max))
 
 
 def _raise_for(endpoint: Endpoint, status: int, body: bytes) -> None:

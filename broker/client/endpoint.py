@@ -9,12 +9,13 @@ import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import aiohttp
 import anyio
 
 from broker.core.errors import BrokerError
+from broker.core.urls import HTTP_SCHEMES, split_url
 
 __all__ = ["HttpEndpoint", "HttpError", "error_of"]
 
@@ -50,12 +51,9 @@ class HttpEndpoint:
             self.base = "http://localhost"
             self.description = url
         else:
-            parts = urlsplit(url)
-            if "@" in parts.netloc:
-                raise ValueError("credentials in the url are not accepted; pass token_file")
-            if not parts.hostname:
-                raise ValueError("the url has no host")
-            self.base = f"{parts.scheme}://{parts.netloc}".rstrip("/")
+            parts = split_url(url, HTTP_SCHEMES, "http(s)://host[:port] or unix:/path",
+                              credentials_hint="pass token_file")
+            self.base = f"{parts.scheme}://{parts.authority}"
             self.description = self.base
         self._tls = url.startswith("https:")
         self._token = token

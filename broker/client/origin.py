@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import time
 
-from broker.core.events import Event
-from broker.core.state import State, Status
+from broker.core.events import EVENT_FOR_STATUS, REFRESHED, Event
+from broker.core.state import State
 from broker.core.timefmt import format_time, parse_time
 
 __all__ = [
     "REFRESHED",
     "SOURCE_PREFIX",
-    "TYPE_FOR_STATUS",
     "host_of",
     "host_of_source",
     "newer",
@@ -24,19 +23,7 @@ __all__ = [
     "with_source",
 ]
 
-REFRESHED = "credentials.refreshed"
 SOURCE_PREFIX = "urn:credbroker:"
-
-#: The event type a state document read back (HTTP GET) stands for: the one that put the
-#: credential in that status.
-TYPE_FOR_STATUS = {
-    Status.VALID: REFRESHED,
-    Status.EXPIRING: "credentials.expiring",
-    Status.EXPIRED: "credentials.expired",
-    Status.INVALID: "credentials.invalid",
-    Status.MISSING: "credentials.missing",
-}
-
 
 def host_of(event: Event) -> str:
     """The broker's ``host_id`` an event came from (its ``source`` without the prefix)."""
@@ -49,7 +36,7 @@ def state_event(state: State, source: str) -> Event:
     Its id is derived from the sequence, so reading the same state twice yields one event.
     """
     event = Event(
-        type=TYPE_FOR_STATUS[state.status],
+        type=EVENT_FOR_STATUS[state.status],
         subject=state.credential,
         data=state,
         source=source,

@@ -12,6 +12,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from broker.config.errors import errors_at, show
 from broker.config.fields import Duration, ExpandedPath, Model, PositiveDuration
 from broker.config.scalars import argv_not_a_string, check_api_url, check_argv, check_ident
+from broker.core.events import REFRESHED
 
 __all__ = ["ActionSettings", "SignalSettings", "WebhookSettings", "check_unique_names"]
 
@@ -74,7 +75,7 @@ class ActionSettings(_RoutedSettings):
     """``[[actions]]``: signal a process or run argv (no shell) when credentials change."""
 
     _kind: ClassVar[str] = "action"
-    on: tuple[str, ...] = ("credentials.refreshed",)
+    on: tuple[str, ...] = (REFRESHED,)
     signal: SignalSettings | None = None
     command: tuple[str, ...] | None = Field(default=None, min_length=1)
     coalesce: Duration = 0.5

@@ -13,10 +13,12 @@ from urllib.parse import urlsplit
 
 from broker.core.errors import BrokerError
 
-__all__ = ["MQTT_SCHEMES", "UrlError", "UrlParts", "split_url"]
+__all__ = ["HTTP_SCHEMES", "MQTT_SCHEMES", "UrlError", "UrlParts", "split_url"]
 
 #: The MQTT schemes and their default ports.
 MQTT_SCHEMES: Mapping[str, int] = {"mqtt": 1883, "mqtts": 8883}
+#: The HTTP URL schemes and their default ports.
+HTTP_SCHEMES: Mapping[str, int] = {"http": 80, "https": 443}
 
 
 class UrlError(BrokerError, ValueError):

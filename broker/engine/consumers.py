@@ -43,6 +43,7 @@ from broker.core.convergence import (
     record,
 )
 from broker.core.durations import format_duration
+from broker.core.events import REFRESHED
 from broker.core.state import Consumer, State
 from broker.core.timefmt import parse_time
 from broker.engine.consumers_file import (
@@ -308,7 +309,7 @@ class ConsumerTracker:
                 continue  # our own announcements change nothing
             name, state = event.subject, event.data
             cred = self._creds.get(name)
-            if event.type == "credentials.refreshed":
+            if event.type == REFRESHED:
                 cred = cred or self._creds.setdefault(name, Tracked({}))
                 try:
                     when = parse_time(event.time)

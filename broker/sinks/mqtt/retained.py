@@ -12,20 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from broker.core.events import Event, make_event
-from broker.core.state import State, Status
+from broker.core.events import EVENT_FOR_STATUS, Event, make_event
+from broker.core.state import State
 
-__all__ = ["TYPE_FOR_STATUS", "RetainedStates"]
-
-#: The event type a state made into an event stands for: the one that put it in that status.
-TYPE_FOR_STATUS = {
-    Status.VALID: "credentials.refreshed",
-    Status.EXPIRING: "credentials.expiring",
-    Status.EXPIRED: "credentials.expired",
-    Status.INVALID: "credentials.invalid",
-    Status.MISSING: "credentials.missing",
-}
-
+__all__ = ["RetainedStates"]
 
 class RetainedStates:
     """The latest event of each credential, and per connection which topics are up to date.
@@ -128,7 +118,7 @@ class RetainedStates:
 
     def _made_up(self, state: State) -> Event:
         event = make_event(
-            TYPE_FOR_STATUS[state.status], state, source=self._source, now=self._clock()
+            EVENT_FOR_STATUS[state.status], state, source=self._source, now=self._clock()
         )
         self.latest[state.credential] = event
         return event
