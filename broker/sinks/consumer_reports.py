@@ -16,17 +16,13 @@ import time
 from collections.abc import Callable
 
 import anyio
-from aiomqtt import Client, Message, MqttError, ProtocolVersion
+from aiomqtt import Client, Message, ProtocolVersion
 from anyio.abc import TaskStatus
 
-from broker.aio.mqtt_link import close_client
+from broker.aio.mqtt_link import CONNECT_ERRORS, ProtocolFallback, close_client, open_client
 from broker.aio.mqtt_material import (
-    CONNECT_TIMEOUT,
-    PROTOCOLS,
     connect_material,
     describe_connect_error,
-    is_protocol_refusal,
-    protocol_name,
 )
 from broker.config import MqttSettings
 from broker.core.backoff import Backoff
@@ -115,50 +111,45 @@ class MqttConsumerReports:
         if tracker is None:
             raise RuntimeError("consumer reports need the broker's consumer tracker")
         task_status.started()
-        protocols = list(PROTOCOLS)
+        fallback = ProtocolFallback()
         while True:
+            client = await fallback.connect_retrying(
+                self._open, self._backoff,
+                on_failure=lambda exc, delay: self._failed(exc, delay, fallback.name),
+            )
             try:
-                await self._session(tracker, protocols[0])
-            except (MqttError, OSError, ValueError, TimeoutError) as exc:
-                if is_protocol_refusal(exc) and len(protocols) > 1:
-                    protocols.pop(0)
-                    continue
+                await client.subscribe(self.filter, qos=1)
+                self.connected = True
+                self._backoff.reset()
+                log.info("mqtt consumer reports subscribed", extra={"filter": self.filter})
+                async for message in client.messages:
+                    self.handle(tracker, message)
+            except CONNECT_ERRORS as exc:
                 delay = self._backoff.next()
-                log.warning(
-                    "mqtt consumer reports: connection failed",
-                    extra={"error": describe_connect_error(exc), "retry_in": round(delay, 3),
-                           "protocol": protocol_name(protocols[0])},
-                )
+                self._failed(exc, delay, fallback.name)
                 await anyio.sleep(delay)
             finally:
                 self.connected = False
+                await close_client(client)
 
-    async def _session(self, tracker: ConsumerTracker, protocol: ProtocolVersion) -> None:
+    def _failed(self, exc: BaseException, delay: float, protocol: str) -> None:
+        log.warning(
+            "mqtt consumer reports: connection failed",
+            extra={"error": describe_connect_error(exc), "retry_in": round(delay, 3),
+                   "protocol": protocol},
+        )
+
+    async def _open(self, protocol: ProtocolVersion) -> Client:
         s = self._settings
         password, context = await connect_material(
             s.password_file, s.tls, s.ca_file, s.cert_file, s.key_file
         )
-        client = Client(
-            s.host, s.port, username=s.username, password=password,
-            identifier=self.client_id, protocol=protocol, tls_context=context,
-            keepalive=max(1, math.ceil(s.keepalive)), timeout=CONNECT_TIMEOUT + 5,
+        return await open_client(
+            s.host, s.port, protocol=protocol, username=s.username, password=password,
+            tls_context=context, client_id=self.client_id,
+            keepalive=max(1, math.ceil(s.keepalive)),
             logger=logging.getLogger("broker.mqtt.paho"),
         )
-        try:
-            with anyio.fail_after(CONNECT_TIMEOUT):
-                await client.__aenter__()
-        except BaseException:
-            await close_client(client, wait=0.2)
-            raise
-        try:
-            await client.subscribe(self.filter, qos=1)
-            self.connected = True
-            self._backoff.reset()
-            log.info("mqtt consumer reports subscribed", extra={"filter": self.filter})
-            async for message in client.messages:
-                self.handle(tracker, message)
-        finally:
-            await close_client(client)
 
     def handle(self, tracker: ConsumerTracker, message: Message) -> None:
         """Apply one report message; anything hostile is ignored (and logged, rate-limited)."""
