@@ -1,5 +1,5 @@
-"""Paths as the user writes them: templates (``~``, ``$VAR``, ``${VAR:-default}``), patterns
-(a last component with ``*``, ``?`` or ``[``), and how a path is shown back (with ``~``).
+"""Paths as the user writes them: templates (``~``, ``$VAR``, ``${VAR:-default}``)
+and how a path is shown back (with ``~``); patterns are :mod:`broker.core.globs`.
 
 Pure functions over text; what a relative path is taken against is the load context's
 business (:mod:`broker.config.context`).
