@@ -17,6 +17,8 @@ from aiomqtt import MqttCodeError, ProtocolVersion
 from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.reasoncodes import ReasonCode
 
+from broker.aio.secretfile import SecretFileError, load_secret_file
+
 __all__ = [
     "CONNECT_TIMEOUT",
     "PROTOCOLS",
@@ -70,8 +72,15 @@ async def connect_material(
 
 
 async def read_password_file(path: str | os.PathLike[str]) -> str:
-    """An MQTT password from its file: one line, UTF-8."""
-    raw = await anyio.Path(path).read_bytes()
+    """An MQTT password from its file: one line, UTF-8 (read like every secret file).
+
+    A file that cannot be used is a ``ValueError``, a connect failure the loops retry:
+    the file may be written in place by the time of the next try.
+    """
+    try:
+        raw = (await load_secret_file(path)).data
+    except SecretFileError as exc:
+        raise ValueError(str(exc)) from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:

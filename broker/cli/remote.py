@@ -21,6 +21,7 @@ from typing import Any, TextIO
 import aiohttp
 import anyio
 
+from broker.aio.secretfile import SecretFileError, read_secret_file
 from broker.config import HttpSettings, load_config
 from broker.core.backoff import backoff_delay
 from broker.core.errors import BrokerError
@@ -135,10 +136,10 @@ def _check_url(url: str) -> str:
 
 def _read_token(path: Path) -> str:
     try:
-        token = path.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        raise RemoteError(f"cannot read the token file {path}: {reason}") from None
+        token = read_secret_file(path).data.decode("utf-8").strip()
+    except (SecretFileError, UnicodeDecodeError) as exc:
+        reason = str(exc) if isinstance(exc, SecretFileError) else f"{path} is not UTF-8 text"
+        raise RemoteError(f"cannot read the token file: {reason}") from None
     if not token:
         raise RemoteError(f"the token file {path} is empty")
     return token
