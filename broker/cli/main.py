@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import secrets
@@ -20,7 +19,7 @@ from broker.cli import fleet, logs, remote
 from broker.cli.hints import first_lines
 from broker.cli.limits import raise_open_files_limit
 from broker.cli.sdnotify import Notifier
-from broker.cli.table import print_table
+from broker.cli.table import print_report
 from broker.config import Config, ConfigError, CredentialSettings, load_config
 from broker.config.presets import PRESETS
 from broker.core.fingerprint import Fingerprinter
@@ -207,17 +206,10 @@ def _cmd_check(args: argparse.Namespace) -> int:
         )
         return EXIT_USAGE
     states = check_now(config, args.names)
-    from broker.sinks.deliveries import configured_outcomes, print_outcomes
+    from broker.sinks.deliveries import configured_outcomes
 
     deliveries = configured_outcomes(config)
-    if args.json:
-        doc: dict[str, object] = {"credentials": [s.to_dict() for s in states]}
-        if deliveries:
-            doc["deliveries"] = deliveries
-        print(json.dumps(doc, indent=2))
-    else:
-        print_table(states, sys.stdout)
-        print_outcomes(deliveries, sys.stdout)
+    print_report(states, deliveries, as_json=args.json, out=sys.stdout)
     return EXIT_OK if all(s.status in _HEALTHY for s in states) else EXIT_PROBLEM
 
 

@@ -354,8 +354,7 @@ def add_parsers(sub: Any) -> None:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """``credbroker status``: 0 with a table (or JSON), 1 when the daemon cannot be asked."""
-    from broker.cli.table import print_table
-    from broker.sinks.deliveries import print_outcomes
+    from broker.cli.table import print_report
 
     try:
         endpoint = resolve_endpoint(args.url, args.config, args.token_file)
@@ -364,14 +363,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     except RemoteError as exc:
         print(f"credbroker: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
-    if args.json:
-        doc: dict[str, Any] = {"credentials": [s.to_dict() for s in states]}
-        if deliveries:
-            doc["deliveries"] = deliveries
-        print(json.dumps(doc, indent=2))
-    else:
-        print_table(states, sys.stdout)
-        print_outcomes(deliveries, sys.stdout)
+    print_report(states, deliveries, as_json=args.json, out=sys.stdout)
     return EXIT_OK
 
 

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
-from typing import TextIO
+from typing import Any, TextIO
 
 from broker.core.durations import format_duration
 from broker.core.state import State
 
-__all__ = ["print_table"]
+__all__ = ["print_report", "print_table"]
 
 
 def print_table(states: Sequence[State], out: TextIO, now: float | None = None) -> None:
@@ -35,3 +36,20 @@ def print_table(states: Sequence[State], out: TextIO, now: float | None = None) 
                 print(f"      fix: {problem.remedy}", file=out)
         for line in consumer_lines(states[i - 1], now):
             print(line, file=out)
+
+
+def print_report(
+    states: Sequence[State], deliveries: Sequence[dict[str, Any]], *, as_json: bool,
+    out: TextIO,
+) -> None:
+    """What ``check`` and ``status`` print: the table and the deliveries, or one JSON document."""
+    from broker.sinks.deliveries import print_outcomes
+
+    if as_json:
+        doc: dict[str, object] = {"credentials": [s.to_dict() for s in states]}
+        if deliveries:
+            doc["deliveries"] = list(deliveries)
+        print(json.dumps(doc, indent=2), file=out)
+    else:
+        print_table(states, out)
+        print_outcomes(deliveries, out)
