@@ -108,8 +108,13 @@ def _time(value: Any) -> float | None:
 class Store:
     """The files in ``state_dir``. Methods are blocking; the engine runs them in a thread."""
 
-    def __init__(self, state_dir: Path, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, state_dir: Path, *, clock: Callable[[], float] = time.time, read_only: bool = False
+    ) -> None:
         self.state_dir = state_dir
+        # Read-only: a reader beside the daemon (``credbroker check``) changes nothing: no
+        # corrupt file is set aside, no mode tightened.
+        self._read_only = read_only
         # When a credential was removed (tombstones) and when a corrupt file was set aside.
         self._clock = clock
         self._snapshot = state_dir / SNAPSHOT
@@ -280,7 +285,7 @@ class Store:
             # The environment (EMFILE, EACCES, EIO), not corruption: keep the file for later.
             loaded.problems.append(f"cannot read {path}: {exc.strerror}")
             return None
-        if stat.S_IMODE(mode) & 0o077:
+        if stat.S_IMODE(mode) & 0o077 and not self._read_only:
             try:
                 _tighten(path, 0o600, what)
             except StoreError as exc:
@@ -374,6 +379,8 @@ class Store:
         self.error = message
 
     def _set_aside(self, path: Path) -> Path:
+        if self._read_only:
+            return path
         aside = path.with_name(f"{path.name}.corrupt-{int(self._clock())}")
         with contextlib.suppress(OSError):
             path.replace(aside)
@@ -416,36 +423,13 @@ def persisted_problems(state_dir: Path, code: str) -> dict[str, tuple[str | None
     """``name -> (fingerprint, problem coded code)`` from the daemon's persisted states.
 
     For ``credbroker check``, which runs without the daemon (a failing refresh is only known
-    to it). Read-only (unlike :meth:`Store.load`, nothing is set aside or rewritten), and
-    tolerant: anything unreadable is simply not reported.
+    to it). The store's own reader, read-only: nothing is set aside or rewritten, and what
+    cannot be read is simply not reported.
     """
-    latest: dict[str, Any] = {}
-    try:
-        snapshot = json.loads(read_regular(state_dir / SNAPSHOT, MAX_STATE_FILE)[0])
-        creds = snapshot.get("credentials", {}) if isinstance(snapshot, dict) else {}
-        if isinstance(creds, dict):
-            latest.update({n: d for n, d in creds.items() if isinstance(d, dict)})
-    except (OSError, UnsafeFile, ValueError, RecursionError):
-        pass
-    try:
-        lines = read_regular(state_dir / JOURNAL, MAX_STATE_FILE)[0].splitlines()
-    except (OSError, UnsafeFile):
-        lines = []
-    for line in lines:
-        try:
-            entry = json.loads(line)
-            for doc in entry["states"]:
-                latest[str(doc["credential"])] = doc
-        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
-            continue
+    loaded = Store(state_dir, read_only=True).load()
     found: dict[str, tuple[str | None, Problem]] = {}
-    for name, doc in latest.items():
-        try:
-            problems = [Problem.from_dict(p) for p in doc.get("problems", ())]
-            fingerprint = doc.get("fingerprint")
-        except (KeyError, TypeError, AttributeError, ValueError):
-            continue
-        for problem in problems:
+    for name, state in loaded.states.items():
+        for problem in state.problems:
             if problem.code == code:
-                found[name] = (fingerprint if isinstance(fingerprint, str) else None, problem)
+                found[name] = (state.fingerprint, problem)
     return found
