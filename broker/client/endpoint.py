@@ -12,8 +12,8 @@ from pathlib import Path
 from urllib.parse import quote
 
 import aiohttp
-import anyio
 
+from broker.aio.secretfile import SecretFileError, load_secret_file
 from broker.core.errors import BrokerError
 from broker.core.urls import HTTP_SCHEMES, split_url
 
@@ -63,7 +63,12 @@ class HttpEndpoint:
     async def _headers(self) -> dict[str, str]:
         if self._token_file is not None:
             # Read at every connect: a rotated API token is picked up on reconnect.
-            raw = await anyio.Path(self._token_file).read_text()
+            try:
+                raw = (await load_secret_file(self._token_file)).data.decode("utf-8")
+            except (SecretFileError, UnicodeDecodeError) as exc:
+                # An OSError, so the reconnecting loop retries it like a connect failure.
+                why = str(exc) if isinstance(exc, SecretFileError) else "is not UTF-8 text"
+                raise OSError(f"token_file {why}") from None
             return {"Authorization": f"Bearer {raw.strip()}"}
         if self._token is not None:
             return {"Authorization": f"Bearer {self._token}"}
