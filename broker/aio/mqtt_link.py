@@ -43,6 +43,7 @@ from broker.aio.mqtt_material import (
     protocol_name,
 )
 from broker.core.backoff import Backoff
+from broker.core.errors import BrokerError
 
 __all__ = [
     "LinkLost",
@@ -185,7 +186,7 @@ async def close_client(client: Client, wait: float = 1.0) -> None:
         await client.__aexit__(None, None, None)  # MqttError: already gone, nothing to close
 
 
-class LinkLost(MqttError):
+class LinkLost(MqttError, BrokerError):
     """The connection ended (or never came up); ``str()`` says why, without secrets."""
 
 
