@@ -245,7 +245,7 @@ class BrokerClient:
         """From any thread: wait until connected; False on timeout."""
         return self._ready.wait(timeout)
 
-    def follow_in_thread(self, *, name: str = "credbroker-client") -> Follower:
+    def follow_in_thread(self, *, name: str = "credbroker-client") -> Follower[BrokerClient]:
         """Run the client in a daemon thread of its own, for synchronous services.
 
         Returns the :class:`Follower`; ``stop()`` it at shutdown (it also stops with the

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from contextlib import suppress
-from typing import TYPE_CHECKING
+from contextlib import AbstractAsyncContextManager, suppress
+from typing import Any, Generic, TypeVar
 
 import anyio
 import anyio.from_thread
@@ -15,18 +15,19 @@ import anyio.lowlevel
 
 from broker.core.backoff import Backoff
 
-if TYPE_CHECKING:
-    from .broker_client import BrokerClient
-
 __all__ = ["Follower"]
 
 log = logging.getLogger("broker.client")
 
+#: The client a follower runs: a ``BrokerClient`` (any async context manager that follows).
+C = TypeVar("C", bound=AbstractAsyncContextManager[Any])
 
-class Follower:
-    """A daemon thread running a :class:`BrokerClient` (see ``follow_in_thread``)."""
 
-    def __init__(self, client: BrokerClient, *, name: str) -> None:
+class Follower(Generic[C]):
+    """A daemon thread running a :class:`~broker.client.BrokerClient` (see
+    ``follow_in_thread``), restarted with backoff should it fail."""
+
+    def __init__(self, client: C, *, name: str) -> None:
         self.client = client
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._lock = threading.Lock()

@@ -36,7 +36,7 @@ from .origin import SOURCE_PREFIX
 from .reports import report_document
 
 if TYPE_CHECKING:
-    from .broker_client import BrokerClient
+    from .owner import TransportOwner
 
 __all__ = ["MqttReporter", "MqttTransport"]
 
@@ -127,7 +127,7 @@ class MqttTransport:
             logger=logging.getLogger("broker.client.paho"),
         )
 
-    async def session(self, client: BrokerClient) -> None:
+    async def session(self, client: TransportOwner) -> None:
         mqtt = await self.connect(client_id=self._client_id)
         try:
             # State first: the server sends a filter's retained messages right after its
@@ -151,7 +151,7 @@ class MqttTransport:
         finally:
             await close_client(mqtt)
 
-    def _on_message(self, client: BrokerClient, message: Message) -> None:
+    def _on_message(self, client: TransportOwner, message: Message) -> None:
         topic = message.topic.value
         payload = message.payload
         rest = topic[len(self.prefix) + 1:] if topic.startswith(self.prefix + "/") else ""

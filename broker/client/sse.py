@@ -23,7 +23,7 @@ from .origin import SOURCE_PREFIX, state_event
 from .reports import HttpReporter
 
 if TYPE_CHECKING:
-    from .broker_client import BrokerClient
+    from .owner import TransportOwner
 
 __all__ = ["HttpEndpoint", "HttpError", "SseTransport"]
 
@@ -62,7 +62,7 @@ class SseTransport:
     def reporter(self, credential: str, consumer_id: str, host: str) -> HttpReporter:
         return HttpReporter(self.endpoint, credential, consumer_id)
 
-    async def session(self, client: BrokerClient) -> None:
+    async def session(self, client: TransportOwner) -> None:
         async with self.endpoint.session(read_bufsize=self._max_payload + 4096) as http:
             newest = await self._read_states(http, client)
             since = self._last_id if self._last_id is not None else newest
@@ -76,7 +76,7 @@ class SseTransport:
                 await self._follow(http, stream, client)
             raise HttpError("the event stream ended")
 
-    async def _read_states(self, http: aiohttp.ClientSession, client: BrokerClient) -> int | None:
+    async def _read_states(self, http: aiohttp.ClientSession, client: TransportOwner) -> int | None:
         """Read every credential's state; return the newest sequence among them."""
         async with http.get(self.endpoint.path("v1", "credentials")) as response:
             if response.status != 200:
@@ -93,7 +93,7 @@ class SseTransport:
         return max((s.sequence for s in states), default=None)
 
     async def _follow(
-        self, http: aiohttp.ClientSession, stream: aiohttp.ClientResponse, client: BrokerClient
+        self, http: aiohttp.ClientSession, stream: aiohttp.ClientResponse, client: TransportOwner
     ) -> None:
         frame: dict[str, list[str]] = {}
         size = 0
@@ -116,7 +116,7 @@ class SseTransport:
                 await self._read_states(http, client)
 
     async def _dispatch(
-        self, http: aiohttp.ClientSession, frame: dict[str, list[str]], client: BrokerClient
+        self, http: aiohttp.ClientSession, frame: dict[str, list[str]], client: TransportOwner
     ) -> None:
         kind = frame.get("event", ["message"])[-1]
         ident = _int(frame.get("id", [""])[-1])
