@@ -226,7 +226,7 @@ _NOT_MINE = [tracemalloc.Filter(False, "*/tests/*"),
 
 @pytest.mark.parametrize("events", [
     pytest.param(STALL_EVENTS, id=f"{STALL_EVENTS}"),
-    pytest.param(10_000, id="10000", marks=[pytest.mark.soak, pytest.mark.timeout(300)]),
+    pytest.param(10_000, id="10000", marks=[pytest.mark.soak, pytest.mark.timeout(600)]),
 ])
 async def test_stalled_consumers_stall_no_one_and_memory_stays_bounded(
     tmp_path: Path, secrets: SecretRegistry, mosquitto: Mosquitto,
@@ -333,7 +333,9 @@ async def test_stalled_consumers_stall_no_one_and_memory_stays_bounded(
             async def rotate(count: int) -> None:
                 nonlocal produced
                 after = broker.engine.sequence
-                with anyio.fail_after(120):
+                # A bound for a hang, not a throughput claim: under tracemalloc this machine
+                # managed 80-180 events/s from one day to the next.
+                with anyio.fail_after(max(120.0, count / 25)):
                     while len([s for s in bus_arrivals.at if s > after]) < count:
                         write_atomic(paths[produced % len(paths)],
                                      f"{pool[produced % len(pool)]}-{produced}")
