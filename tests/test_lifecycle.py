@@ -386,19 +386,19 @@ async def test_external_findings_reject_and_announce(
         engine = h.broker.engine
         fp = h.broker.state("svc").fingerprint
         rejected = Problem("rejected-by-validator", "the API answered 401")
-        state = await engine.set_problem("svc", "validate", rejected, fingerprint=fp)
+        state = await engine.report_finding("svc", "validate", rejected, fingerprint=fp)
         assert state.status is Status.INVALID
         assert state.generation == 1
         assert state.problems[0].code == "rejected-by-validator"
         # Unreachable is advice, not a verdict: the status stays.
-        await engine.set_problem("svc", "validate", None)
+        await engine.report_finding("svc", "validate", None)
         unreachable = Problem("validator-unreachable", "timed out", "retry later")
-        state = await engine.set_problem("svc", "validate", unreachable)
+        state = await engine.report_finding("svc", "validate", unreachable)
         assert state.status is Status.VALID
         assert [p.code for p in state.problems][-1] == "validator-unreachable"
         failed = Problem("refresh-failed", "exit code 1")
-        state = await engine.set_problem(
-            "svc", "refresh", failed, announce="credentials.refresh_failed"
+        state = await engine.report_finding(
+            "svc", "refresh", failed, event_type="credentials.refresh_failed"
         )
         await h.fence()
         assert h.types("svc") == [
@@ -408,7 +408,7 @@ async def test_external_findings_reject_and_announce(
         ]
         assert "refresh-failed" in [p.code for p in h.of("svc")[-1].data.problems]
         # A rejection is about one version of the content: new content drops it.
-        await engine.set_problem("svc", "validate", rejected, fingerprint=fp)
+        await engine.report_finding("svc", "validate", rejected, fingerprint=fp)
         assert h.broker.state("svc").status is Status.INVALID
         assert (await h.next("svc")).type == "credentials.invalid"
         write_atomic(path, secrets.token())

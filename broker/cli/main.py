@@ -269,7 +269,7 @@ def check_now(
         for (index, _, _), verdict in zip(to_validate, verdicts, strict=True):
             if verdict is not None and verdict.problem is not None:
                 evaluated[index] = evaluated[index].with_findings([verdict.problem], now)
-    from broker.engine.consumers import persisted_consumers
+    from broker.engine.consumers_file import persisted_consumers
 
     states = [ev.state for ev in evaluated]
     return persisted_consumers(

@@ -52,9 +52,6 @@ from broker.engine.consumers_file import (
     encode_consumers,
     load_consumers,
 )
-from broker.engine.consumers_file import (  # re-exported: where `credbroker check` finds it
-    persisted_consumers as persisted_consumers,
-)
 
 if TYPE_CHECKING:
     from broker.config import CredentialSettings

@@ -232,21 +232,6 @@ class Engine:
         await self._evaluate({name: Pending(scan=scan, force=True, announce=said)})
         return self.state(name)
 
-    async def set_problem(
-        self,
-        name: str,
-        source: str,
-        problem: Problem | None,
-        *,
-        fingerprint: str | None = None,
-        announce: str | None = None,
-        scan: bool = False,
-    ) -> State:
-        """The former name of :meth:`report_finding` (``announce`` is its ``event_type``)."""
-        return await self.report_finding(
-            name, source, problem, fingerprint=fingerprint, event_type=announce, scan=scan
-        )
-
     def poke(self) -> None:
         """Look at the clock again now: after a resume from suspend or a clock step.
 
