@@ -5,13 +5,13 @@ subscriber's, the consumer client's): MQTT 5 first, falling back to 3.1.1 when t
 refuses the version, sticking to the version that worked, and (``connect_retrying``) retrying
 other failures with backoff. :func:`open_client` opens an aiomqtt client (for subscribers).
 
-:class:`MqttLink` is the publisher's connection, driven by the event loop: paho's protocol, no
-aiomqtt. Why not aiomqtt: per QoS 1 publish it costs a future, a ``wait_for`` and (the way a
-window must drive it) a task, about twice the CPU of paho itself (``python -m
-benchmarks.mqtt_clients``). Here paho's socket is registered with the event loop, paho's
-callbacks run inline in the loop's reader callback, and a PUBACK is a plain function call
-(``on_ack``) with the packet id. gmqtt was cheaper still, but its wheels install a top-level
-``tests`` package that shadows any project's own.
+:class:`MqttLink` is the publisher's connection: an asyncio protocol speaking the packets of
+:mod:`broker.core.mqtt_codec`, no MQTT library. A publisher needs only CONNECT, QoS 1
+PUBLISH, PUBACK and the keepalive, and at 10,000 credentials the libraries' per-packet cost
+was most of the daemon's CPU: aiomqtt spends a future, a ``wait_for`` and a task per publish;
+paho (which the link drove before) three ``recv`` calls and three objects per PUBACK. Here a
+publish is one buffer append (the writes of one loop iteration leave in one ``send``) and a
+PUBACK a call of ``on_ack`` with the packet id, from one ``recv`` of many acknowledgements.
 
 The link is only the wire: what is sent, when, and what a PUBACK completes is the publisher's
 business (``broker.sinks.mqtt``). Nothing here knows of credentials.
@@ -21,19 +21,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
+import math
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import anyio
-import paho.mqtt.client as paho
 from aiomqtt import Client, MqttError, ProtocolVersion, Will
 from aiomqtt.exceptions import MqttConnectError
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.properties import Properties
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
 from broker.aio.mqtt_material import (
@@ -42,8 +41,10 @@ from broker.aio.mqtt_material import (
     is_protocol_refusal,
     protocol_name,
 )
+from broker.core import mqtt_codec as wire
 from broker.core.backoff import Backoff
 from broker.core.errors import BrokerError
+from broker.core.mqtt_codec import MessageProperties
 
 __all__ = [
     "LinkLost",
@@ -60,16 +61,13 @@ T = TypeVar("T")
 #: (``OSError``), a password file that is not UTF-8 (``ValueError``).
 CONNECT_ERRORS = (MqttError, OSError, ValueError)
 
-#: How often paho's timers (keepalive PINGREQ, the missing-PINGRESP check) are looked at.
-TICK = 1.0
 #: Receive Maximum when the server sends none (MQTT 5 default; 3.1.1 has no such limit).
 DEFAULT_RECEIVE_MAXIMUM = 65535
 
-_PAHO_PROTOCOL = {
-    ProtocolVersion.V5: paho.MQTTv5,
-    ProtocolVersion.V311: paho.MQTTv311,
-    ProtocolVersion.V31: paho.MQTTv31,
-}
+_LEVEL = {ProtocolVersion.V5: wire.V5, ProtocolVersion.V311: wire.V311}
+#: 3.1.1 CONNACK return codes as the MQTT 5 reason codes that mean the same (as paho maps
+#: them), so a refusal reads and classifies alike in both versions.
+_V311_REFUSALS = {1: 0x84, 2: 0x85, 3: 0x88, 4: 0x86, 5: 0x87}
 
 
 class ProtocolFallback:
@@ -196,7 +194,15 @@ class WillMessage:
 
     topic: str
     payload: bytes
-    properties: Properties | None
+    properties: MessageProperties | None
+
+
+def _reason(code: int, packet: int = PacketTypes.CONNACK) -> ReasonCode:
+    """A reason code with its name (paho's table of names, nothing else of paho)."""
+    try:
+        return ReasonCode(packet, identifier=code)
+    except Exception:  # a code paho does not know: still a failure, by number
+        return ReasonCode(packet, identifier=0x80)
 
 
 class MqttLink:
@@ -208,17 +214,31 @@ class MqttLink:
     ``receive_maximum`` unacknowledged (the server's limit, from its CONNACK).
     """
 
-    def __init__(self, client: paho.Client, loop: asyncio.AbstractEventLoop) -> None:
-        self._client = client
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, level: int, keepalive: int, logger: logging.Logger
+    ) -> None:
         self._loop = loop
-        self._sock: socket.socket | None = None
-        self._writing = False
+        self._level = level
+        self._v5 = level == wire.V5
+        self.keepalive = keepalive
+        self._log = logger
+        self._transport: asyncio.Transport | None = None
+        self._reader = wire.PacketReader()
+        #: Packets of this loop iteration not yet handed to the transport (one write each).
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
+        self._last_sent = time.monotonic()
+        self._ping_sent: float | None = None
+        self._next_mid = 0
+        self._in_flight: set[int] = set()
         self.receive_maximum = DEFAULT_RECEIVE_MAXIMUM
+        #: PUBACKs with a failure reason code (MQTT 5: e.g. not authorised, quota exceeded).
+        self.refused = 0
         self.on_ack: Callable[[int], None] = lambda mid: None
         self.on_lost: Callable[[BaseException], None] = lambda exc: None
         self.lost: BaseException | None = None
         self._lost_event = anyio.Event()
-        self._connack: tuple[ReasonCode | int, Properties | None] | None = None
+        self._connack: wire.Connack | None = None
         self._connack_event = anyio.Event()
 
     def __repr__(self) -> str:
@@ -242,79 +262,84 @@ class MqttLink:
         """Connect and wait for the CONNACK (the caller bounds the wait).
 
         Raises ``MqttConnectError`` when the server refuses (its reason code says why),
-        ``OSError`` (``ssl.SSLError`` included) when it cannot be reached.
+        ``OSError`` (``ssl.SSLError`` included) when it cannot be reached, ``LinkLost`` when
+        it closes the connection before answering.
         """
-        client = paho.Client(
-            CallbackAPIVersion.VERSION2,
+        level = _LEVEL.get(protocol)
+        if level is None:
+            raise ValueError(f"the publisher speaks MQTT 5 and 3.1.1, not {protocol!r}")
+        # Built before connecting: a value MQTT cannot carry fails here, not half-way.
+        connect = wire.connect_packet(
+            protocol=level,
             client_id=client_id,
-            protocol=_PAHO_PROTOCOL[protocol],
-            # A refused 3.1.1 CONNECT must come back to us, not be retried as 3.1 by paho.
-            reconnect_on_failure=False,
-        )
-        client.enable_logger(logger)
-        if username is not None:
-            client.username_pw_set(username, password)
-        if tls_context is not None:
-            client.tls_set_context(tls_context)
-        client.will_set(will.topic, will.payload, qos=1, retain=True, properties=will.properties)
-        # We bound what is in flight ourselves (to the server's Receive Maximum); paho must
-        # never hold a PUBLISH back, or its queue would decide the wire order.
-        client.max_inflight_messages_set(0)
-        client.max_queued_messages_set(0)
-        link = cls(client, asyncio.get_running_loop())
-        client.on_connect = link._on_connect
-        client.on_publish = link._on_publish
-        client.on_disconnect = link._on_disconnect
-
-        def connect() -> None:
+            keepalive=keepalive,
             # Every connection starts a clean session: the outbox, not the server, holds
             # what is unacknowledged.
-            if protocol == ProtocolVersion.V5:
-                client.connect(host, port, keepalive, clean_start=True)
-            else:
-                client.connect(host, port, keepalive)
-
-        # paho's connect is blocking (TCP, TLS handshake, bounded by its 5 s connect timeout):
-        # a worker thread, waited for even when cancelled, so no socket is left behind. It
-        # writes CONNECT itself; only then does the loop take the socket over.
+            clean=True,
+            username=username,
+            password=password,
+            will_topic=will.topic,
+            will_payload=will.payload,
+            will_qos=1,
+            will_retain=True,
+            will_properties=will.properties,
+        )
+        loop = asyncio.get_running_loop()
+        link = cls(loop, level, keepalive, logger)
+        # Cancellable at every step (the caller's timeout): asyncio closes a socket it was
+        # still connecting or handshaking, so nothing is left behind.
+        await loop.create_connection(
+            lambda: _Protocol(link),
+            host,
+            port,
+            ssl=tls_context,
+            server_hostname=host if tls_context is not None else None,
+        )
         try:
-            await anyio.to_thread.run_sync(connect)
-        except BaseException:
-            link.abort()  # cancelled while the thread connected: its socket goes too
-            raise
-        try:
-            link._attach()
+            link._send(connect)
             await link._connack_event.wait()
         except BaseException:
             link.abort()
             raise
-        if link._connack is None:  # the server closed before answering
+        connack = link._connack
+        if connack is None:  # the server closed before answering
             assert link.lost is not None
             raise link.lost
-        reason, properties = link._connack
-        if _failed(reason):
+        if not connack.accepted:
             link.abort()
-            raise MqttConnectError(reason)
-        receive_maximum = getattr(properties, "ReceiveMaximum", None)
-        if receive_maximum:
-            link.receive_maximum = int(receive_maximum)
+            code = connack.code
+            if code < 0x80:
+                # A 3.1.1 return code (a 3.1.1-only server answers a v5 CONNECT in its own
+                # version, 1 = unacceptable protocol version): read as MQTT 5 says it.
+                code = _V311_REFUSALS.get(code, 0x80)
+            raise MqttConnectError(_reason(code))
+        if connack.receive_maximum:
+            link.receive_maximum = connack.receive_maximum
+        if connack.server_keep_alive is not None:
+            link.keepalive = connack.server_keep_alive  # MQTT 5: the server's word is final
+        logger.debug(
+            "connected", extra={"receive_maximum": link.receive_maximum, "keepalive": keepalive}
+        )
         return link
 
     # -- the wire -----------------------------------------------------------------------------
 
-    def publish(self, topic: str, payload: bytes, retain: bool, props: Properties | None) -> int:
+    def publish(
+        self, topic: str, payload: bytes, retain: bool, props: MessageProperties | None
+    ) -> int:
         """Queue a QoS 1 PUBLISH; returns its packet id. ``LinkLost`` if the link is gone."""
         if self.lost is not None:
             raise LinkLost(str(self.lost))
-        info = self._client.publish(topic, payload, qos=1, retain=retain, properties=props)
-        if info.rc != paho.MQTT_ERR_SUCCESS:
-            raise LinkLost(paho.error_string(info.rc))
-        return int(info.mid)
+        mid = self._take_mid()
+        packed = (props.packed if props is not None else b"\x00") if self._v5 else None
+        self._queue(wire.publish_packet(wire.topic_field(topic), mid, payload, retain, packed))
+        return mid
 
     def disconnect(self) -> None:
-        """Send DISCONNECT (the server then drops the Will); the server closes the socket."""
-        if self.lost is None:
-            self._client.disconnect()
+        """Send DISCONNECT (the server then drops the Will) and close once it is written."""
+        if self.lost is None and self._transport is not None:
+            self._send(wire.DISCONNECT_PACKET)
+            self._transport.close()  # flushes what is buffered first
 
     async def wait_lost(self) -> BaseException:
         """Wait until the connection has ended; returns why."""
@@ -323,13 +348,34 @@ class MqttLink:
         return self.lost
 
     async def run(self) -> BaseException:
-        """Drive paho's timers until the connection ends; returns why it ended."""
+        """Keep the connection alive until it ends; returns why it ended.
+
+        A PINGREQ goes out when nothing else was sent for ``keepalive`` seconds; no PINGRESP
+        within another ``keepalive`` ends the link (the server is gone without a word).
+        """
         while self.lost is None:
-            with anyio.move_on_after(TICK):
+            now = time.monotonic()
+            if self._ping_sent is not None and now - self._ping_sent >= self.keepalive:
+                self._log.warning("no PINGRESP", extra={"keepalive": self.keepalive})
+                self._mark_lost(LinkLost(f"no PINGRESP within {self.keepalive} s"))
+                self.abort()
+                break
+            idle = now - self._last_sent
+            if self.keepalive and self._ping_sent is None and idle >= self.keepalive:
+                self._ping_sent = now
+                self._send(wire.PINGREQ_PACKET)
+            wait = self._next_check(now)
+            with anyio.move_on_after(wait):
                 await self._lost_event.wait()
-            if self.lost is None:
-                self._client.loop_misc()  # PINGREQ when due; closes after a missing PINGRESP
+        assert self.lost is not None
         return self.lost
+
+    def _next_check(self, now: float) -> float:
+        if not self.keepalive:
+            return math.inf
+        if self._ping_sent is not None:
+            return max(0.0, self._ping_sent + self.keepalive - now)
+        return max(0.0, self._last_sent + self.keepalive - now)
 
     async def close(self, wait: float) -> None:
         """DISCONNECT cleanly within ``wait`` seconds (shielded), then let go of the socket."""
@@ -341,75 +387,91 @@ class MqttLink:
 
     def abort(self) -> None:
         """Drop the socket now (no DISCONNECT: the server will publish the Will)."""
-        self._detach()
-        with suppress(OSError):
-            sock = self._client.socket()
-            if sock is not None:
-                sock.close()
+        transport, self._transport = self._transport, None
+        self._out.clear()
+        if transport is not None:
+            transport.abort()
         self._mark_lost(LinkLost("connection closed"))
 
-    # -- event loop registration --------------------------------------------------------------
+    # -- sending ------------------------------------------------------------------------------
 
-    def _attach(self) -> None:
-        sock = self._client.socket()
-        if not isinstance(sock, socket.socket):  # ssl.SSLSocket is one too
-            raise LinkLost("no socket after connect")
-        self._sock = sock
-        self._loop.add_reader(sock, self._readable)
-        self._client.on_socket_register_write = self._want_write
-        self._client.on_socket_unregister_write = self._no_write
-        self._client.on_socket_close = self._closed
-        if self._client.want_write():
-            self._want_write(self._client, None, sock)
+    def _take_mid(self) -> int:
+        in_flight = self._in_flight
+        if len(in_flight) >= 0xFFFF:
+            raise LinkLost("65,535 publishes unacknowledged: the server stopped answering")
+        mid = self._next_mid
+        while True:
+            mid = mid % 0xFFFF + 1  # 1..65535; 0 is not a packet id
+            if mid not in in_flight:
+                break
+        self._next_mid = mid
+        in_flight.add(mid)
+        return mid
 
-    def _detach(self) -> None:
-        sock, self._sock = self._sock, None
-        if sock is not None:
-            with suppress(ValueError, OSError):  # already closed
-                self._loop.remove_reader(sock)
-                if self._writing:
-                    self._loop.remove_writer(sock)
-        self._writing = False
+    def _queue(self, packet: bytes) -> None:
+        # Everything published in one loop iteration leaves in one write (a burst of
+        # 20,000 publishes costs a few hundred send calls, not 20,000).
+        self._out.append(packet)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
 
-    def _readable(self) -> None:
-        self._client.loop_read()
-        # TLS may hold decrypted bytes the selector cannot see: read them too.
-        sock = self._sock
-        while isinstance(sock, ssl.SSLSocket) and sock.pending() and self._sock is sock:
-            self._client.loop_read()
+    def _send(self, packet: bytes) -> None:
+        # In order after whatever is queued.
+        self._out.append(packet)
+        self._flush()
 
-    def _want_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        if not self._writing and self._sock is not None:
-            self._writing = True
-            self._loop.add_writer(self._sock, self._client.loop_write)
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        out, transport = self._out, self._transport
+        if not out or transport is None or transport.is_closing():
+            out.clear()
+            return
+        transport.write(out[0] if len(out) == 1 else b"".join(out))
+        out.clear()
+        self._last_sent = time.monotonic()
 
-    def _no_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        if self._writing and self._sock is not None:
-            self._writing = False
-            self._loop.remove_writer(self._sock)
+    # -- receiving (the protocol's callbacks) -------------------------------------------------
 
-    def _closed(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        self._detach()
+    def _connected(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
 
-    # -- paho callbacks (inline, on the loop) -------------------------------------------------
+    def _received(self, data: bytes) -> None:
+        try:
+            packets = self._reader.feed(data)
+            for kind, _flags, body in packets:
+                if kind == wire.PUBACK:
+                    mid, code = wire.decode_puback(body)
+                    self._in_flight.discard(mid)
+                    if code >= 0x80:
+                        self.refused += 1
+                    self.on_ack(mid)
+                elif kind == wire.PINGRESP:
+                    self._ping_sent = None
+                elif kind == wire.CONNACK and self._connack is None:
+                    self._connack = wire.decode_connack(body, self._level)
+                    self._connack_event.set()
+                elif kind == wire.DISCONNECT:
+                    code, text = wire.decode_disconnect(body) if self._v5 else (0, None)
+                    reason = text or str(_reason(code, PacketTypes.DISCONNECT))
+                    self._mark_lost(LinkLost(f"the server disconnected: {reason}"))
+                    self.abort()
+                    return
+                else:
+                    raise wire.ProtocolError(f"unexpected MQTT packet type {kind}")
+        except wire.ProtocolError as exc:
+            self._log.warning("mqtt protocol error", extra={"error": str(exc)})
+            self._mark_lost(LinkLost(f"protocol error: {exc}"))
+            self.abort()
 
-    def _on_connect(
-        self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any
-    ) -> None:
-        self._connack = (reason, props)
-        self._connack_event.set()
-
-    def _on_publish(
-        self, client: paho.Client, userdata: Any, mid: int, reason: Any, props: Any
-    ) -> None:
-        self.on_ack(mid)
-
-    def _on_disconnect(
-        self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any
-    ) -> None:
-        text = str(reason) if reason is not None else "connection ended"
-        self._detach()
-        self._mark_lost(LinkLost(text))
+    def _connection_lost(self, exc: BaseException | None) -> None:
+        self._transport = None
+        if exc is None:
+            self._mark_lost(LinkLost("connection closed by the server"))
+        elif isinstance(exc, ssl.SSLError):
+            self._mark_lost(LinkLost(f"TLS: {exc.reason or exc}"))
+        else:
+            self._mark_lost(LinkLost(str(exc) or type(exc).__name__))
 
     def _mark_lost(self, exc: BaseException) -> None:
         if self.lost is not None:
@@ -420,7 +482,21 @@ class MqttLink:
         self.on_lost(exc)
 
 
-def _failed(reason: ReasonCode | int) -> bool:
-    if isinstance(reason, ReasonCode):
-        return bool(reason.is_failure)
-    return reason != 0
+class _Protocol(asyncio.Protocol):
+    """asyncio's side of the link: bytes in, connection events."""
+
+    def __init__(self, link: MqttLink) -> None:
+        self._link = link
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._link._connected(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._link._received(data)
+
+    def eof_received(self) -> bool | None:
+        return False  # close our side too: the server is done
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._link._connection_lost(exc)

@@ -100,6 +100,9 @@ class HttpReporter:
 
         assert self._session is not None, "use async with"
         body = {"generation": generation, "fingerprint": fingerprint}
+        # Before the request, not after its answer: a PUT may reach the daemon and the
+        # consumer close before the answer is read, and its report must still be withdrawn.
+        self._sent = True
         async with self._session.put(self._url, json=body) as response:
             if response.status in (404, 405) and not self._refused_logged:
                 # A daemon that predates consumer tracking: say so once, keep serving.
@@ -109,4 +112,3 @@ class HttpReporter:
             if response.status >= 300:
                 raise await error_of(response)
             await response.read()
-        self._sent = True

@@ -8,8 +8,7 @@ none of them needs to import another's module.
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 __all__ = ["MAX_TOPIC_BYTES", "Topics", "join_topic", "mqtt_text_problem"]
 
@@ -36,8 +35,16 @@ def mqtt_text_problem(text: str) -> str | None:
     return None
 
 
+#: What no topic segment may hold: a level separator, a wildcard, NUL.
+_FORBIDDEN = frozenset("/+#\0")
+
+
 def _check_segment(segment: str, *, wildcard: bool = False) -> str:
     if wildcard and segment == "+":
+        return segment
+    # The common case at C speed: printable ASCII holds no control character, surrogate or
+    # non-character, so only the separators are left to look for.
+    if segment and segment.isascii() and segment.isprintable() and _FORBIDDEN.isdisjoint(segment):
         return segment
     if not segment or any(c in segment for c in "/+#\0"):
         raise ValueError(f"invalid MQTT topic segment {segment!r}")
@@ -47,10 +54,9 @@ def _check_segment(segment: str, *, wildcard: bool = False) -> str:
     return segment
 
 
-# Topics repeat (one per credential and event type) and checking one walks every character:
-# a burst of 10,000 events spent half a second here before the cache. Bounded, so a flood
-# of distinct names cannot grow it.
-@functools.lru_cache(maxsize=16384)
+# No cache: at 10,000 credentials there are more distinct topics than any cache worth its
+# memory holds (an LRU of 16,384 missed on every publish of a rotation), and the ASCII fast
+# path of _check_segment makes building one cheaper than a cache miss was.
 def join_topic(prefix: str, *segments: str, wildcards: bool = False) -> str:
     """``prefix/seg/seg``, refusing anything that could widen or split the topic.
 
@@ -62,8 +68,13 @@ def join_topic(prefix: str, *segments: str, wildcards: bool = False) -> str:
         raise ValueError(f"invalid MQTT topic prefix {prefix!r}")
     for level in prefix.split("/"):
         _check_segment(level)
-    topic = "/".join([prefix, *(_check_segment(s, wildcard=wildcards) for s in segments)])
-    if len(topic.encode()) > MAX_TOPIC_BYTES:
+    return _extend(prefix, segments, wildcards=wildcards)
+
+
+def _extend(base: str, segments: tuple[str, ...], *, wildcards: bool = False) -> str:
+    """``base/seg/seg`` for a ``base`` already checked."""
+    topic = "/".join([base, *(_check_segment(s, wildcard=wildcards) for s in segments)])
+    if len(topic) * 4 > MAX_TOPIC_BYTES and len(topic.encode()) > MAX_TOPIC_BYTES:
         raise ValueError("MQTT topic too long")
     return topic
 
@@ -74,19 +85,21 @@ class Topics:
 
     prefix: str
     host_id: str
+    #: ``prefix/host_id``, checked once, up front: every topic of this broker starts so.
+    _base: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        join_topic(self.prefix, self.host_id)  # validate once, up front
+        object.__setattr__(self, "_base", join_topic(self.prefix, self.host_id))
 
     @property
     def status(self) -> str:
         """``online`` / ``offline`` (retained; ``offline`` is also the Last Will)."""
-        return join_topic(self.prefix, self.host_id, "status")
+        return _extend(self._base, ("status",))
 
     def state(self, credential: str) -> str:
         """The credential's latest event, retained."""
-        return join_topic(self.prefix, self.host_id, "state", credential)
+        return _extend(self._base, ("state", credential))
 
     def event(self, credential: str, event_type: str) -> str:
         """Every event of the credential of that type (not retained)."""
-        return join_topic(self.prefix, self.host_id, "events", credential, event_type)
+        return _extend(self._base, ("events", credential, event_type))

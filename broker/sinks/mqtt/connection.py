@@ -117,5 +117,5 @@ class Connector:
                 tls_context=context,
                 will=will(self._status_topic, protocol),
                 keepalive=max(1, math.ceil(settings.keepalive)),
-                logger=logging.getLogger("broker.mqtt.paho"),
+                logger=logging.getLogger("broker.mqtt.wire"),
             )

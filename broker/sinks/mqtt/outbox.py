@@ -9,13 +9,13 @@ from collections import deque
 from collections.abc import Callable
 
 import anyio
-from paho.mqtt.properties import Properties
 
 from broker.aio.mqtt_link import LinkLost, MqttLink
 from broker.aio.mqtt_material import describe_connect_error
 from broker.aio.wakeup import Wakeup
 from broker.core.errors import BrokerError
 from broker.core.events import Event
+from broker.core.mqtt_codec import MessageProperties
 
 __all__ = ["Outbox", "Pipeline", "SessionLost"]
 
@@ -141,7 +141,7 @@ class Pipeline:
         topic: str,
         payload: bytes,
         retain: bool,
-        props: Properties | None,
+        props: MessageProperties | None,
         done: Callable[[], None] | None = None,
     ) -> None:
         """Publish (QoS 1) once the window has room; ``done()`` runs on the PUBACK."""

@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Literal
 import anyio
 import anyio.abc
 from aiomqtt import ProtocolVersion
-from paho.mqtt.properties import Properties
 
 from broker.aio.mqtt_link import MqttLink
 from broker.aio.mqtt_material import (
@@ -38,6 +37,7 @@ from broker.aio.mqtt_material import (
 from broker.aio.wakeup import Wakeup
 from broker.core.backoff import Backoff
 from broker.core.events import CONTENT_TYPE, Event
+from broker.core.mqtt_codec import MessageProperties
 from broker.core.topics import Topics
 from broker.port import SinkContext, SinkHealth
 
@@ -383,7 +383,9 @@ class MqttPublisher:
         except SessionLost as exc:
             fail(exc)
 
-    async def _send_state(self, pipe: Pipeline, event: Event, props: Properties | None) -> None:
+    async def _send_state(
+        self, pipe: Pipeline, event: Event, props: MessageProperties | None
+    ) -> None:
         self._retained.sending(event)
         await pipe.send(self.topics.state(event.subject), event.payload, True, props)
 
@@ -397,7 +399,7 @@ class MqttPublisher:
         )
 
     async def _send_event(
-        self, pipe: Pipeline, key: int, event: Event, props: Properties | None
+        self, pipe: Pipeline, key: int, event: Event, props: MessageProperties | None
     ) -> None:
         topic = self.topics.event(event.subject, event.type)
         await pipe.send(topic, event.payload, False, props, partial(self._delivered, key))
