@@ -39,8 +39,6 @@ from broker.core.topics import join_topic
 HEALTHY = frozenset({Status.VALID, Status.EXPIRING})
 #: No message for this long ends the collection (servers that lose the sentinel).
 QUIET = 2.0
-#: The collection never takes longer than this.
-COLLECT_TIMEOUT = 30.0
 #: ``--watch`` redraws at most this often.
 REDRAW_EVERY = 0.5
 EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
@@ -203,22 +201,6 @@ def fleet_document(rows: list[Row], now: float) -> dict[str, Any]:
 
 
 # -- I/O ---------------------------------------------------------------------------------------
-
-
-def add_parser(sub: Any) -> None:
-    """The ``fleet`` subcommand."""
-    p = sub.add_parser("fleet", help="every host's credentials from the MQTT retained states")
-    p.add_argument("--mqtt", required=True, metavar="URL", help="mqtt://host:port or mqtts://")
-    p.add_argument("--prefix", default="credbroker", help="topic prefix (default credbroker)")
-    p.add_argument("--watch", action="store_true", help="keep following: a live table")
-    p.add_argument("--json", action="store_true", help="print JSON (with --watch: a line each)")
-    p.add_argument("--lag-after", default="60s", metavar="DURATION",
-                   help="an older generation this long after a change is lagging (default 60s)")
-    p.add_argument("--timeout", default=f"{COLLECT_TIMEOUT:g}s", metavar="DURATION",
-                   help="give up collecting retained states after this long")
-    p.add_argument("--username")
-    p.add_argument("--password-file")
-    p.add_argument("--ca-file")
 
 
 def cmd_fleet(args: argparse.Namespace) -> int:

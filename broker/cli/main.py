@@ -15,9 +15,10 @@ from collections.abc import Callable, Mapping, Sequence
 import anyio
 
 from broker.app import Broker
-from broker.cli import fleet, logs, remote
+from broker.cli import logs
 from broker.cli.hints import first_lines
 from broker.cli.limits import raise_open_files_limit
+from broker.cli.parsers import add_fleet_parser, add_remote_parsers
 from broker.cli.sdnotify import Notifier
 from broker.cli.table import print_report
 from broker.config import Config, ConfigError, CredentialSettings, load_config
@@ -49,9 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "run": _cmd_run,
         "check": _cmd_check,
         "presets": _cmd_presets,
-        "status": remote.cmd_status,
-        "events": remote.cmd_events,
-        "fleet": fleet.cmd_fleet,
+        "status": _cmd_status,
+        "events": _cmd_events,
+        "fleet": _cmd_fleet,
     }[args.command]
     try:
         return handler(args)
@@ -96,9 +97,30 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="print state documents as JSON")
 
     sub.add_parser("presets", help="list the built-in presets and their files")
-    remote.add_parsers(sub)  # status, events: clients of a running daemon's HTTP API
-    fleet.add_parser(sub)  # every host's credentials from the MQTT retained states
+    add_remote_parsers(sub)  # status, events: clients of a running daemon's HTTP API
+    add_fleet_parser(sub)  # every host's credentials from the MQTT retained states
     return parser
+
+
+# The client commands import their HTTP and MQTT libraries only when they run.
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from broker.cli import remote
+
+    return remote.cmd_status(args)
+
+
+def _cmd_events(args: argparse.Namespace) -> int:
+    from broker.cli import remote
+
+    return remote.cmd_events(args)
+
+
+def _cmd_fleet(args: argparse.Namespace) -> int:
+    from broker.cli import fleet
+
+    return fleet.cmd_fleet(args)
 
 
 def _load(args: argparse.Namespace) -> Config:

@@ -22,13 +22,13 @@ import aiohttp
 import anyio
 
 from broker.aio.secretfile import SecretFileError, read_secret_file
+from broker.cli.parsers import DEFAULT_URL
 from broker.config import HttpSettings, load_config
 from broker.core.backoff import backoff_delay
 from broker.core.errors import BrokerError
 from broker.core.state import State
 from broker.core.urls import HTTP_SCHEMES, UrlError, split_url
 
-DEFAULT_URL = "http://127.0.0.1:8790"
 EXIT_OK = 0
 EXIT_UNREACHABLE = 1
 #: Reconnection delays of ``events``: capped exponential backoff with full jitter.
@@ -326,30 +326,6 @@ def _describe(exc: BaseException) -> str:
 
 
 # -- the commands -----------------------------------------------------------------------------
-
-
-def add_parsers(sub: Any) -> None:
-    """Register ``status`` and ``events`` on the CLI's subparsers."""
-
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument(
-            "--url",
-            help="the daemon's API: http://host:port or unix:/path "
-            f"(default: from -c, else $CREDBROKER_URL, else {DEFAULT_URL})",
-        )
-        p.add_argument("-c", "--config", help="read the URL and token from this config's [http]")
-        p.add_argument("--token-file", help="file holding the bearer token "
-                                            "(default: $CREDBROKER_TOKEN_FILE or the config's)")
-
-    status = sub.add_parser("status", help="show the state a running daemon reports")
-    common(status)
-    status.add_argument("--json", action="store_true", help="print state documents as JSON")
-    events = sub.add_parser("events", help="follow a running daemon's events, one JSON per line")
-    common(events)
-    events.add_argument("--credential", metavar="NAME", help="only this credential's events")
-    events.add_argument("--type", metavar="GLOB", help="only these event types, e.g. "
-                                                       "credentials.expiring or credentials.*")
-    events.add_argument("--since", type=int, metavar="ID", help="first replay the events after ID")
 
 
 def cmd_status(args: argparse.Namespace) -> int:

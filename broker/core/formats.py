@@ -20,13 +20,13 @@ import io
 import json
 import re
 from dataclasses import dataclass
-from typing import Literal, NoReturn
-
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from typing import TYPE_CHECKING, Literal, NoReturn
 
 from broker.core.errors import BrokerError
 from broker.core.problems import ProblemCode as Code
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 FORMATS: tuple[str, ...] = ("text", "jwt", "json", "pem", "ini")
 
@@ -109,6 +109,10 @@ def load_certificates(data: bytes) -> list[x509.Certificate]:
 
     UTF-8 is not required: PEM files often carry free-form explanatory text around the blocks.
     """
+    # Imported on first use: most brokers watch no certificate, and it is a tenth of the
+    # daemon's start-up imports.
+    from cryptography import x509
+
     if not data.strip():
         raise ContentError(Code.EMPTY, "PEM file is empty")
     try:
@@ -218,6 +222,8 @@ def check_key_pair(cert_pem: bytes, key_pem: bytes) -> None:
     is encrypted cannot be checked without its passphrase, which the broker never holds: it
     passes. No message says anything about the key beyond that.
     """
+    from cryptography.hazmat.primitives import serialization
+
     certificate = load_certificates(cert_pem)[0]
     if not key_pem.strip():
         raise ContentError(Code.EMPTY, "private key file is empty")
