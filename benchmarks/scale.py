@@ -1,6 +1,7 @@
 """10,000 credentials to a real MQTT subscriber, against a bare pipeline measured in the same run.
 
-    python -m benchmarks.scale [--count 10000] [--idle 60] [--gmqtt-path DIR] [--smoke]
+    python -m benchmarks.scale [--count 10000] [--idle 60] [--floor-client NAME]
+                               [--gmqtt-path DIR] [--smoke]
 
 The daemon runs as a subprocess (``credbroker run``) with ``[mqtt]`` pointing at a loopback
 mosquitto on a free port; ``mosquitto_sub`` (C, another process) counts what reaches a
@@ -15,8 +16,10 @@ subscriber, with the server's receive timestamps. Per layout and mosquitto setti
 
 The floor, in the same run, to the same server and subscriber: the *bare pipeline*, the
 least code that reads and SHA-256-hashes the same files and publishes the same number of
-QoS 1 messages of the same size (half retained) with the fastest client available (gmqtt
-from ``--gmqtt-path``, else paho driven from asyncio; see ``benchmarks.mqtt_clients``).
+QoS 1 messages of the same size (half retained) with the fastest client measured (the bare
+link of ``broker/aio/mqtt_link.py``; ``--floor-client gmqtt --gmqtt-path DIR`` or ``paho``
+picks another; see ``benchmarks.mqtt_clients``). The floor process imports nothing of the
+daemon but that link.
 Every figure is printed with its ratio to that floor. Each layout runs with mosquitto's
 defaults and with fleet settings (:data:`FLEET_SETTINGS`); lost messages are printed for
 both. Resync and full re-hash are timed in-process (no MQTT), as is rotation to the bus.
@@ -50,8 +53,6 @@ from benchmarks.common import (
     rss_mb,
 )
 from benchmarks.mqtt_clients import PUBLISHERS
-from broker import Broker
-from broker.config import load_config
 
 if TYPE_CHECKING:
     from tests.mosquitto import Mosquitto
@@ -260,15 +261,19 @@ def _event_size(path: Path) -> int:
 
 
 def floor_figures(
-    tree: Path, server: Mosquitto, size: int, gmqtt_path: Path | None
+    tree: Path, server: Mosquitto, size: int, gmqtt_path: Path | None,
+    floor_client: str = "credbroker",
 ) -> dict[str, Any]:
     count = len(list(tree.glob("*/*")))
     sub = Counter(server.port, "floor/#")
     sub.wait_subscribed()
     env = dict(os.environ)
-    client = "paho"
-    if gmqtt_path is not None:
-        client = "gmqtt"
+    # The fastest publisher measured (``python -m benchmarks.mqtt_clients``): the bare link of
+    # broker/aio/mqtt_link.py, ahead of gmqtt and paho. ``--floor-client`` picks another.
+    client = floor_client
+    if client == "gmqtt":
+        if gmqtt_path is None:
+            raise SystemExit("--floor-client gmqtt needs --gmqtt-path")
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(gmqtt_path), env.get("PYTHONPATH")]))
     started = time.time()
     try:
@@ -315,6 +320,9 @@ async def in_process_figures(root: Path, paths: list[Path]) -> dict[str, Any]:
     count = len(paths)
     config_path = root / "broker-inproc.toml"
     config_path.write_text(config_toml(root / "state-inproc", paths))
+    from broker import Broker
+    from broker.config import load_config
+
     broker = Broker(load_config(config_path))
     events = broker.subscribe(buffer=4 * count)
     async with broker:
@@ -365,7 +373,8 @@ def _rotate_all(tree: Path) -> None:
 
 
 def run(
-    count: int, idle: float, gmqtt_path: Path | None = None, *, smoke: bool = False
+    count: int, idle: float, gmqtt_path: Path | None = None, *, smoke: bool = False,
+    floor_client: str = "credbroker",
 ) -> dict[str, Any]:
     """Every layout with fleet settings; the 100-directory one with mosquitto's defaults too.
 
@@ -384,7 +393,9 @@ def run(
             server = Mosquitto(root / "mqtt", extra=extra).start()
             try:
                 daemon = daemon_figures(root, paths, server, idle if settings == "fleet" else 0)
-                floor = floor_figures(root / "creds", server, daemon["event_bytes"], gmqtt_path)
+                floor = floor_figures(
+                    root / "creds", server, daemon["event_bytes"], gmqtt_path, floor_client
+                )
             finally:
                 server.kill()
             row = {**daemon, **floor}
@@ -437,7 +448,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--count", type=int, default=10_000)
     parser.add_argument("--idle", type=float, default=60.0, help="seconds of idle CPU measurement")
-    parser.add_argument("--gmqtt-path", type=Path, help="gmqtt for the floor's publisher")
+    parser.add_argument("--gmqtt-path", type=Path, help="gmqtt, for --floor-client gmqtt")
+    parser.add_argument("--floor-client", choices=sorted(PUBLISHERS), default="credbroker",
+                        help="the floor's publisher (default: the fastest measured)")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--rotate", type=Path, help=argparse.SUPPRESS)
@@ -451,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         _floor_child(client, int(port), Path(tree), int(size))
         return 0
     count, idle = (200, 1.0) if args.smoke else (args.count, args.idle)
-    results = run(count, idle, args.gmqtt_path, smoke=args.smoke)
+    results = run(count, idle, args.gmqtt_path, smoke=args.smoke, floor_client=args.floor_client)
     if args.json:
         print(json.dumps(results, indent=2))
     print(table(results))
