@@ -8,7 +8,7 @@ import tempfile
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from broker.engine.watcher import _Kind, _plan, _resolve
+from broker.engine.watcher import _Kind, _plan, _PlanCache, _resolve
 
 NAMES = ["a", "b", "c", "d"]
 
@@ -74,3 +74,39 @@ def test_plan_for_a_symlinked_directory() -> None:
             (root, "v2", _Kind.PENDING),
             (root, "current", _Kind.LINK),
         }
+
+
+def _reference_plan(path: str) -> frozenset[tuple[str, str, _Kind]]:
+    """The plan as it was computed before batches shared a cache: every path resolved from
+    the root, each on its own (the oracle for the cached one)."""
+    path = os.path.abspath(path)
+    links: set[tuple[str, str]] = set()
+    real_parent, real_name = os.path.split(_resolve(path, links))
+    kind = _Kind.DIRECT
+    ancestor, child = real_parent, real_name
+    while not os.path.isdir(ancestor):
+        up = os.path.dirname(ancestor)
+        if up == ancestor:
+            return frozenset((d, n, _Kind.LINK) for d, n in links)
+        ancestor, child = up, os.path.basename(ancestor)
+    if ancestor != real_parent:
+        kind = _Kind.PENDING
+    return frozenset({(ancestor, child, kind), *((d, n, _Kind.LINK) for d, n in links)})
+
+
+@settings(max_examples=150, deadline=None)
+@given(tree=trees, batch=st.lists(paths, min_size=1, max_size=6))
+def test_a_batch_of_plans_sharing_a_cache_plans_as_each_alone(
+    tree: dict[str, str | None], batch: list[list[str]]
+) -> None:
+    # Start-up plans 10,000 paths with one cache of resolved directories; whatever the
+    # links (chains, "..", loops, dangling, a file name that is itself a link), each plan
+    # must be what planning that path alone from the root gives.
+    with tempfile.TemporaryDirectory() as tmp:
+        root = os.path.realpath(tmp)
+        build(root, tree)
+        cache = _PlanCache()
+        for parts in batch:
+            # The last component is a name of the tree too: it may be a symlink itself.
+            path = os.path.join(root, *parts)
+            assert _plan(path, cache) == _reference_plan(path), path

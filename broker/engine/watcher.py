@@ -239,8 +239,9 @@ class Watcher:
         """Replan many paths, then recompute each touched directory's name filter once
         (per path, it was 10,000 x 100 names for 10,000 files in 100 directories)."""
         touched = set() if touched is None else touched
+        cache = _PlanCache()
         for path in paths:
-            self._apply(path, _plan(path), touched)
+            self._apply(path, _plan(path, cache), touched)
         self._refresh_interest(touched)
 
     def _apply(
@@ -461,21 +462,59 @@ def _index(entry: _Dir, kind: _Kind) -> dict[str, set[str]]:
     return entry.direct if kind is _Kind.DIRECT else entry.pending
 
 
-def _plan(path: str) -> frozenset[_Entry]:
-    """Which (directory, name) pairs to watch so that any change to ``path`` is seen."""
+@dataclass(slots=True)
+class _PlanCache:
+    """What one batch of plans learns about directories: many files share a directory, and
+    resolving it walks every component with a ``readlink`` (six per file otherwise)."""
+
+    #: directory -> (its real path, the symlinks met resolving it)
+    resolved: dict[str, tuple[str, frozenset[tuple[str, str]]]] = field(default_factory=dict)
+    is_dir: dict[str, bool] = field(default_factory=dict)
+
+    def resolve(self, directory: str, links: set[tuple[str, str]]) -> str:
+        """:func:`_resolve` of an absolute, normalised ``directory``, its parent from the
+        cache (the fold over components, one ``readlink`` per directory not yet seen)."""
+        known = self.resolved.get(directory)
+        if known is None:
+            parent, name = os.path.split(directory)
+            met: set[tuple[str, str]] = set()
+            if not name:  # the root
+                real = _resolve(directory, met)
+            else:
+                real = _resolve_name(self.resolve(parent, met), name, met)
+            known = self.resolved[directory] = (real, frozenset(met))
+        links |= known[1]
+        return known[0]
+
+    def isdir(self, path: str) -> bool:
+        known = self.is_dir.get(path)
+        if known is None:
+            known = self.is_dir[path] = os.path.isdir(path)
+        return known
+
+
+def _plan(path: str, cache: _PlanCache | None = None) -> frozenset[_Entry]:
+    """Which (directory, name) pairs to watch so that any change to ``path`` is seen.
+
+    ``cache`` shares what a batch of plans (all taken at one moment) found out about the
+    directories.
+    """
     path = os.path.abspath(path)
     links: set[tuple[str, str]] = set()
     parent, name = os.path.split(path)
+    cache = cache or _PlanCache()
+    # _resolve is a left fold over the components: the parent's result, then the name.
+    real_dir = cache.resolve(parent, links)
     if is_glob(name):
         # Matches are taken as they are; a symlinked match's target directory is not watched.
-        real_parent, real_name, kind = _resolve(parent, links), name, _Kind.GLOB
+        real_parent, real_name, kind = real_dir, name, _Kind.GLOB
     else:
-        real_parent, real_name = os.path.split(_resolve(path, links))
+        real_parent, real_name = os.path.split(_resolve_name(real_dir, name, links))
         kind = _Kind.DIRECT
     # A directory that does not exist (yet), maybe behind a dangling link: wait for its
     # first missing component under the nearest existing ancestor.
     ancestor, child = real_parent, real_name
-    while not os.path.isdir(ancestor):
+    while not cache.isdir(ancestor):
         up = os.path.dirname(ancestor)
         if up == ancestor:
             return frozenset((d, n, _Kind.LINK) for d, n in links)
@@ -483,6 +522,17 @@ def _plan(path: str) -> frozenset[_Entry]:
     if ancestor != real_parent:
         kind = _Kind.PENDING
     return frozenset({(ancestor, child, kind), *((d, n, _Kind.LINK) for d, n in links)})
+
+
+def _resolve_name(resolved: str, name: str, links: set[tuple[str, str]]) -> str:
+    """:func:`_resolve` of ``resolved/name`` where ``resolved`` is a real path already."""
+    candidate = os.path.join(resolved, name)
+    try:
+        target = os.readlink(candidate)
+    except OSError:
+        return candidate  # not a symlink (or not there): taken as it is
+    links.add((resolved, name))
+    return _resolve(os.path.join(resolved, target), links, 1)
 
 
 def _resolve(path: str, links: set[tuple[str, str]], depth: int = 0) -> str:
