@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 import anyio
 
 from broker.app import Broker
-from broker.cli import logs
+from broker.cli import heap, logs
 from broker.cli.hints import first_lines
 from broker.cli.limits import raise_open_files_limit
 from broker.cli.parsers import add_fleet_parser, add_remote_parsers
@@ -134,6 +134,7 @@ def _load(args: argparse.Namespace) -> Config:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     config = _load(args)
+    heap.settle()  # the config is built: the collector need not walk it again
     logs.configure(args.log_level or config.broker.log_level, args.log_format,
                    host_id=config.broker.host_id)
     old, new = raise_open_files_limit()
@@ -169,6 +170,7 @@ async def _serve(config: Config, path: str) -> None:
                     )
                     return
                 await broker.reload(new)
+                heap.settle()  # the old settings are gone, the new ones built
             if scope.cancelled_caught:
                 log.error(
                     "reload timed out; keeping the running config",
@@ -185,6 +187,7 @@ async def _serve(config: Config, path: str) -> None:
             changes = broker.subscribe("credentials.*") if notifier.enabled else None
             # Broker's __aenter__ returns once every credential has a state and every sink
             # serves: exactly systemd's READY.
+            heap.settle()  # every credential's state and watch plan are built
             notifier.ready(broker.states())
             http = broker.sinks.get("http")
             for line in first_lines(broker.states(), getattr(http, "url", None), path):
