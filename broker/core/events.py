@@ -7,7 +7,7 @@ none of its own, so a test can number them.
 from __future__ import annotations
 
 import json
-import uuid
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,8 +46,16 @@ IdFactory = Callable[[], str]
 
 
 def new_event_id() -> str:
-    """The default :data:`IdFactory`: a random UUID, as text."""
-    return str(uuid.uuid4())
+    """The default :data:`IdFactory`: a random (version 4) UUID, as text.
+
+    ``str(uuid.uuid4())`` spelled out: the same 122 random bits and the same text, without
+    building a ``UUID`` object and its integer on the way (a third of the time).
+    """
+    raw = bytearray(os.urandom(16))
+    raw[6] = raw[6] & 0x0F | 0x40  # version 4
+    raw[8] = raw[8] & 0x3F | 0x80  # the RFC 4122 variant
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +81,9 @@ class Event:
 
     def to_dict(self) -> dict[str, Any]:
         """The CloudEvent as a JSON-ready dict."""
+        return self._envelope(self.data.to_dict())
+
+    def _envelope(self, data: Mapping[str, Any]) -> dict[str, Any]:
         return {
             "specversion": SPECVERSION,
             "id": self.id,
@@ -81,7 +92,7 @@ class Event:
             "subject": self.subject,
             "time": self.time,
             "datacontenttype": DATACONTENTTYPE,
-            "data": self.data.to_dict(),
+            "data": data,
         }
 
     @classmethod
@@ -115,12 +126,19 @@ class Event:
 
 
 def make_event(
-    event_type: str, state: State, *, source: str, now: float, id: str | None = None
+    event_type: str,
+    state: State,
+    *,
+    source: str,
+    now: float,
+    id: str | None = None,
+    document: Mapping[str, Any] | None = None,
 ) -> Event:
     """Build an event for ``state`` (whose ``sequence`` is already assigned).
 
     ``id`` is the CloudEvent id, from the caller's :data:`IdFactory`. Omitting it (callers
-    not yet handed one) takes :func:`new_event_id`.
+    not yet handed one) takes :func:`new_event_id`. ``document`` is ``state.to_dict()``
+    when the caller already made it (the engine journals the same document).
     """
     event = Event(
         type=event_type,
@@ -130,7 +148,7 @@ def make_event(
         id=new_event_id() if id is None else id,
         time=format_time(now) or "",
     )
-    return _with_payload(event)
+    return _with_payload(event, document)
 
 
 def encode(doc: Any) -> bytes:
@@ -150,8 +168,9 @@ def encode(doc: Any) -> bytes:
         return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def _with_payload(event: Event) -> Event:
-    object.__setattr__(event, "payload", encode(event.to_dict()))
+def _with_payload(event: Event, document: Mapping[str, Any] | None = None) -> Event:
+    data = event.data.to_dict() if document is None else document
+    object.__setattr__(event, "payload", encode(event._envelope(data)))
     return event
 
 
