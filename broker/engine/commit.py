@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from typing import Any
 
 import anyio
 
@@ -72,10 +73,10 @@ class Committer:
             before, state = tracked.state, tr.state
             for event_type, event_state in tr.events:
                 self.sequence += 1
-                numbered = replace(event_state, sequence=self.sequence)
+                numbered = event_state.with_sequence(self.sequence)
                 events.append((event_type, numbered))
                 state = (
-                    numbered if event_state is tr.state else replace(state, sequence=self.sequence)
+                    numbered if event_state is tr.state else state.with_sequence(self.sequence)
                 )
             tracked.state = state
             # Problems can change without an event (a refresh that now works, a validator
@@ -83,16 +84,26 @@ class Committer:
             if tr.events or (before is not None and before.problems != state.problems):
                 changed.append(state)
         if changed:
+            # A state document is made once for the journal and the event's payload alike
+            # (when the event's state is the credential's new state, as it mostly is).
+            documents: list[dict[str, Any] | None] = []
+            journalled: dict[str, dict[str, Any]] = {}
+            for _, numbered in events:
+                document = None
+                if table[numbered.credential].state is numbered:
+                    document = journalled[numbered.credential] = numbered.to_dict()
+                documents.append(document)
             # The numbers are taken: a caller cancelled now (an HTTP client gone) must not
             # leave them recorded but unpublished.
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(
-                    self._store.record, changed, self.sequence, table.states
+                    self._store.record, changed, self.sequence, table.states, journalled
                 )
-                for event_type, numbered in events:
+                for (event_type, numbered), document in zip(events, documents, strict=True):
+                    shown = self._shown(numbered)
                     event = make_event(
-                        event_type, self._shown(numbered), source=self._source, now=now,
-                        id=self._new_id(),
+                        event_type, shown, source=self._source, now=now, id=self._new_id(),
+                        document=document if shown is numbered else None,
                     )
                     _log_event(event)
                     self._bus.publish(event)
@@ -103,6 +114,8 @@ class Committer:
 
 
 def _log_event(event: Event) -> None:
+    if not event_log.isEnabledFor(logging.INFO):
+        return
     state = event.data
     event_log.info(
         event.type,

@@ -374,11 +374,13 @@ class Engine:
             reads = await anyio.to_thread.run_sync(read_all, specs)
             now = self._clock()
             polled_dirs = self.watcher.polled_dirs
+            poll_every = self._net.poll_every
+            writing = self.watcher.writing
             results: dict[str, Result] = {}
             for name, read in reads.items():
                 tracked = self._table[name]
                 wanted = batch[name]
-                if not wanted.force and any(p in self.watcher.writing for p in tracked.paths):
+                if not wanted.force and writing and any(p in writing for p in tracked.paths):
                     continue  # a writer has it open; its close-write brings us back
                 if read.fault is not None:
                     self._faults.record(name, read.fault, now)
@@ -391,7 +393,7 @@ class Engine:
                     prev=tracked.state,
                     findings=partial(self._findings.about, name, read.spec),
                     polled_dirs=polled_dirs,
-                    poll_every=self._net.poll_every,
+                    poll_every=poll_every,
                     startup=startup,
                     settings_changed=wanted.settings_changed,
                 )

@@ -61,8 +61,9 @@ class Loaded:
     removed: list[str] = field(default_factory=list)
 
 
-def _encode_state(state: State) -> dict[str, Any]:
-    doc = state.to_dict()
+def _encode_state(state: State, document: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    # ``document``: ``state.to_dict()`` already made (for the event that announces it).
+    doc = state.to_dict() if document is None else dict(document)
     doc["_issued_at"] = state.issued_at
     doc["_stage"] = int(state.stage)
     doc["_expires_at"] = state.expires_at
@@ -321,10 +322,13 @@ class Store:
         changed: Iterable[State],
         sequence: int,
         everything: Callable[[], Mapping[str, State]],
+        documents: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         """Durably record a batch before it is published.
 
         ``everything`` is called only when a full snapshot is due (it is O(credentials)).
+        ``documents``: credential -> ``to_dict()`` of its state in ``changed``, where the
+        caller already made it (each is copied, never changed).
         Never raises: a failure is kept in ``error`` and the next write is a full snapshot.
         """
         try:
@@ -332,7 +336,9 @@ class Store:
             if self._needs_full_write or self._journal_lines >= COMPACT_EVERY:
                 self._write_snapshot(everything(), sequence)
             else:
-                line = encode({"sequence": sequence, "states": [_encode_state(s) for s in changed]})
+                made = documents or {}
+                states = [_encode_state(s, made.get(s.credential)) for s in changed]
+                line = encode({"sequence": sequence, "states": states})
                 fd = os.open(self._journal, _JOURNAL_FLAGS | os.O_APPEND, 0o600)
                 with os.fdopen(fd, "ab") as fh:
                     fh.write(line + b"\n")

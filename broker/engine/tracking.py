@@ -26,11 +26,18 @@ class Tracked:
     #: The settings the last committed read answered to: ``spec``, or its fallback's
     #: settings while the fallback is in use (``None``: not read since the settings changed).
     settings_in_use: CredentialSettings | None = None
+    # ``paths`` as of the settings object it was made from: asked several times per event,
+    # and settings are replaced (a reload), never changed, so identity says it is current.
+    _paths: tuple[str, ...] = field(default=(), repr=False, compare=False)
+    _paths_of: CredentialSettings | None = field(default=None, repr=False, compare=False)
 
     @property
-    def paths(self) -> list[str]:
+    def paths(self) -> tuple[str, ...]:
         """Every watched path: the files (patterns as such), then the fallback's."""
-        return [str(p) for p in self.spec.watched_paths]
+        if self._paths_of is not self.spec:
+            self._paths = tuple(str(p) for p in self.spec.watched_paths)
+            self._paths_of = self.spec
+        return self._paths
 
 
 @dataclass(slots=True)

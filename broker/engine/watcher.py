@@ -30,6 +30,7 @@ import contextlib
 import errno
 import logging
 import os
+import stat
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -382,8 +383,9 @@ class Watcher:
         settled: set[str] = set()
         scanned: set[str] = set()
         # Copies: replanning edits these very sets.
-        pending = set(entry.pending.get(name, ()))
+        pending = entry.pending.get(name)
         if pending and mask & (_CREATE | _MOVED_TO):
+            pending = set(pending)
             for path in pending:
                 self._replan(path)
             scanned |= pending
@@ -399,14 +401,14 @@ class Watcher:
             elif mask & _CREATE and not mask & _ISDIR:
                 # A writer's open(O_CREAT) or a link(2): only /proc can tell which, so the
                 # engine reads it as found by a scan (held back while a writer has it open).
-                self.release(direct)
+                self._released(direct)
                 if _plan_may_change(self._plans, direct, mask, directory, name):
                     for path in direct:
                         self._replan(path)
                 scanned |= direct
             else:
                 if mask & (_CLOSE_WRITE | _NAME_CHANGES):
-                    self.release(direct)
+                    self._released(direct)
                 if mask & _NAME_CHANGES and _plan_may_change(
                     self._plans, direct, mask, directory, name
                 ):
@@ -414,8 +416,9 @@ class Watcher:
                         self._replan(path)
                 settled |= direct
         if mask & _NAME_CHANGES:
-            linked = set(entry.links.get(name, ()))
+            linked = entry.links.get(name)
             if linked:
+                linked = set(linked)
                 for path in linked:
                     self._replan(path)
                 settled |= linked
@@ -423,6 +426,11 @@ class Watcher:
             self._notify(scanned, True)
         if settled - scanned:
             self._notify(settled - scanned, False)
+
+    def _released(self, paths: set[str]) -> None:
+        # :meth:`release` on the event path, where mostly no writer holds anything.
+        if self.writing or self.modified_at:
+            self.release(paths)
 
     def _directory_gone(self, directory: str, entry: _Dir) -> None:
         # Moved away or deleted: what was watched there now lives (or not) somewhere else.
@@ -451,7 +459,15 @@ def _plan_may_change(
         kind is _Kind.LINK for path in paths for _, _, kind in plans.get(path, ())
     ):
         return True
-    return bool(mask & (_CREATE | _MOVED_TO)) and os.path.islink(os.path.join(directory, name))
+    return bool(mask & (_CREATE | _MOVED_TO)) and _is_link(f"{directory}/{name}")
+
+
+def _is_link(path: str) -> bool:
+    """``os.path.islink`` without its generic path handling (one lstat per rename)."""
+    try:
+        return stat.S_ISLNK(os.lstat(path).st_mode)
+    except (OSError, ValueError):
+        return False
 
 
 def _index(entry: _Dir, kind: _Kind) -> dict[str, set[str]]:
