@@ -1,6 +1,7 @@
 """Where the daemon's memory goes at N credentials, and its peak RSS.
 
-    python -m benchmarks.memory [--count 10000] [--frames 5] [--top 12] [--no-mqtt] [--smoke]
+    python -m benchmarks.memory [--count 10000] [--frames 5] [--top 12] [--no-mqtt] [--no-trace]
+                               [--smoke]
 
 For each layout (N credentials in 100 directories, and in N directories), with ``[mqtt]``
 pointing at a loopback mosquitto (fleet settings) when one can be started:
@@ -346,15 +347,21 @@ def run_layout(
 
 
 def run(
-    count: int, *, mqtt: bool = True, frames: int = 5, top: int = 12, smoke: bool = False
+    count: int,
+    *,
+    mqtt: bool = True,
+    frames: int = 5,
+    top: int = 12,
+    smoke: bool = False,
+    trace: bool = True,
 ) -> dict[str, Any]:
-    """Both layouts (``smoke``: the 100-directory one only)."""
+    """Both layouts (``smoke``: the 100-directory one only; ``trace``: tracemalloc too)."""
     layouts = [("100 dirs", min(100, count)), (f"{count} dirs", count)][: 1 if smoke else 2]
     results: dict[str, Any] = {"count": count, "layouts": {}}
     for label, directories in layouts:
         print(f"memory: {label} ...", file=sys.stderr)
         results["layouts"][label] = run_layout(
-            count, directories, mqtt=mqtt, frames=frames, top=top
+            count, directories, mqtt=mqtt, frames=frames, top=top, trace=trace
         )
     return results
 
@@ -416,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=5, help="tracemalloc frames per trace")
     parser.add_argument("--top", type=int, default=12, help="allocation sites printed")
     parser.add_argument("--no-mqtt", action="store_true", help="no [mqtt] (no mosquitto)")
+    parser.add_argument("--no-trace", action="store_true", help="the daemon's RSS only")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--trace", type=Path, help=argparse.SUPPRESS)
@@ -425,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     count = 200 if args.smoke else args.count
     results = run(count, mqtt=not args.no_mqtt, frames=args.frames, top=args.top,
-                  smoke=args.smoke)
+                  smoke=args.smoke, trace=not args.no_trace)
     if args.json:
         print(json.dumps(results, indent=2))
     print(table(results))
