@@ -4,7 +4,7 @@ window, writer hold-back, and an engine run on injected clocks and event ids."""
 from __future__ import annotations
 
 import itertools
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 
@@ -25,6 +25,8 @@ from broker.engine.holdback import WriterHoldBack
 from broker.engine.schedule import Deadlines, Kind
 from broker.engine.settle import SettleWindow
 from broker.engine.store import Store
+from broker.engine.tracking import WorkQueue
+from broker.engine.tuning import EngineTuning
 from tests.conftest import make_config, write_atomic
 
 pytestmark = pytest.mark.anyio
@@ -177,3 +179,62 @@ async def test_an_engine_takes_its_clock_and_event_ids_from_its_caller(tmp_path:
         assert second.id == "id-2" and second.data.generation == 2
         tg.cancel_scope.cancel()
     engine.flush()
+
+
+async def test_the_work_queue_hands_out_at_most_limit_longest_queued_first() -> None:
+    queue = WorkQueue()
+    queue.mark(["a", "b", "c", "d", "e"], scan=False)
+    queue.mark(["b"], scan=True)
+    with anyio.fail_after(5):  # the rest is taken at once, with no new mark
+        first = await queue.take(2)
+        second = await queue.take(2)
+        third = await queue.take(2)
+    assert list(first) == ["a", "b"] and first["b"].scan and not first["a"].scan
+    assert list(second) == ["c", "d"] and list(third) == ["e"]
+    assert not queue
+    queue.mark(["f", "g"], scan=False)
+    with anyio.fail_after(5):
+        assert list(await queue.take()) == ["f", "g"]  # no limit: everything
+
+
+async def test_start_up_reads_and_commits_in_passes_of_max_batch(tmp_path: Path) -> None:
+    # What one pass holds (every file's bytes, the evaluations, the journal line, the events)
+    # is bounded by max_batch, however many credentials there are: 7 go 3 + 3 + 1.
+    config = make_config(tmp_path, [
+        {"name": f"c{i}", "files": {"token": str(tmp_path / f"t{i}")}} for i in range(7)
+    ])
+    for i in range(7):
+        write_atomic(tmp_path / f"t{i}", f"secret-value-{i}")
+    store = Store(config.broker.state_dir)
+    store.prepare()
+    passes: list[list[str]] = []
+    record = store.record
+
+    def recorded(changed: Iterable[State], sequence: int,
+                 everything: Callable[[], Mapping[str, State]]) -> None:
+        changed = list(changed)
+        passes.append([s.credential for s in changed])
+        record(changed, sequence, everything)
+
+    store.record = recorded  # type: ignore[method-assign]
+    bus = Bus()
+    engine = Engine(
+        config.credentials, bus=bus, store=store, fingerprinter=FP, source="urn:credbroker:t",
+        resync_interval=30.0, tuning=EngineTuning(max_batch=3),
+    )
+    async with bus.subscribe("*") as events, anyio.create_task_group() as tg:
+        await tg.start(engine.run)
+        assert passes == [["c0", "c1", "c2"], ["c3", "c4", "c5"], ["c6"]]
+        seen = []
+        while (event := events.get_nowait()) is not None:
+            seen.append((event.subject, event.sequence))
+        assert seen == [(f"c{i}", i + 1) for i in range(7)]
+        assert all(engine.state(f"c{i}").status is Status.VALID for i in range(7))
+        tg.cancel_scope.cancel()
+    engine.flush()
+    assert Store(config.broker.state_dir).load().sequence == 7
+
+
+def test_max_batch_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="max_batch"):
+        EngineTuning(max_batch=0)
