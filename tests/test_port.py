@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,23 @@ def test_atomic_write_replaces_and_follows_a_symlink_only_when_asked(tmp_path: P
     assert not link.is_symlink() and link.read_bytes() == b"replaced"
     assert target.read_bytes() == b"through"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]  # no temp left
+
+
+def test_atomic_write_takes_chunks_and_a_failure_midway_keeps_the_old_file(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "doc"
+    atomic_write(path, iter([b"one,", b"two,", b"three"]))
+    assert path.read_bytes() == b"one,two,three"
+
+    def chunks() -> Iterator[bytes]:
+        yield b"half a"
+        raise ValueError("cannot encode the rest")
+
+    with pytest.raises(ValueError, match="the rest"):
+        atomic_write(path, chunks())
+    assert path.read_bytes() == b"one,two,three"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["doc"]  # no temp left
 
 
 def test_atomic_write_leaves_nothing_behind_when_it_fails(tmp_path: Path) -> None:

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 import broker.engine.store as store_module
-from broker.core.state import Stage, State, Status
-from broker.engine.store import Store
+from broker.core.events import encode
+from broker.core.state import FileInfo, Stage, State, Status
+from broker.engine.store import FORMAT_VERSION, Store
 
 
 def state(name: str, generation: int, sequence: int) -> State:
@@ -43,6 +44,29 @@ def test_round_trip_keeps_exact_times_and_stage(tmp_path: Path) -> None:
     assert loaded.states["a"].expires_at == 1234.5678
     assert loaded.states["a"].stage is Stage.EXPIRING
     assert loaded.states["a"].issued_at == 900.0
+
+
+def test_the_snapshot_is_the_one_encoding_of_the_whole_document(tmp_path: Path) -> None:
+    # Written a credential at a time (the document is never in memory whole), it is still
+    # byte for byte what encoding the document at once gives, and reads back.
+    states = {f"c{i}": state(f"c{i}", i + 1, i + 1) for i in range(3)}
+    states["c1"] = State("c1", Status.VALID, 2, 2, "hmac-sha256:2", reason="erneuert \u2713",
+                         files=(FileInfo("token", "/run/s\u00e9crets/t", True, 9, 1.5, 0o600),))
+    store = Store(tmp_path)
+    store.prepare()
+    store.flush(states, 3)
+    expected = encode({
+        "version": FORMAT_VERSION,
+        "sequence": 3,
+        "credentials": {name: store_module._encode_state(s) for name, s in states.items()},
+    })
+    assert (tmp_path / "state.json").read_bytes() == expected
+    loaded = Store(tmp_path).load()
+    assert loaded.problems == [] and loaded.sequence == 3 and loaded.states == states
+    store.flush({}, 3)
+    assert json.loads((tmp_path / "state.json").read_bytes()) == {
+        "version": FORMAT_VERSION, "sequence": 3, "credentials": {}
+    }
 
 
 def test_torn_last_journal_line_is_ignored_silently(tmp_path: Path) -> None:
