@@ -4,6 +4,7 @@ window, writer hold-back, and an engine run on injected clocks and event ids."""
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
@@ -11,15 +12,16 @@ from pathlib import Path, PurePath
 import anyio
 import pytest
 
-from broker.core.events import REFRESHED
+from broker.core.events import REFRESHED, encode
 from broker.core.expiry import ExpirySource, Lifetime
 from broker.core.fingerprint import Fingerprinter
 from broker.core.formats import Selector
 from broker.core.machine import Observation, observe, transition
 from broker.core.problems import ProblemCode
 from broker.core.reads import FileRead
-from broker.core.state import FileInfo, Problem, Stage, State, Status
+from broker.core.state import Consumer, FileInfo, Problem, Stage, State, Status
 from broker.engine.bus import Bus
+from broker.engine.consumers_file import Tracked, encode_consumers, load_consumers
 from broker.engine.engine import Engine
 from broker.engine.holdback import WriterHoldBack
 from broker.engine.schedule import Deadlines, Kind
@@ -238,3 +240,27 @@ async def test_start_up_reads_and_commits_in_passes_of_max_batch(tmp_path: Path)
 def test_max_batch_must_be_positive() -> None:
     with pytest.raises(ValueError, match="max_batch"):
         EngineTuning(max_batch=0)
+
+
+def test_the_consumer_table_is_encoded_a_credential_at_a_time_and_reads_back(
+    tmp_path: Path,
+) -> None:
+    creds = {
+        "svc": Tracked({"web-1": Consumer("web-1", 2, "fp-2", 1.5, "mqtt", seen=2.5, lagged=True)},
+                       converged=1, refreshed=(2, 1.25), known={1: "fp-1", 2: "fp-2"}),
+        "d\u00e9j\u00e0": Tracked({}),
+    }
+    data = encode_consumers(creds)
+    assert json.loads(data) == {"version": 1, "credentials": {
+        "svc": {"converged": 1, "refreshed": [2, 1.25], "known": {"1": "fp-1", "2": "fp-2"},
+                "consumers": [{"id": "web-1", "generation": 2, "fingerprint": "fp-2",
+                               "since": "1970-01-01T00:00:01.500Z", "via": "mqtt",
+                               "seen": 2.5, "lagged": True}]},
+        "d\u00e9j\u00e0": {"converged": 0, "refreshed": None, "known": {}, "consumers": []},
+    }}
+    assert data == encode(json.loads(data))  # the one compact encoding, to the byte
+    assert encode_consumers({}) == encode({"version": 1, "credentials": {}})
+    (tmp_path / "consumers.json").write_bytes(data)
+    loaded = load_consumers(tmp_path / "consumers.json")
+    assert loaded == {"svc": creds["svc"], "d\u00e9j\u00e0": Tracked({}, known={})}
+    assert loaded["svc"].consumers["web-1"].lagged and loaded["svc"].consumers["web-1"].seen == 2.5
