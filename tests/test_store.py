@@ -69,6 +69,39 @@ def test_the_snapshot_is_the_one_encoding_of_the_whole_document(tmp_path: Path) 
     }
 
 
+def test_a_snapshot_reads_as_json_loads_would_read_it(tmp_path: Path) -> None:
+    # Read a credential at a time, it still takes any layout of the same JSON, the last of
+    # duplicate keys winning, and refuses what json.loads refuses.
+    a1, b1, b2 = state("a", 1, 1), state("b", 1, 2), state("b", 2, 3)
+    docs = {n: store_module._encode_state(s) for n, s in (("a", a1), ("b", b1))}
+    pretty = json.dumps({"credentials": docs, "version": 1, "sequence": 3}, indent=2)
+    (tmp_path / "state.json").write_text(pretty + "\n")
+    loaded = Store(tmp_path).load()
+    assert loaded.problems == [] and loaded.sequence == 3 and loaded.states == {"a": a1, "b": b1}
+    b2_doc = json.dumps(store_module._encode_state(b2))
+    a_doc = json.dumps(docs["a"])
+    (tmp_path / "state.json").write_text(
+        f'{{"sequence": 1, "credentials": {{"b": {json.dumps(docs["b"])}}}, "sequence": 3, '
+        f'"credentials": {{"a": {a_doc}, "b": {json.dumps(docs["b"])}, "b": {b2_doc}}}}}'
+    )
+    loaded = Store(tmp_path).load()
+    assert loaded.sequence == 3 and loaded.states == {"a": a1, "b": b2}
+    for broken in (
+        pretty + " {}",  # extra data
+        '{"version": 1, "sequence": 3}',  # no credentials
+        '{"sequence": 3, "credentials": []}',
+        '{"sequence": 3, "credentials": {"a": ' + a_doc + ",}}",
+        '{"sequence": 3 "credentials": {}}',
+        "[]",
+        "",
+    ):
+        (tmp_path / "state.json").write_text(broken)
+        loaded = Store(tmp_path).load()
+        assert loaded.states == {} and loaded.sequence == 0, broken
+        assert "corrupt" in loaded.problems[0], broken
+        assert not (tmp_path / "state.json").exists()
+
+
 def test_torn_last_journal_line_is_ignored_silently(tmp_path: Path) -> None:
     store = Store(tmp_path)
     store.prepare()
