@@ -12,9 +12,10 @@ import pytest
 from anyio.abc import TaskStatus
 
 from broker.aio.atomicfile import atomic_write
+from broker.app import Broker
 from broker.core.state import Problem, Status
 from broker.port import BrokerPort, SinkContext, SinkHealth
-from tests.conftest import SecretRegistry, write_atomic
+from tests.conftest import SecretRegistry, make_config, write_atomic
 
 
 class Probe:
@@ -84,6 +85,32 @@ async def test_a_callers_sink_replaces_the_built_in_of_its_name(
     async with harness_factory([], sinks=[factory, factory]) as h:
         assert h.broker.sinks["probe"] is made[1]
         assert made[0].closed and not made[1].closed
+
+
+@pytest.mark.anyio
+async def test_persisted_states_are_there_for_sinks_at_start_and_let_go_of_after(
+    tmp_path: Path, secrets: SecretRegistry
+) -> None:
+    path = tmp_path / "token"
+    write_atomic(path, secrets.token())
+    config = make_config(tmp_path, [{"name": "svc", "files": {"token": str(path)}}])
+    async with Broker(config) as first:
+        persisted = first.state("svc")
+    seen: dict[str, Any] = {}
+
+    class Recovering(Probe):
+        async def run(self, *, task_status: TaskStatus[None]) -> None:
+            seen.update(self.port.loaded_states)  # what a crash-recovering sink reads
+            task_status.started()
+            await anyio.sleep_forever()
+
+    async with Broker(config, sinks=[Recovering]) as again:
+        assert list(seen) == ["svc"]
+        assert (seen["svc"].generation, seen["svc"].sequence, seen["svc"].fingerprint) == (
+            persisted.generation, persisted.sequence, persisted.fingerprint
+        )
+        # Every sink started: a second copy of every state is not kept for good.
+        assert dict(again.sinks["probe"].port.loaded_states) == {}  # type: ignore[attr-defined]
 
 
 def test_atomic_write_replaces_and_follows_a_symlink_only_when_asked(tmp_path: Path) -> None:
