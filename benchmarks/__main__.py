@@ -4,10 +4,11 @@
 
 Runs, in order: bus latency with the raw inotify floor, delivery to every consumer (bus,
 MQTT, SSE) with the raw MQTT floor, the MQTT reconnect flush, MQTT clients side by side,
-scale to 10,000 credentials against a bare pipeline, the cost of events for unrelated
-names next to a bare reader, the engine's own CPU in process (no MQTT), fan-out, and the
-baselines (watchdog + paho, a re-read loop) measured the same way. Each target of the
-benchmark issue is checked and printed as met or missed.
+scale to 10,000 credentials against a bare pipeline, where the daemon's memory goes at
+10,000 credentials, the cost of events for unrelated names next to a bare reader, the
+engine's own CPU in process (no MQTT), fan-out, and the baselines (watchdog + paho, a
+re-read loop) measured the same way. Each target of the benchmark issue is checked and
+printed as met or missed.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from benchmarks import (
     engine_cpu,
     fanout,
     latency,
+    memory,
     mqtt_clients,
     scale,
     unrelated,
@@ -98,6 +100,10 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
         check(f"mass rotation -> bus ({layout})", s["rotation_to_bus_s"], 5, "s")
         lost = s["lost"] + s["duplicated"] + s["mqtt_lost"] + s["mqtt_duplicated"]
         check(f"lost + duplicated events ({layout})", lost, 0, "events")
+    for layout, m in r.get("memory", {}).get("layouts", {}).items():
+        for run_name in ("first_start", "restart"):
+            check(f"peak RSS, whole life ({layout}, {run_name.replace('_', ' ')})",
+                  m[run_name]["peak_rss_mb"], 100, "MB")
     if "unrelated" in r:
         u = r["unrelated"]
         check("daemon CPU per unrelated-name event", u["daemon_us_per_event"], u["target_us"], "µs")
@@ -145,6 +151,8 @@ def report(r: dict[str, Any]) -> str:
     out += ["## Scale", "", scale.table(r["scale"]), ""]
     out += ["## MQTT clients (CPU per QoS 1 publish)", "",
             markdown(r["mqtt_clients"]["clients"], mqtt_clients.COLUMNS), ""]
+    if "memory" in r:
+        out += ["## Memory", "", memory.table(r["memory"]), ""]
     if "unrelated" in r:
         out += ["## Events for unrelated names", "", unrelated.table(r["unrelated"]), ""]
     if "engine_cpu" in r:
@@ -197,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("scale ...", file=sys.stderr)
     r["scale"] = scale.run(count, idle, args.gmqtt_path, smoke=args.smoke)
+    print("memory ...", file=sys.stderr)
+    r["memory"] = memory.run(count, smoke=args.smoke)
     print("unrelated names ...", file=sys.stderr)
     r["unrelated"] = unrelated.run(20_000 if args.smoke else 200_000)
     print("engine CPU ...", file=sys.stderr)

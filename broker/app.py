@@ -89,8 +89,9 @@ class Broker:
         self.source = f"urn:credbroker:{config.broker.host_id}"
         #: Running sinks by name ("mqtt", "http"), for tests and embedders.
         self.sinks: dict[str, Sink] = {}
-        #: The states persisted by the last run, as loaded at start (for sinks that recover
-        #: what a crash may have kept from them, such as the webhook outbox).
+        #: The states persisted by the last run, as loaded at start, until every sink has
+        #: started (for sinks that recover what a crash may have kept from them, such as the
+        #: webhook outbox, which read them before they report started).
         self.loaded_states: dict[str, State] = {}
         self._port = _BrokerPort(self)
         #: The table of consumer reports, run beside the engine when a sink takes reports.
@@ -165,6 +166,9 @@ class Broker:
                 await self._tg.start(self.consumers.run)
             for sink in chosen.values():
                 await self._tg.start(sink.run)
+            # Read by now by whoever recovers from them; the engine has states of its own.
+            # Kept, they would be a second copy of every credential's state for good.
+            self.loaded_states = {}
         except BaseException:
             self._tg.cancel_scope.cancel()
             await self._tg.__aexit__(None, None, None)

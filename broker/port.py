@@ -108,7 +108,8 @@ class BrokerPort(Protocol):
 
     @property
     def loaded_states(self) -> Mapping[str, State]:
-        """The states the last run persisted, as loaded at start (for crash recovery)."""
+        """The states the last run persisted, as loaded at start (for crash recovery): read
+        them before reporting started; once every sink has, they are gone (empty)."""
 
     @property
     def removed(self) -> Collection[str]:

@@ -573,12 +573,26 @@ def test_no_config_path(env: dict[str, str]) -> None:
         load_config(env=env)
 
 
+@pytest.mark.parametrize("strict", [True, False, None])
+def test_credentials_inherit_strict_permissions_from_broker(
+    env: dict[str, str], strict: bool | None
+) -> None:
+    broker = {} if strict is None else {"strict_permissions": strict}
+    config = parse_config({"broker": broker, "credentials": [
+        cred("inherits"), cred("strict", strict_permissions=True),
+        cred("lenient", strict_permissions=False),
+    ]}, env=env)
+    assert [c.strict_permissions for c in config.credentials] == [bool(strict), True, False]
+
+
 def test_models_built_in_python_are_validated_too(home: Path) -> None:
     spec = CredentialSettings(name="x", files={"t": Path("/t")})
     assert spec.expiry_file == "t"
     config = Config(broker={"state_dir": "/s"}, credentials=(spec,))  # type: ignore[arg-type]
-    # The same settings, with strict_permissions inherited from [broker].
+    # The same settings, with strict_permissions inherited from [broker]; the caller's own
+    # model is left as it was.
     assert config.credential("x") == spec.model_copy(update={"strict_permissions": False})
+    assert spec.strict_permissions is None
     with pytest.raises(ValueError, match="duplicate"):
         Config(broker={"state_dir": "/s"}, credentials=(spec, spec))  # type: ignore[arg-type]
 

@@ -4,27 +4,31 @@ window, writer hold-back, and an engine run on injected clocks and event ids."""
 from __future__ import annotations
 
 import itertools
-from collections.abc import Collection, Mapping, Sequence
+import json
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 
 import anyio
 import pytest
 
-from broker.core.events import REFRESHED
+from broker.core.events import REFRESHED, encode
 from broker.core.expiry import ExpirySource, Lifetime
 from broker.core.fingerprint import Fingerprinter
 from broker.core.formats import Selector
 from broker.core.machine import Observation, observe, transition
 from broker.core.problems import ProblemCode
 from broker.core.reads import FileRead
-from broker.core.state import FileInfo, Problem, Stage, State, Status
+from broker.core.state import Consumer, FileInfo, Problem, Stage, State, Status
 from broker.engine.bus import Bus
+from broker.engine.consumers_file import Tracked, encode_consumers, load_consumers
 from broker.engine.engine import Engine
 from broker.engine.holdback import WriterHoldBack
 from broker.engine.schedule import Deadlines, Kind
 from broker.engine.settle import SettleWindow
 from broker.engine.store import Store
+from broker.engine.tracking import WorkQueue
+from broker.engine.tuning import EngineTuning
 from tests.conftest import make_config, write_atomic
 
 pytestmark = pytest.mark.anyio
@@ -177,3 +181,86 @@ async def test_an_engine_takes_its_clock_and_event_ids_from_its_caller(tmp_path:
         assert second.id == "id-2" and second.data.generation == 2
         tg.cancel_scope.cancel()
     engine.flush()
+
+
+async def test_the_work_queue_hands_out_at_most_limit_longest_queued_first() -> None:
+    queue = WorkQueue()
+    queue.mark(["a", "b", "c", "d", "e"], scan=False)
+    queue.mark(["b"], scan=True)
+    with anyio.fail_after(5):  # the rest is taken at once, with no new mark
+        first = await queue.take(2)
+        second = await queue.take(2)
+        third = await queue.take(2)
+    assert list(first) == ["a", "b"] and first["b"].scan and not first["a"].scan
+    assert list(second) == ["c", "d"] and list(third) == ["e"]
+    assert not queue
+    queue.mark(["f", "g"], scan=False)
+    with anyio.fail_after(5):
+        assert list(await queue.take()) == ["f", "g"]  # no limit: everything
+
+
+async def test_start_up_reads_and_commits_in_passes_of_max_batch(tmp_path: Path) -> None:
+    # What one pass holds (every file's bytes, the evaluations, the journal line, the events)
+    # is bounded by max_batch, however many credentials there are: 7 go 3 + 3 + 1.
+    config = make_config(tmp_path, [
+        {"name": f"c{i}", "files": {"token": str(tmp_path / f"t{i}")}} for i in range(7)
+    ])
+    for i in range(7):
+        write_atomic(tmp_path / f"t{i}", f"secret-value-{i}")
+    store = Store(config.broker.state_dir)
+    store.prepare()
+    passes: list[list[str]] = []
+    record = store.record
+
+    def recorded(changed: Iterable[State], sequence: int,
+                 everything: Callable[[], Mapping[str, State]]) -> None:
+        changed = list(changed)
+        passes.append([s.credential for s in changed])
+        record(changed, sequence, everything)
+
+    store.record = recorded  # type: ignore[method-assign]
+    bus = Bus()
+    engine = Engine(
+        config.credentials, bus=bus, store=store, fingerprinter=FP, source="urn:credbroker:t",
+        resync_interval=30.0, tuning=EngineTuning(max_batch=3),
+    )
+    async with bus.subscribe("*") as events, anyio.create_task_group() as tg:
+        await tg.start(engine.run)
+        assert passes == [["c0", "c1", "c2"], ["c3", "c4", "c5"], ["c6"]]
+        seen = []
+        while (event := events.get_nowait()) is not None:
+            seen.append((event.subject, event.sequence))
+        assert seen == [(f"c{i}", i + 1) for i in range(7)]
+        assert all(engine.state(f"c{i}").status is Status.VALID for i in range(7))
+        tg.cancel_scope.cancel()
+    engine.flush()
+    assert Store(config.broker.state_dir).load().sequence == 7
+
+
+def test_max_batch_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="max_batch"):
+        EngineTuning(max_batch=0)
+
+
+def test_the_consumer_table_is_encoded_a_credential_at_a_time_and_reads_back(
+    tmp_path: Path,
+) -> None:
+    creds = {
+        "svc": Tracked({"web-1": Consumer("web-1", 2, "fp-2", 1.5, "mqtt", seen=2.5, lagged=True)},
+                       converged=1, refreshed=(2, 1.25), known={1: "fp-1", 2: "fp-2"}),
+        "d\u00e9j\u00e0": Tracked({}),
+    }
+    data = encode_consumers(creds)
+    assert json.loads(data) == {"version": 1, "credentials": {
+        "svc": {"converged": 1, "refreshed": [2, 1.25], "known": {"1": "fp-1", "2": "fp-2"},
+                "consumers": [{"id": "web-1", "generation": 2, "fingerprint": "fp-2",
+                               "since": "1970-01-01T00:00:01.500Z", "via": "mqtt",
+                               "seen": 2.5, "lagged": True}]},
+        "d\u00e9j\u00e0": {"converged": 0, "refreshed": None, "known": {}, "consumers": []},
+    }}
+    assert data == encode(json.loads(data))  # the one compact encoding, to the byte
+    assert encode_consumers({}) == encode({"version": 1, "credentials": {}})
+    (tmp_path / "consumers.json").write_bytes(data)
+    loaded = load_consumers(tmp_path / "consumers.json")
+    assert loaded == {"svc": creds["svc"], "d\u00e9j\u00e0": Tracked({}, known={})}
+    assert loaded["svc"].consumers["web-1"].lagged and loaded["svc"].consumers["web-1"].seen == 2.5

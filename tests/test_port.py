@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +12,10 @@ import pytest
 from anyio.abc import TaskStatus
 
 from broker.aio.atomicfile import atomic_write
+from broker.app import Broker
 from broker.core.state import Problem, Status
 from broker.port import BrokerPort, SinkContext, SinkHealth
-from tests.conftest import SecretRegistry, write_atomic
+from tests.conftest import SecretRegistry, make_config, write_atomic
 
 
 class Probe:
@@ -85,6 +87,32 @@ async def test_a_callers_sink_replaces_the_built_in_of_its_name(
         assert made[0].closed and not made[1].closed
 
 
+@pytest.mark.anyio
+async def test_persisted_states_are_there_for_sinks_at_start_and_let_go_of_after(
+    tmp_path: Path, secrets: SecretRegistry
+) -> None:
+    path = tmp_path / "token"
+    write_atomic(path, secrets.token())
+    config = make_config(tmp_path, [{"name": "svc", "files": {"token": str(path)}}])
+    async with Broker(config) as first:
+        persisted = first.state("svc")
+    seen: dict[str, Any] = {}
+
+    class Recovering(Probe):
+        async def run(self, *, task_status: TaskStatus[None]) -> None:
+            seen.update(self.port.loaded_states)  # what a crash-recovering sink reads
+            task_status.started()
+            await anyio.sleep_forever()
+
+    async with Broker(config, sinks=[Recovering]) as again:
+        assert list(seen) == ["svc"]
+        assert (seen["svc"].generation, seen["svc"].sequence, seen["svc"].fingerprint) == (
+            persisted.generation, persisted.sequence, persisted.fingerprint
+        )
+        # Every sink started: a second copy of every state is not kept for good.
+        assert dict(again.sinks["probe"].port.loaded_states) == {}  # type: ignore[attr-defined]
+
+
 def test_atomic_write_replaces_and_follows_a_symlink_only_when_asked(tmp_path: Path) -> None:
     target = tmp_path / "real"
     target.write_bytes(b"old")
@@ -97,6 +125,23 @@ def test_atomic_write_replaces_and_follows_a_symlink_only_when_asked(tmp_path: P
     assert not link.is_symlink() and link.read_bytes() == b"replaced"
     assert target.read_bytes() == b"through"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]  # no temp left
+
+
+def test_atomic_write_takes_chunks_and_a_failure_midway_keeps_the_old_file(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "doc"
+    atomic_write(path, iter([b"one,", b"two,", b"three"]))
+    assert path.read_bytes() == b"one,two,three"
+
+    def chunks() -> Iterator[bytes]:
+        yield b"half a"
+        raise ValueError("cannot encode the rest")
+
+    with pytest.raises(ValueError, match="the rest"):
+        atomic_write(path, chunks())
+    assert path.read_bytes() == b"one,two,three"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["doc"]  # no temp left
 
 
 def test_atomic_write_leaves_nothing_behind_when_it_fails(tmp_path: Path) -> None:

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 import broker.engine.store as store_module
-from broker.core.state import Stage, State, Status
-from broker.engine.store import Store
+from broker.core.events import encode
+from broker.core.state import FileInfo, Stage, State, Status
+from broker.engine.store import FORMAT_VERSION, Store
 
 
 def state(name: str, generation: int, sequence: int) -> State:
@@ -43,6 +44,62 @@ def test_round_trip_keeps_exact_times_and_stage(tmp_path: Path) -> None:
     assert loaded.states["a"].expires_at == 1234.5678
     assert loaded.states["a"].stage is Stage.EXPIRING
     assert loaded.states["a"].issued_at == 900.0
+
+
+def test_the_snapshot_is_the_one_encoding_of_the_whole_document(tmp_path: Path) -> None:
+    # Written a credential at a time (the document is never in memory whole), it is still
+    # byte for byte what encoding the document at once gives, and reads back.
+    states = {f"c{i}": state(f"c{i}", i + 1, i + 1) for i in range(3)}
+    states["c1"] = State("c1", Status.VALID, 2, 2, "hmac-sha256:2", reason="erneuert \u2713",
+                         files=(FileInfo("token", "/run/s\u00e9crets/t", True, 9, 1.5, 0o600),))
+    store = Store(tmp_path)
+    store.prepare()
+    store.flush(states, 3)
+    expected = encode({
+        "version": FORMAT_VERSION,
+        "sequence": 3,
+        "credentials": {name: store_module._encode_state(s) for name, s in states.items()},
+    })
+    assert (tmp_path / "state.json").read_bytes() == expected
+    loaded = Store(tmp_path).load()
+    assert loaded.problems == [] and loaded.sequence == 3 and loaded.states == states
+    store.flush({}, 3)
+    assert json.loads((tmp_path / "state.json").read_bytes()) == {
+        "version": FORMAT_VERSION, "sequence": 3, "credentials": {}
+    }
+
+
+def test_a_snapshot_reads_as_json_loads_would_read_it(tmp_path: Path) -> None:
+    # Read a credential at a time, it still takes any layout of the same JSON, the last of
+    # duplicate keys winning, and refuses what json.loads refuses.
+    a1, b1, b2 = state("a", 1, 1), state("b", 1, 2), state("b", 2, 3)
+    docs = {n: store_module._encode_state(s) for n, s in (("a", a1), ("b", b1))}
+    pretty = json.dumps({"credentials": docs, "version": 1, "sequence": 3}, indent=2)
+    (tmp_path / "state.json").write_text(pretty + "\n")
+    loaded = Store(tmp_path).load()
+    assert loaded.problems == [] and loaded.sequence == 3 and loaded.states == {"a": a1, "b": b1}
+    b2_doc = json.dumps(store_module._encode_state(b2))
+    a_doc = json.dumps(docs["a"])
+    (tmp_path / "state.json").write_text(
+        f'{{"sequence": 1, "credentials": {{"b": {json.dumps(docs["b"])}}}, "sequence": 3, '
+        f'"credentials": {{"a": {a_doc}, "b": {json.dumps(docs["b"])}, "b": {b2_doc}}}}}'
+    )
+    loaded = Store(tmp_path).load()
+    assert loaded.sequence == 3 and loaded.states == {"a": a1, "b": b2}
+    for broken in (
+        pretty + " {}",  # extra data
+        '{"version": 1, "sequence": 3}',  # no credentials
+        '{"sequence": 3, "credentials": []}',
+        '{"sequence": 3, "credentials": {"a": ' + a_doc + ",}}",
+        '{"sequence": 3 "credentials": {}}',
+        "[]",
+        "",
+    ):
+        (tmp_path / "state.json").write_text(broken)
+        loaded = Store(tmp_path).load()
+        assert loaded.states == {} and loaded.sequence == 0, broken
+        assert "corrupt" in loaded.problems[0], broken
+        assert not (tmp_path / "state.json").exists()
 
 
 def test_torn_last_journal_line_is_ignored_silently(tmp_path: Path) -> None:

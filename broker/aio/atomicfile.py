@@ -10,15 +10,21 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 __all__ = ["atomic_write"]
 
 
 def atomic_write(
-    path: Path, data: bytes, *, follow_symlink: bool = False, strict_dir_sync: bool = True
+    path: Path,
+    data: bytes | Iterable[bytes],
+    *,
+    follow_symlink: bool = False,
+    strict_dir_sync: bool = True,
 ) -> None:
-    """Replace ``path`` with ``data`` (mode 0600).
+    """Replace ``path`` with ``data`` (mode 0600): bytes, or chunks of them written in turn
+    (a large document need never be in memory whole).
 
     ``follow_symlink``: a symlink at ``path`` is written through (like ``cmd > path``), so
     the link stays; otherwise the link itself is replaced. ``strict_dir_sync``: a directory
@@ -30,7 +36,11 @@ def atomic_write(
     try:
         with os.fdopen(fd, "wb") as fh:
             os.fchmod(fh.fileno(), 0o600)
-            fh.write(data)
+            if isinstance(data, bytes | bytearray | memoryview):
+                fh.write(data)
+            else:
+                for chunk in data:
+                    fh.write(chunk)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, target)

@@ -1,5 +1,6 @@
 """What one load of the config validates against: the environment, the base directory of
-relative paths, the preset registry, and the credential names seen so far.
+relative paths, the preset registry, the credential names seen so far, and what the
+credentials inherit from ``[broker]``.
 
 The loader hands a :class:`LoadContext` to pydantic as its validation context, and the
 validators read it through :func:`context_of`; nothing here is global, so two loads (a test's
@@ -33,6 +34,10 @@ class LoadContext:
     base_dir: Path | None  # None: the cwd, looked up only if a relative path needs it
     presets: Mapping[str, Preset] = field(default_factory=lambda: PRESETS)
     seen_names: set[str] = field(default_factory=set)
+    #: ``[broker] strict_permissions``, once validated (``[broker]`` comes first): what a
+    #: credential that does not say takes (``None``: not known, as for a credential built
+    #: alone in Python).
+    strict_permissions: bool | None = None
 
     def expand(self, text: str) -> Path:
         """``~``, ``$VARS``, then relative-to-base. Raises ValueError with a user message."""

@@ -61,7 +61,7 @@ class CredentialSettings(FileSet):
     refresh: RefreshSettings | None = None
     validate_: ValidateSettings | None = Field(default=None, alias="validate")
     fallback: FallbackSettings | None = None
-    # None: as [broker] strict_permissions says (filled in by Config).
+    # None: as [broker] strict_permissions says (filled in as the Config is validated).
     strict_permissions: StrictBoolField | None = None
 
     # HOME at load time, so remedies can show paths the way the preset and the user wrote them.
@@ -146,8 +146,13 @@ class CredentialSettings(FileSet):
         return value
 
     @model_validator(mode="after")
-    def _remember_home(self, info: ValidationInfo) -> Self:
-        self._home = context_of(info).env.get("HOME") or None
+    def _take_the_load_context(self, info: ValidationInfo) -> Self:
+        context = context_of(info)
+        self._home = context.env.get("HOME") or None
+        if self.strict_permissions is None and context.strict_permissions is not None:
+            # This instance is the one being made (a ready-made one is not validated again):
+            # nobody else holds it yet.
+            object.__setattr__(self, "strict_permissions", context.strict_permissions)
         return self
 
     @property

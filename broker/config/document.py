@@ -9,8 +9,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from broker.config.context import context_of
 from broker.config.credentials import CredentialSettings
 from broker.config.errors import errors_at, show
 from broker.config.fields import Model
@@ -41,6 +42,15 @@ class Config(Model):
         if isinstance(data, Mapping) and "broker" not in data:
             data = {**data, "broker": {}}
         return data
+
+    @field_validator("broker")
+    @classmethod
+    def _pass_strictness_down(cls, value: BrokerSettings, info: ValidationInfo) -> BrokerSettings:
+        # Fields validate in order: the credentials, validated next, take it as they are
+        # made, rather than each being copied with it afterwards (10,000 copies of the
+        # settings at once were most of the peak of loading a large config).
+        context_of(info).strict_permissions = value.strict_permissions
+        return value
 
     @field_validator("credentials")
     @classmethod
@@ -79,6 +89,7 @@ class Config(Model):
 
     @model_validator(mode="after")
     def _inherit_strictness(self) -> Self:
+        # What is still undecided: credentials passed in ready-made (tables got it already).
         strict = self.broker.strict_permissions
         if any(c.strict_permissions is None for c in self.credentials):
             inherited = tuple(

@@ -45,10 +45,15 @@ class Tracked:
 
 
 def encode_consumers(creds: Mapping[str, Tracked]) -> bytes:
-    """The ``consumers.json`` document of what the tracker knows."""
-    out: dict[str, Any] = {}
-    for name, cred in creds.items():
-        out[name] = {
+    """The ``consumers.json`` document of what the tracker knows.
+
+    Encoded a credential at a time and joined: the bytes are what encoding the whole
+    document gives, without a dict per credential of all of them at once (at 10,000
+    credentials that was a peak of every save).
+    """
+    parts = [encode({"version": FORMAT_VERSION})[:-1], b',"credentials":{']
+    for index, (name, cred) in enumerate(creds.items()):
+        entry = {
             "converged": cred.converged,
             "refreshed": list(cred.refreshed) if cred.refreshed else None,
             "known": {str(g): f for g, f in (cred.known or {}).items()},
@@ -57,7 +62,9 @@ def encode_consumers(creds: Mapping[str, Tracked]) -> bytes:
                 for c in cred.consumers.values()
             ],
         }
-    return encode({"version": FORMAT_VERSION, "credentials": out})
+        parts.append((b"," if index else b"") + encode(name) + b":" + encode(entry))
+    parts.append(b"}}")
+    return b"".join(parts)
 
 
 def load_consumers(path: Path) -> dict[str, Tracked]:

@@ -273,7 +273,7 @@ class Engine:
                 self._table[name].startup = False
             self.watcher.watch(self._table.by_path)
         if changed:
-            await self._evaluate(
+            await self._evaluate_all(
                 {n: Pending(scan=True, force=True, settings_changed=True) for n in changed}
             )
         log.info("configuration applied", extra={"credentials": len(self._table)})
@@ -285,7 +285,7 @@ class Engine:
             self.watcher.watch(self._table.by_path)
             for name, tracked in self._table.items():
                 self._follow(name, tracked.state)
-            await self._evaluate({n: Pending(scan=True, force=True) for n in self._table})
+            await self._evaluate_all({n: Pending(scan=True, force=True) for n in self._table})
             for tracked in self._table.values():
                 tracked.startup = False
             self.ready.set()
@@ -329,7 +329,7 @@ class Engine:
 
     async def _evaluate_loop(self) -> None:
         while True:
-            batch = await self._queue.take()
+            batch = await self._queue.take(self.tuning.max_batch)
             if batch:
                 await self._evaluate(batch)
 
@@ -365,6 +365,14 @@ class Engine:
                 )
 
     # -- evaluation -------------------------------------------------------------------------
+
+    async def _evaluate_all(self, batch: Mapping[str, Pending]) -> None:
+        """:meth:`_evaluate` in passes of at most ``tuning.max_batch`` credentials, so that
+        start-up or a reload of every credential holds one pass's reads at a time."""
+        names = list(batch)
+        step = self.tuning.max_batch
+        for start in range(0, len(names), step):
+            await self._evaluate({n: batch[n] for n in names[start : start + step]})
 
     async def _evaluate(self, batch: Mapping[str, Pending]) -> None:
         # Reads happen under the lock too: two evaluations reading at different moments

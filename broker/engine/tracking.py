@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from itertools import islice
 
 from broker.aio.wakeup import Wakeup
 from broker.config import CredentialSettings
@@ -73,10 +74,15 @@ class WorkQueue:
             self._pending.setdefault(name, Pending()).scan |= scan
         self._wake.poke()
 
-    async def take(self) -> dict[str, Pending]:
-        """Wait for work, then take all of it."""
+    async def take(self, limit: int | None = None) -> dict[str, Pending]:
+        """Wait for work, then take it: all of it, or the ``limit`` longest queued (the rest
+        stays queued, and the next ``take`` returns at once)."""
         await self._wake.wait()
-        batch, self._pending = self._pending, {}
+        if limit is None or len(self._pending) <= limit:
+            batch, self._pending = self._pending, {}
+            return batch
+        batch = {n: self._pending.pop(n) for n in list(islice(self._pending, limit))}
+        self._wake.poke()
         return batch
 
     def keep_only(self, names: Collection[str]) -> None:

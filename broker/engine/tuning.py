@@ -1,4 +1,4 @@
-"""The engine's timing tunables, as one value: defaults for a daemon, shorter in tests."""
+"""The engine's tunables, as one value: defaults for a daemon, shorter in tests."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ DEFAULT_SETTLE = 1.0
 
 @dataclass(frozen=True, slots=True)
 class EngineTuning:
-    """How often the engine looks again, and how long it waits for writers (seconds)."""
+    """How often the engine looks again, how long it waits for writers (seconds), and how
+    many credentials one evaluation pass takes."""
 
     #: The scheduler re-evaluates at least this often, whatever it expects, so a wall-clock
     #: jump or a suspend is noticed within this bound.
@@ -40,3 +41,13 @@ class EngineTuning:
     #: broker.
     noisy_rate: float = 200.0
     noisy_min: int = 1000
+    #: One evaluation pass reads, evaluates and commits (one journal line) at most this many
+    #: credentials; more (start-up, a mass rotation, a full resync) take several passes, so
+    #: what a pass holds (every file's bytes, the evaluations, the journal line, the events)
+    #: stays bounded however many credentials there are. A pass costs a thread hop and an
+    #: fsync, so this is large enough for those to be lost in the work.
+    max_batch: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
