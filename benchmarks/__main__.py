@@ -4,8 +4,9 @@
 
 Runs, in order: bus latency with the raw inotify floor, delivery to every consumer (bus,
 MQTT, SSE) with the raw MQTT floor, the MQTT reconnect flush, MQTT clients side by side,
-scale to 10,000 credentials against a bare pipeline, the cost of events for unrelated
-names next to a bare reader, fan-out, and the baselines (watchdog + paho, a re-read loop)
+scale to 10,000 credentials against a bare pipeline, the daemon's idle CPU at that scale
+and what its periodic work costs, the cost of events for unrelated names next to a bare
+reader, fan-out, and the baselines (watchdog + paho, a re-read loop)
 measured the same way. Each target of the benchmark issue is checked and printed as met
 or missed.
 """
@@ -23,7 +24,16 @@ from typing import Any
 
 import anyio
 
-from benchmarks import baseline, delivery, fanout, latency, mqtt_clients, scale, unrelated
+from benchmarks import (
+    baseline,
+    delivery,
+    fanout,
+    idle,
+    latency,
+    mqtt_clients,
+    scale,
+    unrelated,
+)
 from benchmarks.common import markdown
 
 LAT_COLUMNS = ["path", "n", "p50_ms", "p99_ms", "max_ms"]
@@ -89,6 +99,10 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
         check(f"mass rotation -> bus ({layout})", s["rotation_to_bus_s"], 5, "s")
         lost = s["lost"] + s["duplicated"] + s["mqtt_lost"] + s["mqtt_duplicated"]
         check(f"lost + duplicated events ({layout})", lost, 0, "events")
+    if "idle" in r:
+        for layout, row in r["idle"]["layouts"].items():
+            check(f"idle CPU over {r['idle']['seconds']:g} s, idle benchmark ({layout})",
+                  row["idle_cpu_percent"], idle.TARGET_PERCENT, "%")
     if "unrelated" in r:
         u = r["unrelated"]
         check("daemon CPU per unrelated-name event", u["daemon_us_per_event"], u["target_us"], "µs")
@@ -136,6 +150,8 @@ def report(r: dict[str, Any]) -> str:
     out += ["## Scale", "", scale.table(r["scale"]), ""]
     out += ["## MQTT clients (CPU per QoS 1 publish)", "",
             markdown(r["mqtt_clients"]["clients"], mqtt_clients.COLUMNS), ""]
+    if "idle" in r:
+        out += ["## Idle", "", idle.table(r["idle"]), ""]
     if "unrelated" in r:
         out += ["## Events for unrelated names", "", unrelated.table(r["unrelated"]), ""]
     out += ["## Fan-out", ""]
@@ -174,8 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gmqtt-path", type=Path,
                         help="gmqtt installed with pip --target: measured, and the scale floor")
     args = parser.parse_args(argv)
-    changes, count, idle = (10, 200, 1.0) if args.smoke else (200, 10_000, 60.0)
-    r: dict[str, Any] = {"machine": machine(), "idle_s": idle}
+    changes, count, idle_s = (10, 200, 1.0) if args.smoke else (200, 10_000, 60.0)
+    r: dict[str, Any] = {"machine": machine(), "idle_s": idle_s}
     print("latency ...", file=sys.stderr)
     r["latency"] = anyio.run(latency.run, changes)
     print("delivery ...", file=sys.stderr)
@@ -185,14 +201,17 @@ def main(argv: list[str] | None = None) -> int:
         200 if args.smoke else 20_000, 900, args.gmqtt_path, (20,) if args.smoke else (20, 100)
     )
     print("scale ...", file=sys.stderr)
-    r["scale"] = scale.run(count, idle, args.gmqtt_path, smoke=args.smoke)
+    r["scale"] = scale.run(count, idle_s, args.gmqtt_path, smoke=args.smoke)
+    print("idle ...", file=sys.stderr)
+    r["idle"] = idle.run(count, 2.0 if args.smoke else idle_s, ["100", "each"],
+                         2 if args.smoke else 5)
     print("unrelated names ...", file=sys.stderr)
     r["unrelated"] = unrelated.run(20_000 if args.smoke else 200_000)
     print("fan-out ...", file=sys.stderr)
     sizes = (50, 20, 5) if args.smoke else (1000, 1000, 200)
     r["fanout"] = anyio.run(fanout.run, *sizes)
     print("baselines ...", file=sys.stderr)
-    r["baseline"] = baseline.run(changes, count, idle, 0.5 if args.smoke else 2.0)
+    r["baseline"] = baseline.run(changes, count, idle_s, 0.5 if args.smoke else 2.0)
     r["targets"] = targets(r)
     print(report(r))
     document = json.dumps(r, indent=2)

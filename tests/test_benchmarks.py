@@ -19,6 +19,7 @@ def test_make_bench_smoke_runs_and_reports_every_section() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    for section in ("## Latency", "## Scale", "## Fan-out", "## Side by side", "## Targets"):
+    for section in ("## Latency", "## Scale", "## Idle", "## Fan-out", "## Side by side",
+                    "## Targets"):
         assert section in result.stdout
     assert '"delivery"' in result.stdout  # the JSON document
