@@ -101,10 +101,14 @@ class Engine:
         self._lock = anyio.Lock()
         self._progress = Broadcast()
         self._writers = Wakeup()
-        self.watcher = Watcher(self._on_paths, self._on_writing, monotonic=monotonic)
+        self._polling = Wakeup()
+        self.watcher = Watcher(
+            self._on_paths, self._on_writing, on_polled=self._polling.poke, monotonic=monotonic
+        )
         self._net = SafetyNet(
             table=self._table,
             watcher=self.watcher,
+            polling=self._polling,
             mark=partial(self._queue.mark, scan=True),
             report=partial(self.report_finding, scan=True),
             tuning=lambda: self.tuning,
