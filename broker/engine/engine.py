@@ -322,6 +322,7 @@ class Engine:
     ) -> None:
         self._table.replace_all(credentials, states)
         self._queue.keep_only(self._table)
+        self._net.plan()
 
     def _on_paths(self, paths: set[str], scan: bool) -> None:
         self._queue.mark(self._table.names_at(paths), scan=scan)
