@@ -95,6 +95,8 @@ class Sampler:
             "loop_wakeups_per_s": round((slices - slices0) / elapsed, 1),
             "busiest_s_ms": round(1000 * max(self.process_s, default=0.0), 1),
             "quiet_loop_us_per_s": round(statistics.median(self.loop_ns or [0]) / 1e3),
+            # Where the bursts fell (the JSON only): the loop thread's ms in each second.
+            "loop_ms_by_second": [round(ns / 1e6, 1) for ns in self.loop_ns],
         }
 
 
