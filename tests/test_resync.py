@@ -12,6 +12,7 @@ import pytest
 
 from broker.core.events import MISSING, REFRESHED
 from broker.core.state import Status
+from broker.engine.reader import stat_signature
 from tests.conftest import SecretRegistry, make_config, write_atomic
 
 pytestmark = pytest.mark.anyio
@@ -88,3 +89,57 @@ async def test_a_resync_after_a_reload_stats_the_files_the_new_config_names(
         assert h.types("svc") == [REFRESHED]
         assert h.of("svc")[0].data.files[0].path == str(moved)
         assert h.types("new") == [REFRESHED]
+
+
+def pretend_the_last_read_saw_this(h: Any, name: str) -> None:
+    """Make the engine believe its last read of ``name`` saw the inode metadata there is now.
+
+    A change under the same (size, mtime, ctime, inode) is what only the full re-hash can
+    find (a write inside the filesystem's timestamp tick, a network filesystem), and ctime
+    cannot be set from userspace: so the recorded side is moved instead of the file.
+    """
+    tracked = h.broker.engine._table[name]
+    tracked.signatures = {path: stat_signature(path) for path in tracked.signatures}
+
+
+async def test_only_the_full_rehash_finds_content_changed_under_the_same_signature(
+    harness_factory: Any, tmp_path: Path, secrets: SecretRegistry
+) -> None:
+    paths = {name: tmp_path / name for name in ("plain", "two-files", "section", "same")}
+    ini = "[default]\ntoken = {}\n[other]\ntoken = {}\n"
+    write_atomic(paths["plain"], secrets.token())
+    write_atomic(paths["two-files"], secrets.token())
+    write_atomic(tmp_path / "two-files.key", secrets.token())
+    write_atomic(paths["section"], ini.format(secrets.token(), secrets.token()), mode=0o600)
+    write_atomic(paths["same"], secrets.token())
+    creds = [
+        cred("plain", paths["plain"]),
+        {"name": "two-files",
+         "files": {"token": str(paths["two-files"]), "key": str(tmp_path / "two-files.key")}},
+        {"name": "section", "files": {"token": str(paths["section"])}, "format": "ini",
+         "select": "ini-section:default"},
+        cred("same", paths["same"]),
+    ]
+    async with harness_factory(creds) as h:
+        await h.fence()
+        h.seen.clear()
+        blind(h)
+        write_atomic(paths["plain"], secrets.token() + "p")
+        write_atomic(tmp_path / "two-files.key", secrets.token() + "k")  # the second role
+        write_atomic(paths["section"], ini.format(secrets.token() + "s", secrets.token()))
+        for name in ("plain", "two-files", "section", "same"):
+            pretend_the_last_read_saw_this(h, name)
+        await h.broker.engine.resync()
+        await h.fence()
+        assert [e for e in h.seen if e.subject != "fence"] == []  # the stat saw nothing
+        await h.broker.engine.resync(full=True)
+        await h.fence()
+        assert h.types("plain") == [REFRESHED]
+        assert h.types("two-files") == [REFRESHED]
+        assert h.types("section") == [REFRESHED]  # a selector: re-read and evaluated whole
+        assert h.types("same") == []
+        # Nothing left to find: a second full re-hash publishes nothing.
+        h.seen.clear()
+        await h.broker.engine.resync(full=True)
+        await h.fence()
+        assert [e.subject for e in h.seen if e.subject != "fence"] == []

@@ -108,6 +108,7 @@ class Engine:
         self._net = SafetyNet(
             table=self._table,
             watcher=self.watcher,
+            fingerprinter=fingerprinter,
             polling=self._polling,
             mark=partial(self._queue.mark, scan=True),
             report=partial(self.report_finding, scan=True),
@@ -303,7 +304,8 @@ class Engine:
                 tg.start_soon(self._writer_loop)
 
     async def resync(self, *, full: bool = False) -> None:
-        """The safety net: re-stat every file, re-read what changed (``full``: re-read all)."""
+        """The safety net: re-stat every file, re-read what changed (``full``: re-hash every
+        file, re-read what may differ from its state)."""
         await self._net.resync(full=full)
 
     @property

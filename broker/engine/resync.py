@@ -11,6 +11,14 @@ list of (credential, paths) made once per configuration, compared with the signa
 last read recorded (read in place: a commit replaces a credential's signatures, it never
 edits them). Only the credentials whose files changed are marked; the event loop sees one
 call, not one per file.
+
+The full re-hash reads and fingerprints every file in the same worker thread, with the one
+reader (:func:`~broker.engine.reader.read_file`) and the credential's fingerprint (HMAC of
+each role's bytes, as the evaluation makes it): a credential whose files have the signatures
+and the fingerprint its state was made from, and whose state has nothing to revise (no
+problem, not polled), is left alone; every other one is re-read and evaluated as before.
+A credential the thread cannot fingerprint as the evaluation does (a pattern, a fallback, a
+``select``) is always re-read.
 """
 
 from __future__ import annotations
@@ -22,10 +30,11 @@ from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 import anyio
 
 from broker.aio.wakeup import Wakeup
+from broker.core.fingerprint import Fingerprinter
 from broker.core.globs import is_glob
 from broker.core.state import Problem
 from broker.engine.noise import NoiseMonitor
-from broker.engine.reader import glob_paths, signature_of, stat_signature
+from broker.engine.reader import glob_paths, read_file, signature_of, stat_signature
 from broker.engine.tracking import CredentialTable, Tracked
 from broker.engine.tuning import EngineTuning
 from broker.engine.watcher import Watcher
@@ -36,9 +45,13 @@ __all__ = ["SafetyNet"]
 #: Sets or clears a finding (name, source, problem) and re-reads without forcing past writers.
 ReportFinding = Callable[[str, str, Problem | None], Awaitable[object]]
 
+#: What the full re-hash reads of a credential it can fingerprint itself: ``max_size`` and
+#: each (role, path) in role order.
+_Rehash = tuple[int, tuple[tuple[str, str], ...]]
 #: One credential as the resync probes it: its name, its record (for the signatures its last
-#: read saw), its plain paths (one stat each) and its patterns (a listing, a stat per match).
-_Probe = tuple[str, Tracked, tuple[str, ...], tuple[str, ...]]
+#: read saw), its plain paths (one stat each), its patterns (a listing, a stat per match), and
+#: what its full re-hash reads (``None``: it is re-read and evaluated whole).
+_Probe = tuple[str, Tracked, tuple[str, ...], tuple[str, ...], _Rehash | None]
 
 
 class SafetyNet:
@@ -49,6 +62,7 @@ class SafetyNet:
         *,
         table: CredentialTable,
         watcher: Watcher,
+        fingerprinter: Fingerprinter,
         polling: Wakeup,
         mark: Callable[[Iterable[str]], None],
         report: ReportFinding,
@@ -58,6 +72,7 @@ class SafetyNet:
     ) -> None:
         self._table = table
         self._watcher = watcher
+        self._fp = fingerprinter
         self._polling = polling  # poked when a path joins watcher.polled
         self._mark = mark  # queue names for a scan (writers checked) re-read
         self._report = report
@@ -98,11 +113,12 @@ class SafetyNet:
                 await self._mark_stat_changes([probes[n] for n in names if n in probes])
 
     async def resync(self, *, full: bool = False) -> None:
-        """Re-stat every file, re-read what changed (``full``: re-read all)."""
+        """Re-stat every file, re-read what changed (``full``: re-hash every file, re-read
+        what may differ from its state)."""
         started = time.perf_counter()
         await self._release_gone_writers()
         if full:
-            self._mark(self._table)
+            await self._mark_rehash_changes(self._current_probes().values())
         else:
             await self._mark_stat_changes(self._current_probes().values())
         self.last_resync_seconds = time.perf_counter() - started
@@ -122,7 +138,12 @@ class SafetyNet:
                 paths = tracked.paths
                 files = tuple(p for p in paths if not is_glob(p))
                 patterns = tuple(p for p in paths if is_glob(p))
-                probes[name] = (name, tracked, files, patterns)
+                spec = tracked.spec
+                rehash: _Rehash | None = None
+                if not patterns and spec.fallback is None and spec.select is None:
+                    roles = tuple((role, str(path)) for role, path in spec.files.items())
+                    rehash = (spec.max_size, roles)
+                probes[name] = (name, tracked, files, patterns, rehash)
             self._probes, self._probes_version = probes, table.version
         return self._probes
 
@@ -159,8 +180,19 @@ class SafetyNet:
         # A tuple: the thread iterates it while the loop may rebuild the probes.
         todo, writing = tuple(probes), frozenset(self._watcher.writing)
         stale = await anyio.to_thread.run_sync(_stat_changes, todo, writing)
+        self._mark_tracked(stale)
+
+    async def _mark_rehash_changes(self, probes: Collection[_Probe]) -> None:
+        todo, writing = tuple(probes), frozenset(self._watcher.writing)
+        polled_dirs = frozenset(self._watcher.polled_dirs)
+        stale = await anyio.to_thread.run_sync(
+            _rehash_changes, todo, writing, polled_dirs, self._fp
+        )
+        self._mark_tracked(stale)
+
+    def _mark_tracked(self, names: list[str]) -> None:
         # A credential dropped by a reload while the thread ran has nothing to re-read.
-        stale = [name for name in stale if name in self._table]
+        stale = [name for name in names if name in self._table]
         if stale:
             self._mark(stale)
 
@@ -170,7 +202,7 @@ def _stat_changes(probes: Sequence[_Probe], writing: Collection[str]) -> list[st
     (files a writer holds open are left to its close-write). Blocking: run in a thread."""
     stale = []
     stat = os.stat
-    for name, tracked, files, patterns in probes:
+    for name, tracked, files, patterns, _ in probes:
         known = tracked.signatures
         for path in files:
             if path in writing:
@@ -187,4 +219,42 @@ def _stat_changes(probes: Sequence[_Probe], writing: Collection[str]) -> list[st
                 if path not in writing and stat_signature(path) != known.get(path):
                     stale.append(name)
                     break
+    return stale
+
+
+def _rehash_changes(
+    probes: Sequence[_Probe],
+    writing: Collection[str],
+    polled_dirs: Collection[str],
+    fingerprinter: Fingerprinter,
+) -> list[str]:
+    """The credentials whose files may no longer say what their state says, each file read
+    and fingerprinted again; the ones not to be judged that way are all in it (see the
+    module's docstring). Blocking: run in a thread."""
+    stale = []
+    for name, tracked, _, _, rehash in probes:
+        state = tracked.state
+        if (
+            rehash is None
+            or state is None
+            or state.fingerprint is None
+            or state.problems  # a writer-active, a watch-polling...: the evaluation revises
+            or tracked.settings_in_use is not tracked.spec  # a reload, the fallback in use
+        ):
+            stale.append(name)
+            continue
+        max_size, roles = rehash
+        known = tracked.signatures
+        parts: list[tuple[str, bytes | None]] = []
+        for role, path in roles:
+            if path in writing or os.path.dirname(path) in polled_dirs:
+                break
+            read = read_file(role, path, max_size)
+            if read.content is None or read.signature != known.get(path):
+                break
+            parts.append((role, read.content))
+        else:
+            if fingerprinter.fingerprint(parts) == state.fingerprint:
+                continue
+        stale.append(name)
     return stale
