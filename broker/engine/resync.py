@@ -6,11 +6,11 @@ They only mark credentials for the engine to read again (or report a finding); t
 read content or change a state themselves.
 
 The resync is the daemon's one periodic job that grows with the number of credentials, so
-it is kept to what it must do: a stat of every file in one loop in a worker thread, over a
-list of (credential, paths) made once per configuration, compared with the signatures the
-last read recorded (read in place: a commit replaces a credential's signatures, it never
-edits them). Only the credentials whose files changed are marked; the event loop sees one
-call, not one per file.
+it is kept to what it must do: a stat of every watched file in one loop in a worker thread,
+over a plan made once per configuration (each file once, with the credentials it belongs
+to), compared with the signatures each one's last read recorded (read in place: a commit
+replaces a credential's signatures, it never edits them). Only the credentials whose files
+changed are marked; the event loop sees one call, not one per file.
 
 The full re-hash reads and fingerprints every file in the same worker thread, with the one
 reader (:func:`~broker.engine.reader.read_file`) and the credential's fingerprint (HMAC of
@@ -45,13 +45,9 @@ __all__ = ["SafetyNet"]
 #: Sets or clears a finding (name, source, problem) and re-reads without forcing past writers.
 ReportFinding = Callable[[str, str, Problem | None], Awaitable[object]]
 
-#: What the full re-hash reads of a credential it can fingerprint itself: ``max_size`` and
-#: each (role, path) in role order.
-_Rehash = tuple[int, tuple[tuple[str, str], ...]]
-#: One credential as the resync probes it: its name, its record (for the signatures its last
-#: read saw), its plain paths (one stat each), its patterns (a listing, a stat per match), and
-#: what its full re-hash reads (``None``: it is re-read and evaluated whole).
-_Probe = tuple[str, Tracked, tuple[str, ...], tuple[str, ...], _Rehash | None]
+#: One watched file as the resync stats it: its path, and the records of the credentials it
+#: belongs to (for the signatures each one's last read saw).
+_File = tuple[str, tuple[Tracked, ...]]
 
 
 class SafetyNet:
@@ -82,8 +78,10 @@ class SafetyNet:
         first = tuning()
         self._noise = NoiseMonitor(rate=first.noisy_rate, minimum=first.noisy_min)
         self.last_resync_seconds = 0.0
-        self._probes: dict[str, _Probe] = {}
-        self._probes_version = -1
+        #: The plan: plain files, and patterns; made again when the table moves.
+        self._files: tuple[_File, ...] = ()
+        self._patterns: tuple[_File, ...] = ()
+        self._plan_version = -1
 
     @property
     def poll_every(self) -> float:
@@ -108,9 +106,10 @@ class SafetyNet:
             await anyio.sleep(self.poll_every)
             polled = set(self._watcher.polled)
             if polled:
-                probes = self._current_probes()
-                names = self._table.names_at(polled)
-                await self._mark_stat_changes([probes[n] for n in names if n in probes])
+                files = [self._file(path) for path in polled]
+                plain = tuple(f for f in files if not is_glob(f[0]))
+                patterns = tuple(f for f in files if is_glob(f[0]))
+                await self._mark_stat_changes(plain, patterns)
 
     async def resync(self, *, full: bool = False) -> None:
         """Re-stat every file, re-read what changed (``full``: re-hash every file, re-read
@@ -118,34 +117,30 @@ class SafetyNet:
         started = time.perf_counter()
         await self._release_gone_writers()
         if full:
-            await self._mark_rehash_changes(self._current_probes().values())
+            await self._mark_rehash_changes()
         else:
-            await self._mark_stat_changes(self._current_probes().values())
+            self.plan()
+            await self._mark_stat_changes(self._files, self._patterns)
         self.last_resync_seconds = time.perf_counter() - started
 
     def plan(self) -> None:
-        """Make the list of paths to stat for the credentials tracked now. The engine calls
-        it when it sets its credentials (start-up, reload), so that the cost (tens of
-        milliseconds at 10,000 credentials) is theirs, not the first resync's."""
-        self._current_probes()
-
-    def _current_probes(self) -> dict[str, _Probe]:
-        """What to stat per credential, made again only when the configuration changed."""
+        """Make the resync's plan for the credentials tracked now, if the table moved since
+        the last. The engine calls it when it sets its credentials (start-up, reload), so
+        that the cost (tens of milliseconds at 10,000 credentials) is theirs, not the first
+        resync's."""
         table = self._table
-        if self._probes_version != table.version:
-            probes: dict[str, _Probe] = {}
-            for name, tracked in table.items():
-                paths = tracked.paths
-                files = tuple(p for p in paths if not is_glob(p))
-                patterns = tuple(p for p in paths if is_glob(p))
-                spec = tracked.spec
-                rehash: _Rehash | None = None
-                if not patterns and spec.fallback is None and spec.select is None:
-                    roles = tuple((role, str(path)) for role, path in spec.files.items())
-                    rehash = (spec.max_size, roles)
-                probes[name] = (name, tracked, files, patterns, rehash)
-            self._probes, self._probes_version = probes, table.version
-        return self._probes
+        if self._plan_version == table.version:
+            return
+        files: list[_File] = []
+        patterns: list[_File] = []
+        for path in table.by_path:
+            (patterns if is_glob(path) else files).append(self._file(path))
+        self._files, self._patterns = tuple(files), tuple(patterns)
+        self._plan_version = table.version
+
+    def _file(self, path: str) -> _File:
+        """``path`` with its credentials' records."""
+        return (path, tuple(self._table[n] for n in self._table.by_path.get(path, ())))
 
     async def _report_noise(self, elapsed: float) -> None:
         """Annotate (once) each credential whose directory floods the broker with events for
@@ -174,16 +169,16 @@ class SafetyNet:
 
         self._watcher.release(await anyio.to_thread.run_sync(gone))
 
-    async def _mark_stat_changes(self, probes: Collection[_Probe]) -> None:
-        if not probes:
-            return
-        # A tuple: the thread iterates it while the loop may rebuild the probes.
-        todo, writing = tuple(probes), frozenset(self._watcher.writing)
-        stale = await anyio.to_thread.run_sync(_stat_changes, todo, writing)
+    async def _mark_stat_changes(
+        self, files: Sequence[_File], patterns: Sequence[_File]
+    ) -> None:
+        writing = frozenset(self._watcher.writing)
+        stale = await anyio.to_thread.run_sync(_stat_changes, files, patterns, writing)
         self._mark_tracked(stale)
 
-    async def _mark_rehash_changes(self, probes: Collection[_Probe]) -> None:
-        todo, writing = tuple(probes), frozenset(self._watcher.writing)
+    async def _mark_rehash_changes(self) -> None:
+        todo = tuple(self._table.values())
+        writing = frozenset(self._watcher.writing)
         polled_dirs = frozenset(self._watcher.polled_dirs)
         stale = await anyio.to_thread.run_sync(
             _rehash_changes, todo, writing, polled_dirs, self._fp
@@ -197,33 +192,34 @@ class SafetyNet:
             self._mark(stale)
 
 
-def _stat_changes(probes: Sequence[_Probe], writing: Collection[str]) -> list[str]:
+def _stat_changes(
+    files: Sequence[_File], patterns: Sequence[_File], writing: Collection[str]
+) -> list[str]:
     """The credentials one of whose files' signature differs from what their last read saw
     (files a writer holds open are left to its close-write). Blocking: run in a thread."""
-    stale = []
+    stale: dict[str, None] = {}
     stat = os.stat
-    for name, tracked, files, patterns, _ in probes:
-        known = tracked.signatures
-        for path in files:
-            if path in writing:
-                continue
-            try:
-                signature = signature_of(stat(path))
-            except (OSError, ValueError):
-                signature = None
-            if signature != known.get(path):
-                stale.append(name)
-                break
-        else:
-            for path in patterns:
-                if path not in writing and stat_signature(path) != known.get(path):
-                    stale.append(name)
-                    break
-    return stale
+    for path, owners in files:
+        if path in writing:
+            continue
+        try:
+            signature = signature_of(stat(path))
+        except (OSError, ValueError):
+            signature = None
+        for tracked in owners:
+            if signature != tracked.signatures.get(path):
+                stale[tracked.spec.name] = None
+    for path, owners in patterns:
+        if path not in writing:
+            matches = stat_signature(path)
+            for tracked in owners:
+                if matches != tracked.signatures.get(path):
+                    stale[tracked.spec.name] = None
+    return list(stale)
 
 
 def _rehash_changes(
-    probes: Sequence[_Probe],
+    credentials: Sequence[Tracked],
     writing: Collection[str],
     polled_dirs: Collection[str],
     fingerprinter: Fingerprinter,
@@ -232,29 +228,30 @@ def _rehash_changes(
     and fingerprinted again; the ones not to be judged that way are all in it (see the
     module's docstring). Blocking: run in a thread."""
     stale = []
-    for name, tracked, _, _, rehash in probes:
-        state = tracked.state
+    for tracked in credentials:
+        spec, state = tracked.spec, tracked.state
         if (
-            rehash is None
+            spec.fallback is not None
+            or spec.select is not None
             or state is None
             or state.fingerprint is None
             or state.problems  # a writer-active, a watch-polling...: the evaluation revises
-            or tracked.settings_in_use is not tracked.spec  # a reload, the fallback in use
+            or tracked.settings_in_use is not spec  # a reload, the fallback in use
         ):
-            stale.append(name)
+            stale.append(spec.name)
             continue
-        max_size, roles = rehash
         known = tracked.signatures
         parts: list[tuple[str, bytes | None]] = []
-        for role, path in roles:
-            if path in writing or os.path.dirname(path) in polled_dirs:
+        for role, file in spec.files.items():
+            path = str(file)
+            if is_glob(path) or path in writing or os.path.dirname(path) in polled_dirs:
                 break
-            read = read_file(role, path, max_size)
+            read = read_file(role, path, spec.max_size)
             if read.content is None or read.signature != known.get(path):
                 break
             parts.append((role, read.content))
         else:
             if fingerprinter.fingerprint(parts) == state.fingerprint:
                 continue
-        stale.append(name)
+        stale.append(spec.name)
     return stale
