@@ -143,3 +143,19 @@ async def test_only_the_full_rehash_finds_content_changed_under_the_same_signatu
         await h.broker.engine.resync(full=True)
         await h.fence()
         assert [e.subject for e in h.seen if e.subject != "fence"] == []
+
+
+async def test_a_file_two_credentials_share_is_stat_once_and_re_reads_both(
+    harness_factory: Any, tmp_path: Path, secrets: SecretRegistry
+) -> None:
+    shared = tmp_path / "shared"
+    write_atomic(shared, secrets.token())
+    async with harness_factory([cred("one", shared), cred("two", shared)]) as h:
+        await h.fence()
+        h.seen.clear()
+        blind(h)
+        write_atomic(shared, secrets.token() + "new")
+        await h.broker.engine.resync()
+        await h.fence()
+        assert h.types("one") == [REFRESHED]
+        assert h.types("two") == [REFRESHED]
