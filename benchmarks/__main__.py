@@ -5,10 +5,10 @@
 Runs, in order: bus latency with the raw inotify floor, delivery to every consumer (bus,
 MQTT, SSE) with the raw MQTT floor, the MQTT reconnect flush, MQTT clients side by side,
 scale to 10,000 credentials against a bare pipeline, where the daemon's memory goes at
-10,000 credentials, the cost of events for unrelated names next to a bare reader, the
-engine's own CPU in process (no MQTT), fan-out, and the baselines (watchdog + paho, a
-re-read loop) measured the same way. Each target of the benchmark issue is checked and
-printed as met or missed.
+10,000 credentials, the daemon's idle CPU at that scale and what its periodic work costs,
+the cost of events for unrelated names next to a bare reader, the engine's own CPU in
+process (no MQTT), fan-out, and the baselines (watchdog + paho, a re-read loop) measured
+the same way. Each target of the benchmark issue is checked and printed as met or missed.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from benchmarks import (
     delivery,
     engine_cpu,
     fanout,
+    idle,
     latency,
     memory,
     mqtt_clients,
@@ -104,6 +105,10 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
         for run_name in ("first_start", "restart"):
             check(f"peak RSS, whole life ({layout}, {run_name.replace('_', ' ')})",
                   m[run_name]["peak_rss_mb"], 100, "MB")
+    if "idle" in r:
+        for layout, row in r["idle"]["layouts"].items():
+            check(f"idle CPU over {r['idle']['seconds']:g} s, idle benchmark ({layout})",
+                  row["idle_cpu_percent"], idle.TARGET_PERCENT, "%")
     if "unrelated" in r:
         u = r["unrelated"]
         check("daemon CPU per unrelated-name event", u["daemon_us_per_event"], u["target_us"], "µs")
@@ -153,6 +158,8 @@ def report(r: dict[str, Any]) -> str:
             markdown(r["mqtt_clients"]["clients"], mqtt_clients.COLUMNS), ""]
     if "memory" in r:
         out += ["## Memory", "", memory.table(r["memory"]), ""]
+    if "idle" in r:
+        out += ["## Idle", "", idle.table(r["idle"]), ""]
     if "unrelated" in r:
         out += ["## Events for unrelated names", "", unrelated.table(r["unrelated"]), ""]
     if "engine_cpu" in r:
@@ -193,8 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gmqtt-path", type=Path,
                         help="gmqtt installed with pip --target: measured, and the scale floor")
     args = parser.parse_args(argv)
-    changes, count, idle = (10, 200, 1.0) if args.smoke else (200, 10_000, 60.0)
-    r: dict[str, Any] = {"machine": machine(), "idle_s": idle}
+    changes, count, idle_s = (10, 200, 1.0) if args.smoke else (200, 10_000, 60.0)
+    r: dict[str, Any] = {"machine": machine(), "idle_s": idle_s}
     print("latency ...", file=sys.stderr)
     r["latency"] = anyio.run(latency.run, changes)
     print("delivery ...", file=sys.stderr)
@@ -204,9 +211,12 @@ def main(argv: list[str] | None = None) -> int:
         200 if args.smoke else 20_000, 900, args.gmqtt_path, (20,) if args.smoke else (20, 100)
     )
     print("scale ...", file=sys.stderr)
-    r["scale"] = scale.run(count, idle, args.gmqtt_path, smoke=args.smoke)
+    r["scale"] = scale.run(count, idle_s, args.gmqtt_path, smoke=args.smoke)
     print("memory ...", file=sys.stderr)
     r["memory"] = memory.run(count, smoke=args.smoke)
+    print("idle ...", file=sys.stderr)
+    r["idle"] = idle.run(count, 2.0 if args.smoke else idle_s, ["100", "each"],
+                         2 if args.smoke else 5)
     print("unrelated names ...", file=sys.stderr)
     r["unrelated"] = unrelated.run(20_000 if args.smoke else 200_000)
     print("engine CPU ...", file=sys.stderr)
@@ -216,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = (50, 20, 5) if args.smoke else (1000, 1000, 200)
     r["fanout"] = anyio.run(fanout.run, *sizes)
     print("baselines ...", file=sys.stderr)
-    r["baseline"] = baseline.run(changes, count, idle, 0.5 if args.smoke else 2.0)
+    r["baseline"] = baseline.run(changes, count, idle_s, 0.5 if args.smoke else 2.0)
     r["targets"] = targets(r)
     print(report(r))
     document = json.dumps(r, indent=2)

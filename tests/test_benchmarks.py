@@ -19,8 +19,8 @@ def test_make_bench_smoke_runs_and_reports_every_section() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    sections = ("## Latency", "## Scale", "## Memory", "## Engine CPU", "## Fan-out",
-                "## Side by side", "## Targets")
+    sections = ("## Latency", "## Scale", "## Memory", "## Idle", "## Engine CPU",
+                "## Fan-out", "## Side by side", "## Targets")
     for section in sections:
         assert section in result.stdout
     assert '"delivery"' in result.stdout  # the JSON document

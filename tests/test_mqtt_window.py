@@ -13,7 +13,7 @@ import pytest
 from aiomqtt import ProtocolVersion
 from aiomqtt.exceptions import MqttConnectError
 
-from broker.aio.mqtt_link import LinkLost, MqttLink, WillMessage
+from broker.aio.mqtt_link import LinkLost, MqttLink, WillMessage, close_client, open_client
 from broker.core.events import Event
 from broker.core.topics import Topics
 from broker.sinks.mqtt import WINDOW, MqttPublisher
@@ -162,3 +162,34 @@ async def test_the_link_reports_a_server_that_closes_before_connack(tmp_path: Pa
                     will=WillMessage("t/status", b"offline", None), keepalive=5,
                     logger=logging.getLogger("test.link"),
                 )
+
+
+async def test_the_subscribers_client_looks_at_its_timers_every_quarter_keepalive(
+    mosquitto: Mosquitto,
+) -> None:
+    # aiomqtt's own loop would look at paho's keepalive timers every second; ours every
+    # keepalive / 4, so an idle daemon's consumer-report subscriber is not woken once a second.
+    mosquitto.start()
+    keepalive = 12  # a look every 3 s
+    with anyio.fail_after(WAIT):
+        client = await open_client(
+            "127.0.0.1", mosquitto.port, protocol=ProtocolVersion.V5, username=None,
+            password=None, tls_context=None, client_id=f"s{pysecrets.token_hex(3)}",
+            keepalive=keepalive, logger=logging.getLogger("test.client"),
+        )
+    looks = 0
+    paho_client = client._client  # the paho client under aiomqtt's loop
+    real = paho_client.loop_misc
+
+    def loop_misc() -> Any:
+        nonlocal looks
+        looks += 1
+        return real()
+
+    paho_client.loop_misc = loop_misc  # type: ignore[method-assign]
+    try:
+        await anyio.sleep(4.5)
+    finally:
+        await close_client(client)
+    # Every second would be 4 or 5 looks; every 3 s, 1 (2 if the loop ran late).
+    assert 1 <= looks <= 2, looks

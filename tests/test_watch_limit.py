@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -113,3 +114,64 @@ def test_paths_beyond_the_watch_limit_are_polled(tmp_path: Path, secrets: Secret
     secrets.assert_absent(json.dumps(log), "daemon log")
     record_figures("inotify_limit", watch_limit=2, polled=len(polled_names),
                    both_changes_delivered_seconds=round(delivered_in, 2))
+
+
+def test_a_path_refused_a_watch_after_start_is_polled(
+    tmp_path: Path, secrets: SecretRegistry
+) -> None:
+    # Nothing is polled at start (the poll loop then sleeps); a reload adds a credential in a
+    # third directory beyond the limit of 2, which must wake the polling.
+    paths = {}
+    for name in ("a", "b", "late"):
+        (tmp_path / name).mkdir()
+        paths[name] = tmp_path / name / "token"
+        write_atomic(paths[name], secrets.token())
+    config = tmp_path / "broker.toml"
+    head = (
+        f'[broker]\nstate_dir = "{tmp_path / "state"}"\nhost_id = "lim"\nresync_interval = "1h"\n'
+    )
+
+    def write_config(names: list[str]) -> None:
+        body = head
+        for name in names:
+            body += f'\n[[credentials]]\nname = "{name}"\nfiles = {{ token = "{paths[name]}" }}\n'
+        config.write_text(body)
+
+    write_config(["a", "b"])
+    argv = [sys.executable, "-m", "broker", "run", "-c", str(config), "--log-format", "json"]
+    proc = subprocess.Popen(limited(argv, 2), cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    log: list[dict[str, Any]] = []
+
+    def wait_for(predicate: Any, timeout: float = 20) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()  # type: ignore[union-attr]
+            assert line, "the daemon exited"
+            log.append(json.loads(line))
+            if predicate(log[-1]):
+                return log[-1]
+        raise AssertionError("timed out waiting for the daemon's log")
+
+    try:
+        wait_for(lambda r: r["message"] == "broker started")
+        assert not [r for r in log if "polling instead" in r["message"]]
+        write_config(["a", "b", "late"])
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda r: r["message"] == "inotify watch limit reached; polling instead")
+        wait_for(lambda r: r["message"] == "configuration applied")
+        started = time.monotonic()
+        write_atomic(paths["late"], secrets.token())
+        record = wait_for(
+            lambda r: r["message"] == "credentials.refreshed" and r["credential"] == "late"
+            and r["generation"] == 2
+        )
+        assert record["generation"] == 2
+        assert time.monotonic() - started < 10
+        proc.terminate()
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    secrets.assert_absent(json.dumps(log), "daemon log")

@@ -69,6 +69,12 @@ MAX_CONSUMERS = 10_000
 MAX_SLEEP = 30.0
 #: Writes of consumers.json are at least this far apart (reports can come in bursts).
 PERSIST_EVERY = 0.2
+#: What the bus alone changed (when each generation was first refreshed: every credential's,
+#: so a write costs as much as the whole file) is written once the bus has been quiet this
+#: long, or at the latest MAX_SLEEP after the first such change: a burst of 10,000 events is
+#: one write just after it, not one every PERSIST_EVERY during it nor one later, when the
+#: daemon is otherwise idle.
+BUS_QUIET = 1.0
 
 #: HTTP status of each refusal.
 HTTP_STATUS = {
@@ -180,6 +186,8 @@ class ConsumerTracker:
         self._deadlines: dict[str, float] = {}
         self._wakeup = Wakeup()
         self._unsaved = False
+        #: (first, last) monotonic times of bus changes not yet written, or None.
+        self._bus_unsaved: tuple[float, float] | None = None
         self._save_failed = False
         # Subscribed now, before the engine's first pass: its first-sight `refreshed`
         # events say when each generation started.
@@ -297,7 +305,7 @@ class ConsumerTracker:
         finally:
             self.close()
             with anyio.CancelScope(shield=True):
-                if self._unsaved:
+                if self._unsaved or self._bus_unsaved is not None:
                     await anyio.to_thread.run_sync(self._save, encode_consumers(self._creds))
 
     async def _follow(self) -> None:
@@ -318,9 +326,26 @@ class ConsumerTracker:
                     known[state.generation] = state.fingerprint
                     for old in sorted(known)[:-KNOWN_GENERATIONS]:
                         del known[old]
-                self._unsaved = True
+                self._bus_changed()
             if cred is not None and cred.consumers:
                 self._touch(name)
+
+    def _bus_changed(self) -> None:
+        now = self._monotonic()
+        if self._bus_unsaved is None:
+            self._bus_unsaved = (now, now)
+            self._wakeup.poke()  # the loop sets its wake-up for the write
+        else:
+            self._bus_unsaved = (self._bus_unsaved[0], now)
+
+    def _save_due(self, last_save: float) -> float | None:
+        """When consumers.json is to be written next (monotonic), or None: nothing to write."""
+        if self._unsaved:
+            return last_save + PERSIST_EVERY
+        if self._bus_unsaved is None:
+            return None
+        first, last = self._bus_unsaved
+        return max(last_save + PERSIST_EVERY, min(last + BUS_QUIET, first + MAX_SLEEP))
 
     async def _loop(self) -> None:
         last_save = -math.inf
@@ -334,10 +359,11 @@ class ConsumerTracker:
             delay = MAX_SLEEP
             if self._deadlines:
                 delay = min(delay, max(0.0, min(self._deadlines.values()) - self._clock()))
-            if self._unsaved:
-                wait = last_save + PERSIST_EVERY - self._monotonic()
+            save_at = self._save_due(last_save)
+            if save_at is not None:
+                wait = save_at - self._monotonic()
                 if wait <= 0:
-                    self._unsaved = False
+                    self._unsaved, self._bus_unsaved = False, None
                     await anyio.to_thread.run_sync(self._save, encode_consumers(self._creds))
                     last_save = self._monotonic()
                 else:

@@ -101,10 +101,15 @@ class Engine:
         self._lock = anyio.Lock()
         self._progress = Broadcast()
         self._writers = Wakeup()
-        self.watcher = Watcher(self._on_paths, self._on_writing, monotonic=monotonic)
+        self._polling = Wakeup()
+        self.watcher = Watcher(
+            self._on_paths, self._on_writing, on_polled=self._polling.poke, monotonic=monotonic
+        )
         self._net = SafetyNet(
             table=self._table,
             watcher=self.watcher,
+            fingerprinter=fingerprinter,
+            polling=self._polling,
             mark=partial(self._queue.mark, scan=True),
             report=partial(self.report_finding, scan=True),
             tuning=lambda: self.tuning,
@@ -299,7 +304,8 @@ class Engine:
                 tg.start_soon(self._writer_loop)
 
     async def resync(self, *, full: bool = False) -> None:
-        """The safety net: re-stat every file, re-read what changed (``full``: re-read all)."""
+        """The safety net: re-stat every file, re-read what changed (``full``: re-hash every
+        file, re-read what may differ from its state)."""
         await self._net.resync(full=full)
 
     @property
@@ -318,6 +324,7 @@ class Engine:
     ) -> None:
         self._table.replace_all(credentials, states)
         self._queue.keep_only(self._table)
+        self._net.plan()
 
     def _on_paths(self, paths: set[str], scan: bool) -> None:
         self._queue.mark(self._table.names_at(paths), scan=scan)

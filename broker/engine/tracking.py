@@ -96,6 +96,9 @@ class CredentialTable:
     def __init__(self) -> None:
         self._tracked: dict[str, Tracked] = {}
         self._by_path: dict[str, set[str]] = {}
+        #: Bumped by every :meth:`replace_all`: what was derived from the specs (the resync's
+        #: list of paths to stat) is stale once it moves.
+        self.version = 0
 
     def __contains__(self, name: object) -> bool:
         return name in self._tracked
@@ -150,6 +153,7 @@ class CredentialTable:
             else:
                 tracked[spec.name] = Tracked(spec, states.get(spec.name))
         self._tracked = tracked
+        self.version += 1
         self._by_path = {}
         for name, t in tracked.items():
             for path in t.paths:

@@ -121,11 +121,14 @@ class Watcher:
         notify: Notify,
         on_writing: Callable[[], None] | None = None,
         *,
+        on_polled: Callable[[], None] | None = None,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._notify = notify
         self._monotonic = monotonic
         self._on_writing = on_writing
+        # Told when a path joins ``polled``: the poll loop sleeps while there is none.
+        self._on_polled = on_polled
         self._inotify: Inotify | None = None
         self._plans: dict[str, frozenset[_Entry]] = {}
         self._dirs: dict[str, _Dir] = {}
@@ -282,6 +285,8 @@ class Watcher:
         if batch is None:
             self._refresh_interest(touched)
         if polled:
+            if path not in self.polled and self._on_polled is not None:
+                self._on_polled()
             self.polled.add(path)
         elif plan:
             self.polled.discard(path)
