@@ -8,6 +8,7 @@ import json
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
+from typing import Any
 
 import anyio
 import pytest
@@ -213,10 +214,10 @@ async def test_start_up_reads_and_commits_in_passes_of_max_batch(tmp_path: Path)
     record = store.record
 
     def recorded(changed: Iterable[State], sequence: int,
-                 everything: Callable[[], Mapping[str, State]]) -> None:
+                 everything: Callable[[], Mapping[str, State]], *rest: Any) -> None:
         changed = list(changed)
         passes.append([s.credential for s in changed])
-        record(changed, sequence, everything)
+        record(changed, sequence, everything, *rest)
 
     store.record = recorded  # type: ignore[method-assign]
     bus = Bus()

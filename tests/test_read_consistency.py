@@ -85,7 +85,7 @@ async def test_size_matches_the_fingerprinted_content_under_a_racing_writer(
         final = await h.broker.check("svc")
     persisted = Store(tmp_path / "state").load().states["svc"]
     # The race was actually run, many times (how many depends on the machine's load).
-    assert len(checked) >= 20, len(checked)
+    assert len(checked) >= 10, len(checked)
     for state in [*(e.data for e in events), *checked, final, persisted]:
         assert state.fingerprint in lengths, "a version no writer completed"
         assert state.files[0].size == lengths[state.fingerprint], state.files[0]
