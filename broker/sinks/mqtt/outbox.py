@@ -127,9 +127,6 @@ class Pipeline:
         #: The most publishes unacknowledged at once, over the pipeline's life.
         self.peak = 0
         self._wake = Wakeup()
-        #: A PUBACK that leaves at most this many unacknowledged wakes the waiting sender
-        #: (-1: nobody waits).
-        self._wake_at = -1
         link.on_ack = self._acked
         link.on_lost = self._lost
 
@@ -147,13 +144,9 @@ class Pipeline:
         props: MessageProperties | None,
         done: Callable[[], None] | None = None,
     ) -> None:
-        """Publish (QoS 1) once the window has room; ``done()`` runs on the PUBACK.
-
-        A full window is waited on until half of it is free: the sender then wakes once per
-        half window of PUBACKs, not once per PUBACK, and refills it in one go.
-        """
+        """Publish (QoS 1) once the window has room; ``done()`` runs on the PUBACK."""
         if len(self._pending) >= self.size:
-            await self._wait(self.size // 2)
+            await self._wait(lambda: len(self._pending) < self.size)
         try:
             mid = self._link.publish(topic, payload, retain, props)
         except LinkLost as exc:
@@ -163,28 +156,23 @@ class Pipeline:
 
     async def drain(self) -> None:
         """Wait until everything sent is acknowledged."""
-        await self._wait(0)
+        await self._wait(lambda: not self._pending)
 
-    async def _wait(self, at_most: int) -> None:
-        """Wait until at most ``at_most`` publishes are unacknowledged."""
-        self._wake_at = at_most
+    async def _wait(self, ready: Callable[[], bool]) -> None:
         try:
             with anyio.fail_after(self._ack_timeout):
-                while len(self._pending) > at_most:
+                while not ready():
                     if self._link.lost is not None:
                         raise SessionLost(describe_connect_error(self._link.lost))
                     await self._wake.wait()  # level-triggered: no wake-up is lost
         except TimeoutError:
             raise SessionLost(f"no PUBACK within {self._ack_timeout:g} s") from None
-        finally:
-            self._wake_at = -1
 
     def _acked(self, mid: int) -> None:
         done = self._pending.pop(mid, None)
         if done is not None:
             done()
-        if len(self._pending) <= self._wake_at:
-            self._wake.poke()
+        self._wake.poke()
 
     def _lost(self, exc: BaseException) -> None:
         self._wake.poke()
