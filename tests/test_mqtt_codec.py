@@ -3,12 +3,13 @@ real servers and against sockets that misbehave on purpose."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets as pysecrets
 import socket
 import struct
 import time
-from pathlib import Path
+from collections.abc import AsyncIterator, Callable
 
 import anyio
 import pytest
@@ -245,6 +246,24 @@ async def test_an_idle_link_stays_up_on_its_pings(mosquitto: Mosquitto) -> None:
 CONNACK_OK = b"\x20\x03\x00\x00\x00"
 
 
+@contextlib.asynccontextmanager
+async def _fake_server(script: Callable[[socket.socket], None]) -> AsyncIterator[int]:
+    """A loopback server that accepts one connection and runs ``script`` on it (in a thread);
+    yields its port."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+
+        def serve() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                script(conn)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(anyio.to_thread.run_sync, serve)
+            yield listener.getsockname()[1]
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize(
     ("after_connack", "expect"),
@@ -258,62 +277,38 @@ CONNACK_OK = b"\x20\x03\x00\x00\x00"
 async def test_a_server_that_misbehaves_ends_the_link_with_a_reason(
     after_connack: bytes, expect: str
 ) -> None:
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen()
-    port = listener.getsockname()[1]
+    def script(conn: socket.socket) -> None:
+        conn.recv(4096)  # CONNECT
+        conn.sendall(CONNACK_OK)
+        time.sleep(0.3)  # after open() has returned: the link's own reading
+        conn.sendall(after_connack)
+        conn.settimeout(WAIT)
+        try:
+            while conn.recv(4096):
+                pass  # swallow PINGREQs without an answer
+        except OSError:
+            pass
 
-    def serve() -> None:
-        conn, _ = listener.accept()
-        with conn:
-            conn.recv(4096)  # CONNECT
-            conn.sendall(CONNACK_OK)
-            time.sleep(0.3)  # after open() has returned: the link's own reading
-            conn.sendall(after_connack)
-            conn.settimeout(WAIT)
-            try:
-                while conn.recv(4096):
-                    pass  # swallow PINGREQs without an answer
-            except OSError:
-                pass
-
-    try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(anyio.to_thread.run_sync, serve)
-            link = await _open(port, keepalive=1)
-            with anyio.fail_after(WAIT):
-                reason = await link.run()
-            assert isinstance(reason, LinkLost)
-            assert expect.lower() in str(reason).lower()
-            link.abort()
-    finally:
-        listener.close()
+    async with _fake_server(script) as port:
+        link = await _open(port, keepalive=1)
+        with anyio.fail_after(WAIT):
+            reason = await link.run()
+        assert isinstance(reason, LinkLost)
+        assert expect.lower() in str(reason).lower()
+        link.abort()
 
 
 @pytest.mark.anyio
-async def test_a_3_1_1_server_refusing_version_5_reads_as_a_protocol_refusal(
-    tmp_path: Path,
-) -> None:
+async def test_a_3_1_1_server_refusing_version_5_reads_as_a_protocol_refusal() -> None:
     from aiomqtt.exceptions import MqttConnectError
 
     from broker.aio.mqtt_material import is_protocol_refusal
 
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen()
-    port = listener.getsockname()[1]
+    def script(conn: socket.socket) -> None:
+        conn.recv(4096)
+        conn.sendall(b"\x20\x02\x00\x01")  # 3.1.1: unacceptable protocol version
 
-    def serve() -> None:
-        conn, _ = listener.accept()
-        with conn:
-            conn.recv(4096)
-            conn.sendall(b"\x20\x02\x00\x01")  # 3.1.1: unacceptable protocol version
-
-    try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(anyio.to_thread.run_sync, serve)
-            with pytest.raises(MqttConnectError) as refused:
-                await _open(port)
-        assert is_protocol_refusal(refused.value)
-    finally:
-        listener.close()
+    async with _fake_server(script) as port:
+        with pytest.raises(MqttConnectError) as refused:
+            await _open(port)
+    assert is_protocol_refusal(refused.value)
