@@ -344,7 +344,8 @@ class MqttLink:
         if connack.server_keep_alive is not None:
             link.keepalive = connack.server_keep_alive  # MQTT 5: the server's word is final
         logger.debug(
-            "connected", extra={"receive_maximum": link.receive_maximum, "keepalive": keepalive}
+            "connected",
+            extra={"receive_maximum": link.receive_maximum, "keepalive": link.keepalive},
         )
         return link
 
