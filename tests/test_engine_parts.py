@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
@@ -265,3 +266,73 @@ def test_the_consumer_table_is_encoded_a_credential_at_a_time_and_reads_back(
     loaded = load_consumers(tmp_path / "consumers.json")
     assert loaded == {"svc": creds["svc"], "d\u00e9j\u00e0": Tracked({}, known={})}
     assert loaded["svc"].consumers["web-1"].lagged and loaded["svc"].consumers["web-1"].seen == 2.5
+
+
+@pytest.mark.parametrize("gap", [0.0, 0.1])
+async def test_a_burst_is_taken_in_passes_at_most_burst_gap_apart(
+    tmp_path: Path, gap: float
+) -> None:
+    # A writer rotating files one by one, each while the previous pass is still running:
+    # with a burst gap the engine takes what arrived in few passes instead of one or two
+    # files per pass; without one it chases the writer (the contrast shows the test can
+    # fail). A change that finds the engine idle never waits for the gap.
+    names = [f"c{i}" for i in range(200)]
+    config = make_config(tmp_path, [
+        {"name": n, "files": {"token": str(tmp_path / f"{n}.tok")}} for n in names
+    ])
+    for n in names:
+        write_atomic(tmp_path / f"{n}.tok", f"secret-value-{n}-0")
+    store = Store(config.broker.state_dir)
+    store.prepare()
+    bus = Bus()
+    engine = Engine(
+        config.credentials, bus=bus, store=store, fingerprinter=FP, source="urn:credbroker:t",
+        resync_interval=3600.0, tuning=EngineTuning(burst_gap=gap),
+    )
+    passes: list[int] = []
+    record = store.record
+
+    def recorded(changed: Iterable[State], *rest: Any) -> None:
+        changed = list(changed)
+        passes.append(len(changed))
+        record(changed, *rest)
+
+    store.record = recorded  # type: ignore[method-assign]
+    async with bus.subscribe("*") as events, anyio.create_task_group() as tg:
+        await tg.start(engine.run)
+        while events.get_nowait() is not None:
+            pass
+        # Lone changes: each waits for the previous one's event, so none finds work queued.
+        for round_ in range(1, 4):
+            began = anyio.current_time()
+            write_atomic(tmp_path / "c0.tok", f"secret-value-c0-{round_}")
+            with anyio.fail_after(10):
+                while (await events.get()).subject != "c0":
+                    pass
+            if gap:
+                assert anyio.current_time() - began < gap, "a lone change waited"
+        passes.clear()
+
+        def rotate() -> float:
+            # Another thread, as a writer process would be: its files land while a pass runs.
+            began = time.monotonic()
+            for n in names:
+                write_atomic(tmp_path / f"{n}.tok", f"secret-value-{n}-burst")
+                time.sleep(0.001)
+            return time.monotonic() - began
+
+        written = await anyio.to_thread.run_sync(rotate)
+        want = set(names)
+        with anyio.fail_after(20):
+            while want:
+                want.discard((await events.get()).subject)
+        tg.cancel_scope.cancel()
+    assert sum(passes) == len(names)
+    if gap:
+        # While each pass finds the queue empty the engine keeps up file by file; once
+        # changes arrive during a pass, one pass per gap while the writer works, and one
+        # for the tail.
+        first_burst = next(i for i, n in enumerate(passes) if n > 1)
+        assert len(passes[first_burst:]) <= written / gap + 2, passes
+    else:
+        assert len(passes) > written / 0.1 + 2, passes

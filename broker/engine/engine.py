@@ -337,8 +337,20 @@ class Engine:
     async def _evaluate_loop(self) -> None:
         while True:
             batch = await self._queue.take(self.tuning.max_batch)
-            if batch:
-                await self._evaluate(batch)
+            if not batch:
+                continue
+            started = self._monotonic()
+            await self._evaluate(batch)
+            if self._queue and len(self._queue) < self.tuning.max_batch:
+                # Changes arrived during the pass: a burst (a mass rotation, a writer working
+                # through a directory). A pass costs a fixed several credentials' worth (two
+                # thread hand-offs, a journal fsync, the publishers' wake-ups), so the next
+                # one gathers what arrives until ``burst_gap`` after this one began instead
+                # of chasing the writer a few files at a time, and the writer gets the CPU.
+                # A lone change finds the queue empty after its pass: nothing waits.
+                rest = self.tuning.burst_gap - (self._monotonic() - started)
+                if rest > 0:
+                    await anyio.sleep(rest)
 
     async def _schedule_loop(self) -> None:
         while True:

@@ -68,6 +68,9 @@ class WorkQueue:
     def __bool__(self) -> bool:
         return bool(self._pending)
 
+    def __len__(self) -> int:
+        return len(self._pending)
+
     def mark(self, names: Iterable[str], *, scan: bool) -> None:
         """Queue ``names`` (``scan``: found by looking, so check them for writers)."""
         for name in names:

@@ -47,7 +47,14 @@ class EngineTuning:
     #: stays bounded however many credentials there are. A pass costs a thread hop and an
     #: fsync, so this is large enough for those to be lost in the work.
     max_batch: int = 1000
+    #: While changes keep arriving during passes (a burst), a pass begins at most this
+    #: often and takes everything that arrived meanwhile; a change that finds the engine
+    #: idle is evaluated at once. At most this much latency in a burst, for passes of
+    #: dozens instead of a handful when a writer rotates thousands of files.
+    burst_gap: float = 0.02
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
             raise ValueError("max_batch must be at least 1")
+        if self.burst_gap < 0:
+            raise ValueError("burst_gap must not be negative")
