@@ -7,6 +7,8 @@ import logging
 import sys
 from typing import Any, Literal, TextIO
 
+import orjson
+
 from broker.core.timefmt import format_time
 
 LogFormat = Literal["text", "json"]
@@ -49,8 +51,18 @@ class TextFormatter(logging.Formatter):
         return " ".join(parts)
 
 
-#: ``json.dumps(doc, default=str, ensure_ascii=False)``, without making an encoder per line.
-_JSON = json.JSONEncoder(default=str, ensure_ascii=False)
+#: What orjson refuses (integers beyond 64 bits, non-string keys) goes through this:
+#: ``json.dumps(doc, default=str, ensure_ascii=False)`` in the same compact form.
+_JSON = json.JSONEncoder(default=str, ensure_ascii=False, separators=(",", ":"))
+
+
+def _json_line(doc: dict[str, Any]) -> str:
+    # At info a line is logged per event: the standard encoder was half of a line's
+    # formatting (13 us of 30 per line, 6 with orjson).
+    try:
+        return orjson.dumps(doc, default=str).decode()
+    except TypeError:  # orjson.JSONEncodeError is one
+        return _JSON.encode(doc)
 
 
 class JsonFormatter(logging.Formatter):
@@ -73,7 +85,7 @@ class JsonFormatter(logging.Formatter):
         doc.update(_fields(record))
         if record.exc_info:
             doc["error"] = self.formatException(record.exc_info)
-        return _JSON.encode(doc)
+        return _json_line(doc)
 
 
 def configure(
