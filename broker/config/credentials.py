@@ -148,7 +148,7 @@ class CredentialSettings(FileSet):
     @model_validator(mode="after")
     def _take_the_load_context(self, info: ValidationInfo) -> Self:
         context = context_of(info)
-        self._home = context.env.get("HOME") or None
+        self._home = context.home
         if self.strict_permissions is None and context.strict_permissions is not None:
             # This instance is the one being made (a ready-made one is not validated again):
             # nobody else holds it yet.
