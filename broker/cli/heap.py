@@ -17,8 +17,30 @@ process and its collector.
 from __future__ import annotations
 
 import gc
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-__all__ = ["settle"]
+__all__ = ["building", "settle"]
+
+
+@contextmanager
+def building() -> Iterator[None]:
+    """No automatic collection while the long-lived heap is built, then :func:`settle`.
+
+    Building it (the config's settings, then every credential's first state) allocates
+    hundreds of thousands of objects that stay alive: each automatic collection on the way
+    walks them for nothing (at 10,000 credentials, hundreds of collections, a fifth of a
+    second of CPU in each of the two phases). The collection at the end finds what cycles
+    the building left behind, before the heap is frozen.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+        settle()
 
 
 def settle() -> None:
