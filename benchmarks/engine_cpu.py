@@ -36,9 +36,10 @@ runs) at ``info``, into a file: one line per event is part of the daemon's cost;
 
 Garbage collection is timed through ``gc.callbacks`` (its seconds are inside the CPU
 figures). ``--gc cli`` applies the heap policy of ``credbroker run``
-(:func:`broker.cli.heap.settle`) at the same points the CLI does: after the config load and
-once start-up is done; ``default`` leaves the interpreter's collector as it is (what an
-application embedding :class:`~broker.app.Broker` gets). ``--profile`` prints a
+(:func:`broker.cli.heap.building`) around the same phases the CLI does: the config load and
+entering the broker (no automatic collection while each builds, then a settle);
+``default`` leaves the interpreter's collector as it is (what an application embedding
+:class:`~broker.app.Broker` gets). ``--profile`` prints a
 pyinstrument profile (``pip install -e '.[bench]'``) of one phase; profiling inflates
 the CPU figures.
 """
@@ -54,7 +55,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, AsyncExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +147,11 @@ class _Profile:
             print(self._profiler.output_text(unicode=False, color=False), file=sys.stderr)
 
 
+def _heap_policy(gc_policy: str) -> AbstractContextManager[None]:
+    """What ``credbroker run`` does around building its heap (``cli``), or nothing."""
+    return heap.building() if gc_policy == "cli" else nullcontext()
+
+
 async def measure(
     count: int,
     dirs: int,
@@ -172,16 +178,17 @@ async def measure(
         }
 
         gc_before, c0 = clock.snapshot(), cpu()
-        config = load_config(config_path)
-        if gc_policy == "cli":
-            heap.settle()
+        with _heap_policy(gc_policy):
+            config = load_config(config_path)
         result["load_config"] = {"cpu_s": round(cpu() - c0, 3), **_since(clock, gc_before)}
 
         broker = Broker(config)
         events = broker.subscribe(buffer=4 * count)
         gc_before, c1, t1 = clock.snapshot(), cpu(), time.perf_counter()
         with _Profile(profile == "startup"):
-            async with broker:
+            async with AsyncExitStack() as stack:
+                with _heap_policy(gc_policy):
+                    await stack.enter_async_context(broker)
                 with anyio.fail_after(600):
                     for _ in range(count):
                         await events.get()
@@ -192,8 +199,6 @@ async def measure(
                 }
                 await broker.engine.quiesce()
                 batches = _count_batches(broker)
-                if gc_policy == "cli":
-                    heap.settle()
                 result["rounds"] = []
                 for n in range(rounds):
                     await anyio.sleep(0.5)  # the journal's and the store's own settling

@@ -4,8 +4,8 @@ The long-lived heap (the config, every credential's settings, state and watch pl
 hundred objects per credential) is built once and then only referred to. Left in the
 collector's oldest generation, each full collection walks all of it: with 10,000
 credentials a rotation of all of them triggered several full collections of ~160 ms each.
-:func:`settle` moves what is alive into the permanent generation once it is built (after
-the config load, after start-up, after a reload), so later collections see only what came
+:func:`building` and :func:`settle` move what is alive into the permanent generation once it
+is built (the config load and start-up; a reload), so later collections see only what came
 after. Frozen objects are still freed by reference counting; only reference cycles among
 them would outlive their use, and every settle first unfreezes and collects, so a cycle
 from an old config is collected at the next reload.
@@ -17,8 +17,31 @@ process and its collector.
 from __future__ import annotations
 
 import gc
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-__all__ = ["settle"]
+__all__ = ["building", "settle"]
+
+
+@contextmanager
+def building() -> Iterator[None]:
+    """No automatic collection while the long-lived heap is built, then a freeze of it.
+
+    Building it (the config's settings, then every credential's first state) allocates
+    hundreds of thousands of objects that stay alive: each automatic collection on the way
+    walks them for nothing (at 10,000 credentials, hundreds of collections, a fifth of a
+    second of CPU in each of the two phases). Nor is it collected at the end: that found
+    85-113 objects of garbage in 0.1 s, each time on the way to the first event. What
+    garbage there is stays frozen until the next :func:`settle` (a reload) collects it.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        if enabled:
+            gc.enable()
 
 
 def settle() -> None:

@@ -11,6 +11,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AsyncExitStack
 
 import anyio
 
@@ -133,8 +134,8 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    config = _load(args)
-    heap.settle()  # the config is built: the collector need not walk it again
+    with heap.building():  # the config: the collector need not walk it again
+        config = _load(args)
     logs.configure(args.log_level or config.broker.log_level, args.log_format,
                    host_id=config.broker.host_id)
     old, new = raise_open_files_limit()
@@ -182,12 +183,14 @@ async def _serve(config: Config, path: str) -> None:
             done.set()
 
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async with Broker(config) as broker, anyio.create_task_group() as tg:
+        async with AsyncExitStack() as stack:
+            # Broker's __aenter__ returns once every credential has a state and every sink
+            # serves: exactly systemd's READY. Every state and watch plan is built by then.
+            with heap.building():
+                broker = await stack.enter_async_context(Broker(config))
+            tg = await stack.enter_async_context(anyio.create_task_group())
             # Subscribed before READY, so no change after it goes without a STATUS= update.
             changes = broker.subscribe("credentials.*") if notifier.enabled else None
-            # Broker's __aenter__ returns once every credential has a state and every sink
-            # serves: exactly systemd's READY.
-            heap.settle()  # every credential's state and watch plan are built
             notifier.ready(broker.states())
             http = broker.sinks.get("http")
             for line in first_lines(broker.states(), getattr(http, "url", None), path):

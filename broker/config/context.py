@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,11 @@ class LoadContext:
     #: credential that does not say takes (``None``: not known, as for a credential built
     #: alone in Python).
     strict_permissions: bool | None = None
+
+    @cached_property
+    def home(self) -> str | None:
+        """``HOME`` of ``env`` (``None`` when unset or empty), looked up once per load."""
+        return self.env.get("HOME") or None
 
     def expand(self, text: str) -> Path:
         """``~``, ``$VARS``, then relative-to-base. Raises ValueError with a user message."""

@@ -7,12 +7,20 @@ settings that specify one credential.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
-from pydantic import Field, PrivateAttr, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from broker.config.context import context_of
+from broker.config.context import LoadContext, context_of, validation_context
 from broker.config.errors import did_you_mean, errors_at, one_of, show, unknown_key_error
 from broker.config.fields import (
     Duration,
@@ -34,8 +42,9 @@ from broker.config.preset_merge import UserWroteParameters, apply_preset
 from broker.config.presets import default_remedy, fill_remedy
 from broker.config.scalars import check_ident
 from broker.config.upkeep import PLACEHOLDER_RE, RefreshSettings, ValidateSettings
+from broker.core.globs import GLOB_CHARS
 
-__all__ = ["DEFAULT_MAX_SIZE", "CredentialSettings"]
+__all__ = ["DEFAULT_MAX_SIZE", "CredentialSettings", "SimpleTables"]
 
 #: The largest credential file read unless ``max_size`` says otherwise.
 DEFAULT_MAX_SIZE = 1024 * 1024
@@ -148,7 +157,7 @@ class CredentialSettings(FileSet):
     @model_validator(mode="after")
     def _take_the_load_context(self, info: ValidationInfo) -> Self:
         context = context_of(info)
-        self._home = context.env.get("HOME") or None
+        self._home = context.home
         if self.strict_permissions is None and context.strict_permissions is not None:
             # This instance is the one being made (a ready-made one is not validated again):
             # nobody else holds it yet.
@@ -202,3 +211,77 @@ class CredentialSettings(FileSet):
             paths = {other: home_display(p, self._home) for other, p in self.files.items()}
             return fill_remedy(template, shown, role, paths)
         return default_remedy(code, shown, role)
+
+
+class SimpleTables:
+    """Tables that write only ``name`` and ``files`` (plain paths): most of a large config.
+
+    Validating 10,000 of them one by one through pydantic took most of loading the config,
+    though all but their name and paths come out the same. The first table of each set of
+    roles is validated in full (in a scratch context: it only serves as a template); each
+    such table is then the template with its own name and paths, after the checks those two
+    need (a valid, unused name; paths expanded, none twice). A table that is anything else,
+    or fails any of those checks, is left to the full validation, which reports it as
+    always; ``Config`` hands it every table after that one too.
+    """
+
+    def __init__(self, context: LoadContext) -> None:
+        self._context = context
+        self._templates: dict[tuple[str, ...], CredentialSettings | None] = {}
+
+    def take(self, table: Any) -> CredentialSettings | Any:
+        """``table`` validated, or ``table`` itself when the full validation is to see it."""
+        if type(table) is not dict or table.keys() != _SIMPLE_KEYS:
+            return table
+        name, files = table["name"], table["files"]
+        if type(name) is not str or type(files) is not dict or not files:
+            return table
+        for text in files.values():
+            if type(text) is not str or not _plain_path(text):
+                return table
+        context = self._context
+        if name in context.seen_names:
+            return table
+        try:
+            check_ident(name, "name")
+        except ValueError:
+            return table
+        template = self._template(tuple(files), files)
+        if template is None:
+            return table
+        try:
+            paths = {role: context.expand(text) for role, text in files.items()}
+        except ValueError:
+            return table
+        if len(paths) > 1 and len(set(paths.values())) != len(paths):
+            return table
+        context.seen_names.add(name)
+        return template.model_copy(update={"name": name, "files": paths})
+
+    def _template(
+        self, roles: tuple[str, ...], files: dict[str, str]
+    ) -> CredentialSettings | None:
+        if roles not in self._templates:
+            scratch = replace(self._context, seen_names=set())
+            try:
+                template: CredentialSettings | None = CredentialSettings.model_validate(
+                    {"name": "template", "files": files}, context=validation_context(scratch)
+                )
+            except ValidationError:
+                template = None
+            self._templates[roles] = template
+        return self._templates[roles]
+
+
+_SIMPLE_KEYS = frozenset({"name", "files"})
+
+
+def _plain_path(text: str) -> bool:
+    # No template, no pattern, nothing the expansion would refuse: taken as written.
+    return (
+        bool(text)
+        and "$" not in text
+        and not text.startswith("~")
+        and "\0" not in text
+        and GLOB_CHARS.isdisjoint(text)
+    )

@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Self
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from broker.config.context import context_of
-from broker.config.credentials import CredentialSettings
+from broker.config.credentials import CredentialSettings, SimpleTables
 from broker.config.errors import errors_at, show
 from broker.config.fields import Model
 from broker.config.hooks import ActionSettings, WebhookSettings, check_unique_names
@@ -51,6 +51,23 @@ class Config(Model):
         # settings at once were most of the peak of loading a large config).
         context_of(info).strict_permissions = value.strict_permissions
         return value
+
+    @field_validator("credentials", mode="before")
+    @classmethod
+    def _take_simple_tables(cls, value: Any, info: ValidationInfo) -> Any:
+        # After [broker] (fields validate in order): the templates inherit its strictness.
+        if type(value) is not list:
+            return value
+        simple = SimpleTables(context_of(info))
+        taken: list[Any] = []
+        for table in value:
+            made = simple.take(table)
+            if made is table:
+                # The rest go through the full validation, in order: the names it sees
+                # taken (a duplicate is reported on the later table) are those before it.
+                return taken + value[len(taken) :]
+            taken.append(made)
+        return taken
 
     @field_validator("credentials")
     @classmethod

@@ -7,6 +7,7 @@ cross-field checks use too.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -83,7 +84,9 @@ class FileSet(Model):
         problems: list[Located] = []
         first_role: dict[Path, str] = {}
         for role, path in value.items():
-            if any(not GLOB_CHARS.isdisjoint(part) for part in path.parent.parts):
+            # The directory part as one string: a separator is no pattern character, so a
+            # pattern character in it is one in some component (without making each part).
+            if not GLOB_CHARS.isdisjoint(os.path.dirname(path)):
                 problems.append(
                     (
                         (role,),

@@ -35,6 +35,7 @@ from broker.engine.evaluation import evaluate, read_all
 from broker.engine.faults import ReadFaults
 from broker.engine.findings import Findings
 from broker.engine.holdback import WriterHoldBack, writer_active
+from broker.engine.reader import CredentialRead
 from broker.engine.resync import SafetyNet
 from broker.engine.schedule import Deadlines, Kind
 from broker.engine.settle import SettleWindow
@@ -290,7 +291,9 @@ class Engine:
             self.watcher.watch(self._table.by_path)
             for name, tracked in self._table.items():
                 self._follow(name, tracked.state)
-            await self._evaluate_all({n: Pending(scan=True, force=True) for n in self._table})
+            await self._evaluate_all(
+                {n: Pending(scan=True, force=True) for n in self._table}, read_ahead=True
+            )
             for tracked in self._table.values():
                 tracked.startup = False
             self.ready.set()
@@ -385,20 +388,51 @@ class Engine:
 
     # -- evaluation -------------------------------------------------------------------------
 
-    async def _evaluate_all(self, batch: Mapping[str, Pending]) -> None:
+    async def _evaluate_all(
+        self, batch: Mapping[str, Pending], *, read_ahead: bool = False
+    ) -> None:
         """:meth:`_evaluate` in passes of at most ``tuning.max_batch`` credentials, so that
-        start-up or a reload of every credential holds one pass's reads at a time."""
+        start-up or a reload of every credential holds one pass's reads at a time.
+
+        ``read_ahead`` (start-up only, while nothing else evaluates): the next pass's files
+        are read in a worker thread while this pass is evaluated and committed, instead of
+        the event loop waiting for each pass's reads; two passes' reads are held at most.
+        """
         names = list(batch)
         step = self.tuning.max_batch
-        for start in range(0, len(names), step):
-            await self._evaluate({n: batch[n] for n in names[start : start + step]})
+        passes = [
+            {n: batch[n] for n in names[start : start + step]}
+            for start in range(0, len(names), step)
+        ]
+        if not read_ahead or len(passes) < 2:
+            for each in passes:
+                await self._evaluate(each)
+            return
+        # Nothing else reads or commits before start-up is done (the loops, the sinks and
+        # every check start after it), so reading outside the lock cannot commit older
+        # content after newer; a change made meanwhile is queued by inotify and read again.
+        send, receive = anyio.create_memory_object_stream[dict[str, CredentialRead]](0)
 
-    async def _evaluate(self, batch: Mapping[str, Pending]) -> None:
+        async def read_passes() -> None:
+            async with send:
+                for each in passes:
+                    specs = {n: self._table[n].spec for n in each}
+                    await send.send(await anyio.to_thread.run_sync(read_all, specs))
+
+        async with anyio.create_task_group() as tg, receive:
+            tg.start_soon(read_passes)
+            for each in passes:
+                await self._evaluate(each, await receive.receive())
+
+    async def _evaluate(
+        self, batch: Mapping[str, Pending], reads: Mapping[str, CredentialRead] | None = None
+    ) -> None:
         # Reads happen under the lock too: two evaluations reading at different moments
         # must not commit out of order, or older content would look like a new change.
         async with self._lock:
-            specs = {n: self._table[n].spec for n in batch if n in self._table}
-            reads = await anyio.to_thread.run_sync(read_all, specs)
+            if reads is None:
+                specs = {n: self._table[n].spec for n in batch if n in self._table}
+                reads = await anyio.to_thread.run_sync(read_all, specs)
             now = self._clock()
             polled_dirs = self.watcher.polled_dirs
             poll_every = self._net.poll_every

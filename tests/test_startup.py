@@ -1,0 +1,114 @@
+"""Start-up's first pass: the next pass's files are read while one pass is committed, and no
+more than two passes' reads are held; the CLI's heap policy around building the heap."""
+
+from __future__ import annotations
+
+import gc
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import anyio
+import pytest
+
+import broker.engine.engine as engine_module
+from broker.cli import heap
+from broker.config import CredentialSettings
+from broker.core.fingerprint import Fingerprinter
+from broker.core.state import State, Status
+from broker.engine.bus import Bus
+from broker.engine.engine import Engine
+from broker.engine.reader import CredentialRead
+from broker.engine.store import Store
+from broker.engine.tuning import EngineTuning
+from tests.conftest import make_config, write_atomic
+
+FP = Fingerprinter(b"k" * 32)
+
+
+@pytest.mark.anyio
+async def test_start_up_reads_the_next_pass_while_committing_one(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = make_config(tmp_path, [
+        {"name": f"c{i}", "files": {"token": str(tmp_path / f"t{i}")}} for i in range(7)
+    ])
+    for i in range(7):
+        write_atomic(tmp_path / f"t{i}", f"secret-value-{i}")
+    store = Store(config.broker.state_dir)
+    store.prepare()
+    reads: list[list[str]] = []
+    read_started = [threading.Event() for _ in range(3)]
+    real_read_all = engine_module.read_all
+
+    def counted_read_all(specs: Mapping[str, CredentialSettings]) -> dict[str, CredentialRead]:
+        reads.append(list(specs))
+        read_started[len(reads) - 1].set()
+        return real_read_all(specs)
+
+    monkeypatch.setattr(engine_module, "read_all", counted_read_all)
+    passes: list[list[str]] = []
+    ahead: list[bool] = []
+    held: list[int] = []
+    record = store.record
+
+    def recorded(changed: Iterable[State], sequence: int,
+                 everything: Callable[[], Mapping[str, State]], *rest: Any) -> None:
+        changed = list(changed)
+        index = len(passes)
+        passes.append([s.credential for s in changed])
+        if index + 1 < len(read_started):
+            # Committing pass `index` waits here: only a read made ahead gets past it.
+            ahead.append(read_started[index + 1].wait(10))
+        held.append(len(reads) - index)
+        record(changed, sequence, everything, *rest)
+
+    store.record = recorded  # type: ignore[method-assign]
+    bus = Bus()
+    engine = Engine(
+        config.credentials, bus=bus, store=store, fingerprinter=FP, source="urn:credbroker:t",
+        resync_interval=30.0, tuning=EngineTuning(max_batch=3),
+    )
+    async with bus.subscribe("*") as events, anyio.create_task_group() as tg:
+        await tg.start(engine.run)
+        assert reads == [["c0", "c1", "c2"], ["c3", "c4", "c5"], ["c6"]]
+        assert passes == reads
+        assert ahead == [True, True]
+        # Read but not yet committed, while a pass commits: that pass and the next, no more.
+        assert held == [2, 2, 1]
+        seen = []
+        while (event := events.get_nowait()) is not None:
+            seen.append((event.subject, event.sequence))
+        assert seen == [(f"c{i}", i + 1) for i in range(7)]
+        assert all(engine.state(f"c{i}").status is Status.VALID for i in range(7))
+        tg.cancel_scope.cancel()
+    engine.flush()
+
+
+def test_building_the_heap_collects_nothing_and_freezes_it() -> None:
+    class Cycle:
+        def __init__(self) -> None:
+            self.me = self
+
+    collections: list[str] = []
+
+    def callback(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            collections.append(phase)
+
+    gc.callbacks.append(callback)
+    try:
+        frozen = gc.get_freeze_count()
+        with heap.building():
+            assert not gc.isenabled()
+            for _ in range(50_000):  # far past the threshold of an automatic collection
+                Cycle()
+        assert gc.isenabled()
+        assert collections == []
+        assert gc.get_freeze_count() >= frozen + 50_000  # the heap built, garbage and all
+        heap.settle()  # the next settle (a reload) collects what garbage was frozen
+        assert collections
+        assert not any(isinstance(o, Cycle) for o in gc.get_objects())
+    finally:
+        gc.callbacks.remove(callback)
+        gc.unfreeze()
