@@ -962,3 +962,29 @@ async def test_tls_with_ca_and_client_certificate(
         publisher = h.broker.sinks["mqtt"]
         assert isinstance(publisher, MqttPublisher) and publisher.connected
     assert os.path.exists(tls.ca)
+
+
+def test_a_retained_state_sent_is_kept_without_its_payload_and_sent_again_identical() -> None:
+    from broker.sinks.mqtt.retained import RetainedStates
+
+    state = State("db", Status.VALID, generation=2, sequence=7, fingerprint="hmac-sha256:00")
+    retained = RetainedStates(lambda name: state, source="s", clock=lambda: 1.0)
+    event = make_event("credentials.refreshed", state, source="s", now=1.0, id="e-1")
+    retained.take(event)
+    assert retained.owed(event) and retained.latest["db"].payload == event.payload
+    sent = retained.payload(event)
+    retained.sending(event)
+    assert sent == event.payload
+    kept = retained.latest["db"]
+    assert kept.payload == b"" and kept.id == "e-1"  # the bytes are let go once sent
+    assert not retained.owed(event)
+    # A new connection owes every state again: the same id, the same bytes.
+    retained.connected()
+    assert retained.owed(event)
+    (again,) = retained.unsent()
+    assert again.id == "e-1" and retained.payload(again) == event.payload
+    assert [e.id for e in retained.all_latest([state])] == ["e-1"]
+    # A newer event replaces it; the older one is no longer owed.
+    newer = make_event("credentials.expiring", state, source="s", now=2.0, id="e-2")
+    retained.take(newer)
+    assert not retained.owed(event) and retained.owed(newer)

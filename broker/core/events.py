@@ -168,6 +168,30 @@ def encode(doc: Any) -> bytes:
         return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+def without_payload(event: Event) -> Event:
+    """``event`` with no encoded payload kept: for an event held long after it was sent
+    (a credential's retained state), re-encoded by :func:`payload_of` when needed again."""
+    if not event.payload:
+        return event
+    return Event(
+        type=event.type,
+        subject=event.subject,
+        data=event.data,
+        source=event.source,
+        id=event.id,
+        time=event.time,
+    )
+
+
+def payload_of(event: Event) -> bytes:
+    """The CloudEvent JSON of ``event``: its payload, or the same bytes encoded again.
+
+    Every payload is the encoding of ``event.to_dict()`` (a caller's ``document`` is that
+    state's own ``to_dict()``), so encoding again gives the same bytes and the same id.
+    """
+    return event.payload or encode(event.to_dict())
+
+
 def _with_payload(event: Event, document: Mapping[str, Any] | None = None) -> Event:
     data = event.data.to_dict() if document is None else document
     object.__setattr__(event, "payload", encode(event._envelope(data)))

@@ -386,8 +386,9 @@ class MqttPublisher:
     async def _send_state(
         self, pipe: Pipeline, event: Event, props: MessageProperties | None
     ) -> None:
+        payload = self._retained.payload(event)
         self._retained.sending(event)
-        await pipe.send(self.topics.state(event.subject), event.payload, True, props)
+        await pipe.send(self.topics.state(event.subject), payload, True, props)
 
     async def _clear_state(self, pipe: Pipeline, name: str) -> None:
         # SPEC section 4: an empty retained message removes the topic's retained state. The
