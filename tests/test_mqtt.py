@@ -988,3 +988,16 @@ def test_a_retained_state_sent_is_kept_without_its_payload_and_sent_again_identi
     newer = make_event("credentials.expiring", state, source="s", now=2.0, id="e-2")
     retained.take(newer)
     assert not retained.owed(event) and retained.owed(newer)
+
+
+def test_a_retained_state_made_up_from_a_state_is_encoded_only_when_sent() -> None:
+    from broker.core.events import payload_of
+    from broker.sinks.mqtt.retained import RetainedStates
+
+    state = State("db", Status.VALID, generation=2, sequence=7, fingerprint="hmac-sha256:00")
+    retained = RetainedStates(lambda name: state, source="s", clock=lambda: 1.0)
+    (made,) = retained.all_latest([state])
+    assert made.payload == b"" and made.type == "credentials.refreshed"
+    sent = retained.payload(made)
+    assert Event.from_json(sent).id == made.id and sent == payload_of(made)
+    assert retained.latest_of("db") is made  # the same event, id and time, next time too

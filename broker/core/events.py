@@ -133,12 +133,14 @@ def make_event(
     now: float,
     id: str | None = None,
     document: Mapping[str, Any] | None = None,
+    encoded: bool = True,
 ) -> Event:
     """Build an event for ``state`` (whose ``sequence`` is already assigned).
 
     ``id`` is the CloudEvent id, from the caller's :data:`IdFactory`. Omitting it (callers
     not yet handed one) takes :func:`new_event_id`. ``document`` is ``state.to_dict()``
     when the caller already made it (the engine journals the same document).
+    ``encoded=False`` leaves the payload out, for :func:`payload_of` to encode when needed.
     """
     event = Event(
         type=event_type,
@@ -148,7 +150,7 @@ def make_event(
         id=new_event_id() if id is None else id,
         time=format_time(now) or "",
     )
-    return _with_payload(event, document)
+    return _with_payload(event, document) if encoded else event
 
 
 def encode(doc: Any) -> bytes:

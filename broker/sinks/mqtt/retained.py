@@ -134,8 +134,11 @@ class RetainedStates:
         return events
 
     def _made_up(self, state: State) -> Event:
+        # Without its payload: a connect makes one for every credential at once (10,000
+        # payloads held until the last was sent); each is encoded as it is sent.
         event = make_event(
-            EVENT_FOR_STATUS[state.status], state, source=self._source, now=self._clock()
+            EVENT_FOR_STATUS[state.status], state, source=self._source, now=self._clock(),
+            encoded=False,
         )
         self.latest[state.credential] = event
         return event
