@@ -23,7 +23,7 @@ from broker.core.problems import ProblemCode
 from broker.core.reads import FileRead
 from broker.core.state import Consumer, FileInfo, Problem, Stage, State, Status
 from broker.engine.bus import Bus
-from broker.engine.consumers_file import Tracked, encode_consumers, load_consumers
+from broker.engine.consumers_file import Tracked, _tracked, encode_consumers, load_consumers
 from broker.engine.engine import Engine
 from broker.engine.holdback import WriterHoldBack
 from broker.engine.schedule import Deadlines, Kind
@@ -336,3 +336,57 @@ async def test_a_burst_is_taken_in_passes_at_most_burst_gap_apart(
         assert len(passes[first_burst:]) <= written / gap + 2, passes
     else:
         assert len(passes) > written / 0.1 + 2, passes
+
+
+def _consumers_as_json_loads_read_them(path: Path) -> dict[str, Tracked]:
+    """The oracle: consumers.json read as it was before entries were read one at a time."""
+    try:
+        doc = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return {}
+    creds = doc.get("credentials") if isinstance(doc, dict) else None
+    if not isinstance(creds, dict) or doc.get("version") != 1:
+        return {}
+    out = {}
+    for name, entry in creds.items():
+        tracked = _tracked(entry)
+        if tracked is not None:
+            out[name] = tracked
+    return out
+
+
+_GOOD = '{"converged": 1, "refreshed": [2, 1.5], "known": {"2": "f"}, "consumers": []}'
+_CONSUMER_DOCUMENTS = [d.replace("@", _GOOD) for d in [  # @: a good entry
+    '{"version": 1, "credentials": {"a": @, "b": @}}',
+    '{"credentials": {"a": @}, "version": 1}',  # the version after
+    '{"version": 1, "credentials": {"a": @, "a": {"consumers": 3}}}',
+    '{"version": 1, "credentials": {"a": {"x": 1}, "a": @}}',
+    '{"version": 1, "credentials": {"a": @}, "credentials": []}',
+    '{"version": 1, "credentials": [], "credentials": {"b": @}}',
+    '{"version": 2, "credentials": {"a": @}}',
+    '{"version": 1, "version": 2, "credentials": {}}',
+    '{"version": 1}', "[1, 2]", '"text"', "", "{", '{"version": 1, "credentials": {}} x',
+    ' \n {"version" : 1 , "credentials" : { "c" : @ } } \n',
+    '\ufeff{"version": 1, "credentials": {"a": @}}',
+    '{"version": 1, "credentials": {"a": [1], "b": null, "c": @}}',
+]]
+
+
+@pytest.mark.parametrize("document", _CONSUMER_DOCUMENTS)
+def test_consumers_read_an_entry_at_a_time_are_what_json_loads_gave(
+    tmp_path: Path, document: str
+) -> None:
+    # Duplicate keys, the version after the credentials, bad entries, not JSON, not ours.
+    path = tmp_path / "consumers.json"
+    path.write_bytes(document.encode())
+    assert load_consumers(path) == _consumers_as_json_loads_read_them(path)
+
+
+def test_some_of_those_consumer_documents_do_load(tmp_path: Path) -> None:
+    path = tmp_path / "consumers.json"
+    loaded = []
+    for document in _CONSUMER_DOCUMENTS:
+        path.write_bytes(document.encode())
+        loaded.append(sorted(load_consumers(path)))
+    assert loaded[:6] == [["a", "b"], ["a"], [], ["a"], [], ["b"]]
+    assert loaded[-3:] == [["c"], ["a"], ["c"]]

@@ -19,7 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from broker.cli import logs
-from broker.core.events import make_event, new_event_id
+from broker.core.events import make_event, new_event_id, payload_of, without_payload
 from broker.core.fingerprint import PREFIX, Fingerprinter
 from broker.core.globs import GLOB_CHARS, is_glob
 from broker.core.state import Consumer, FileInfo, Problem, Stage, State, Status
@@ -142,6 +142,23 @@ def test_an_event_made_from_its_document_is_the_same_event(state: State) -> None
     )
     assert fast.payload == plain.payload
     assert fast == plain
+
+
+@given(_states, st.sampled_from(["credentials.refreshed", "credentials.missing"]), st.booleans())
+def test_an_event_kept_without_its_payload_encodes_to_the_same_bytes(
+    state: State, event_type: str, from_document: bool
+) -> None:
+    # The MQTT sink keeps each credential's latest event without its payload once sent and
+    # encodes it again for the next connection: the retained message must not change.
+    event = make_event(
+        event_type, state, source="s", now=1.5, id=new_event_id(),
+        document=state.to_dict() if from_document else None,
+    )
+    bare = without_payload(event)
+    assert bare.payload == b"" and bare.id == event.id and bare == event
+    assert payload_of(bare) == event.payload
+    assert payload_of(event) is event.payload
+    assert without_payload(bare) is bare
 
 
 def test_journal_lines_made_from_documents_are_the_same(tmp_path: Path) -> None:

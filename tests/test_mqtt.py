@@ -446,9 +446,14 @@ async def test_early_subscriber_sees_each_event_once_on_its_topic(
         assert sub.texts(topics.status)[-1] == "offline"
 
 
+@pytest.mark.parametrize("encoded_ahead", [None, 0])
 async def test_outage_buffers_events_and_reconnect_delivers_them_in_order(
-    tmp_path: Path, secrets: SecretRegistry, mosquitto: Mosquitto
+    tmp_path: Path, secrets: SecretRegistry, mosquitto: Mosquitto,
+    monkeypatch: pytest.MonkeyPatch, encoded_ahead: int | None,
 ) -> None:
+    if encoded_ahead is not None:
+        # Every queued event kept without its payload (as in a burst): sent encoded again.
+        monkeypatch.setattr("broker.sinks.mqtt.publisher.ENCODED_AHEAD", encoded_ahead)
     mosquitto.start()
     prefix = new_prefix()
     topics = Topics(prefix, HOST)
@@ -510,6 +515,10 @@ async def test_outage_buffers_events_and_reconnect_delivers_them_in_order(
         assert decoded(messages, topics.state("other"))
         events = [Event.from_json(m.payload) for m in messages if m.topic in event_topics]
         assert [e.id for e in events] == [c.id for c in changes]  # both, in order, once
+        # Byte for byte what the bus carried, whether the outbox kept the payload or not.
+        sent = [m.payload for m in messages if m.topic in event_topics]
+        assert sent == [c.payload for c in changes]
+        assert fresh.on(topics.state("svc"))[-1].payload == changes[-1].payload
 
 
 async def test_restart_delivers_a_change_made_while_stopped(
@@ -962,3 +971,42 @@ async def test_tls_with_ca_and_client_certificate(
         publisher = h.broker.sinks["mqtt"]
         assert isinstance(publisher, MqttPublisher) and publisher.connected
     assert os.path.exists(tls.ca)
+
+
+def test_a_retained_state_sent_is_kept_without_its_payload_and_sent_again_identical() -> None:
+    from broker.sinks.mqtt.retained import RetainedStates
+
+    state = State("db", Status.VALID, generation=2, sequence=7, fingerprint="hmac-sha256:00")
+    retained = RetainedStates(lambda name: state, source="s", clock=lambda: 1.0)
+    event = make_event("credentials.refreshed", state, source="s", now=1.0, id="e-1")
+    retained.take(event)
+    assert retained.owed(event) and retained.latest["db"].payload == event.payload
+    sent = retained.payload(event)
+    retained.sending(event)
+    assert sent == event.payload
+    kept = retained.latest["db"]
+    assert kept.payload == b"" and kept.id == "e-1"  # the bytes are let go once sent
+    assert not retained.owed(event)
+    # A new connection owes every state again: the same id, the same bytes.
+    retained.connected()
+    assert retained.owed(event)
+    (again,) = retained.unsent()
+    assert again.id == "e-1" and retained.payload(again) == event.payload
+    assert [e.id for e in retained.all_latest([state])] == ["e-1"]
+    # A newer event replaces it; the older one is no longer owed.
+    newer = make_event("credentials.expiring", state, source="s", now=2.0, id="e-2")
+    retained.take(newer)
+    assert not retained.owed(event) and retained.owed(newer)
+
+
+def test_a_retained_state_made_up_from_a_state_is_encoded_only_when_sent() -> None:
+    from broker.core.events import payload_of
+    from broker.sinks.mqtt.retained import RetainedStates
+
+    state = State("db", Status.VALID, generation=2, sequence=7, fingerprint="hmac-sha256:00")
+    retained = RetainedStates(lambda name: state, source="s", clock=lambda: 1.0)
+    (made,) = retained.all_latest([state])
+    assert made.payload == b"" and made.type == "credentials.refreshed"
+    sent = retained.payload(made)
+    assert Event.from_json(sent).id == made.id and sent == payload_of(made)
+    assert retained.latest_of("db") is made  # the same event, id and time, next time too

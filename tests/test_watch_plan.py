@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import os
+import random
 import tempfile
 
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from broker.engine.watcher import _Kind, _plan, _PlanCache, _resolve
+from broker.engine.watcher import (
+    _SET_FROM,
+    _add_path,
+    _compact,
+    _Dir,
+    _discard_path,
+    _index,
+    _Kind,
+    _Paths,
+    _plan,
+    _PlanCache,
+    _resolve,
+)
 
 NAMES = ["a", "b", "c", "d"]
 
@@ -110,3 +123,68 @@ def test_a_batch_of_plans_sharing_a_cache_plans_as_each_alone(
             # The last component is a name of the tree too: it may be a symlink itself.
             path = os.path.join(root, *parts)
             assert _plan(path, cache) == _reference_plan(path), path
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    ops=st.lists(
+        st.tuples(st.booleans(), st.sampled_from(["x", "y"]), st.integers(0, 2 * _SET_FROM)),
+        max_size=60,
+    )
+)
+def test_the_compact_name_index_holds_what_a_dict_of_sets_would(
+    ops: list[tuple[bool, str, int]],
+) -> None:
+    # Tuples for a few paths, a set from _SET_FROM on: adds and discards in any order must
+    # leave exactly the paths a dict of sets holds, with no empty entry left behind.
+    index: dict[str, _Paths] = {}
+    model: dict[str, set[str]] = {}
+    for add, name, number in ops:
+        path = f"/p/{number}"
+        if add:
+            _add_path(index, name, path)
+            model.setdefault(name, set()).add(path)
+        else:
+            _discard_path(index, name, path)
+            model.get(name, set()).discard(path)
+            if not model.get(name, True):
+                del model[name]
+        assert {n: set(p) for n, p in index.items()} == model
+        for paths in index.values():
+            assert len(paths) == len(set(paths))  # a tuple never holds a path twice
+
+
+def test_a_directory_gets_an_index_of_its_own_only_when_a_name_is_added() -> None:
+    first, second = _Dir(), _Dir()
+    _add_path(_index(first, _Kind.DIRECT), "token", "/d/token")
+    assert first.direct == {"token": ("/d/token",)}
+    assert second.direct == {} and first.links == {} and first.empty() is False
+    assert second.empty()
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    entries=st.frozensets(
+        st.tuples(st.sampled_from(["/a", "/b"]), st.sampled_from(["x", "y"]),
+                  st.sampled_from(list(_Kind))),
+        max_size=6,
+    ),
+    seed=st.randoms(),
+)
+def test_a_kept_plan_is_equal_exactly_when_its_entries_are(
+    entries: frozenset[tuple[str, str, _Kind]], seed: random.Random
+) -> None:
+    # The same entries built in another order (another set's iteration) keep the same plan.
+    shuffled = list(entries)
+    seed.shuffle(shuffled)
+    assert _compact(frozenset(shuffled)) == _compact(entries)
+    assert set(_compact(entries)) == entries
+    assert _compact(entries) != _compact(entries | {("/c", "z", _Kind.DIRECT)})
+
+
+def test_plans_of_one_batch_share_their_directory_string() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = os.path.realpath(tmp)
+        cache = _PlanCache()
+        (one,), (two,) = (_plan(os.path.join(root, n), cache) for n in ("t1", "t2"))
+        assert one[0] == two[0] == root and one[0] is two[0]

@@ -133,12 +133,14 @@ def make_event(
     now: float,
     id: str | None = None,
     document: Mapping[str, Any] | None = None,
+    encoded: bool = True,
 ) -> Event:
     """Build an event for ``state`` (whose ``sequence`` is already assigned).
 
     ``id`` is the CloudEvent id, from the caller's :data:`IdFactory`. Omitting it (callers
     not yet handed one) takes :func:`new_event_id`. ``document`` is ``state.to_dict()``
     when the caller already made it (the engine journals the same document).
+    ``encoded=False`` leaves the payload out, for :func:`payload_of` to encode when needed.
     """
     event = Event(
         type=event_type,
@@ -148,7 +150,7 @@ def make_event(
         id=new_event_id() if id is None else id,
         time=format_time(now) or "",
     )
-    return _with_payload(event, document)
+    return _with_payload(event, document) if encoded else event
 
 
 def encode(doc: Any) -> bytes:
@@ -166,6 +168,30 @@ def encode(doc: Any) -> bytes:
         return bytes(memoryview(orjson.dumps(doc)))
     except TypeError:  # orjson.JSONEncodeError is one
         return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def without_payload(event: Event) -> Event:
+    """``event`` with no encoded payload kept: for an event held long after it was sent
+    (a credential's retained state), re-encoded by :func:`payload_of` when needed again."""
+    if not event.payload:
+        return event
+    return Event(
+        type=event.type,
+        subject=event.subject,
+        data=event.data,
+        source=event.source,
+        id=event.id,
+        time=event.time,
+    )
+
+
+def payload_of(event: Event) -> bytes:
+    """The CloudEvent JSON of ``event``: its payload, or the same bytes encoded again.
+
+    Every payload is the encoding of ``event.to_dict()`` (a caller's ``document`` is that
+    state's own ``to_dict()``), so encoding again gives the same bytes and the same id.
+    """
+    return event.payload or encode(event.to_dict())
 
 
 def _with_payload(event: Event, document: Mapping[str, Any] | None = None) -> Event:

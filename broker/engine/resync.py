@@ -149,7 +149,7 @@ class SafetyNet:
             self._watcher.take_noise(),
             elapsed,
             paths_in=self._watcher.paths_in,
-            names_at=lambda path: self._table.by_path.get(path, set()),
+            names_at=lambda path: self._table.by_path.get(path, ()),
             tracked=self._table,
         )
         for name, problem in changes.items():

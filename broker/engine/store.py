@@ -11,7 +11,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import secrets
 import stat
 import time
@@ -25,6 +24,7 @@ from broker.aio.safefile import UnsafeFile, read_regular
 from broker.core.errors import BrokerError
 from broker.core.events import encode
 from broker.core.state import Problem, Stage, State
+from broker.engine.jsonmembers import DECODER, object_members, skip_space
 
 log = logging.getLogger("broker.store")
 
@@ -402,10 +402,6 @@ def _snapshot_chunks(everything: Mapping[str, State], sequence: int) -> Iterator
     yield b"}}"
 
 
-_DECODER = json.JSONDecoder()
-_WHITESPACE = re.compile(r"[ \t\n\r]*")
-
-
 def _read_snapshot(text: str, states: dict[str, State]) -> dict[str, Any]:
     """Parse the snapshot document ``text``: each credential's state goes into ``states`` as
     it is read, the other members are returned (``"credentials"`` must be one of them).
@@ -418,7 +414,7 @@ def _read_snapshot(text: str, states: dict[str, State]) -> dict[str, Any]:
     members: dict[str, Any] = {}
 
     def state(name: str, pos: int) -> int:
-        document, end = _DECODER.raw_decode(text, pos)
+        document, end = DECODER.raw_decode(text, pos)
         states[name] = _decode_state(document)
         return end
 
@@ -426,45 +422,16 @@ def _read_snapshot(text: str, states: dict[str, State]) -> dict[str, Any]:
         if key == "credentials":
             states.clear()  # a duplicate "credentials" replaces the first, as in json.loads
             members[key] = None
-            return _object_members(text, pos, state)
-        members[key], end = _DECODER.raw_decode(text, pos)
+            return object_members(text, pos, state)
+        members[key], end = DECODER.raw_decode(text, pos)
         return end
 
-    end = _skip(text, _object_members(text, _skip(text, 0), member))
+    end = skip_space(text, object_members(text, skip_space(text, 0), member))
     if end != len(text):
         raise json.JSONDecodeError("Extra data", text, end)
     if "credentials" not in members:
         raise KeyError("credentials")
     return members
-
-
-def _object_members(text: str, pos: int, member: Callable[[str, int], int]) -> int:
-    """Parse the JSON object at ``pos``: ``member(key, position of its value)`` parses each
-    value and returns the position after it. Returns the position after the ``}``."""
-    if text[pos : pos + 1] != "{":
-        raise json.JSONDecodeError("Expecting an object", text, pos)
-    pos = _skip(text, pos + 1)
-    if text[pos : pos + 1] == "}":
-        return pos + 1
-    while True:
-        if text[pos : pos + 1] != '"':
-            raise json.JSONDecodeError("Expecting a property name", text, pos)
-        key, pos = _DECODER.raw_decode(text, pos)  # a string: it starts with '"'
-        pos = _skip(text, pos)
-        if text[pos : pos + 1] != ":":
-            raise json.JSONDecodeError("Expecting ':' delimiter", text, pos)
-        pos = _skip(text, member(key, _skip(text, pos + 1)))
-        if text[pos : pos + 1] == "}":
-            return pos + 1
-        if text[pos : pos + 1] != ",":
-            raise json.JSONDecodeError("Expecting ',' delimiter", text, pos)
-        pos = _skip(text, pos + 1)
-
-
-def _skip(text: str, pos: int) -> int:
-    match = _WHITESPACE.match(text, pos)
-    assert match is not None  # the pattern matches the empty string
-    return match.end()
 
 
 # O_NOFOLLOW: a symlink put in place of the journal must not redirect the broker's writes.

@@ -32,10 +32,10 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 
 from asyncinotify import Mask
 
@@ -84,13 +84,27 @@ class _Kind(Enum):
     GLOB = "glob"  # any name matching a pattern in the file's directory
 
 
+#: The watched paths one name of a directory stands for: a tuple while there are few (nearly
+#: always one; a one-element set costs 216 bytes, the tuple 48), a set from
+#: :data:`_SET_FROM` on (many paths behind one link or missing directory stay linear).
+_Paths = tuple[str, ...] | set[str]
+_SET_FROM = 8
+#: What a directory's unused indexes are until a name is added to one: most directories
+#: hold direct names only, and three empty dicts per directory were 1.9 MB at 10,000.
+_NO_NAMES: Mapping[str, _Paths] = MappingProxyType({})
+
+
+def _no_names() -> Mapping[str, _Paths]:
+    return _NO_NAMES
+
+
 @dataclass(slots=True)
 class _Dir:
     wd: int | None = None
-    direct: dict[str, set[str]] = field(default_factory=dict)
-    pending: dict[str, set[str]] = field(default_factory=dict)
-    links: dict[str, set[str]] = field(default_factory=dict)
-    globs: dict[str, set[str]] = field(default_factory=dict)  # name pattern -> pattern paths
+    direct: Mapping[str, _Paths] = field(default_factory=_no_names)
+    pending: Mapping[str, _Paths] = field(default_factory=_no_names)
+    links: Mapping[str, _Paths] = field(default_factory=_no_names)
+    globs: Mapping[str, _Paths] = field(default_factory=_no_names)  # pattern -> its paths
 
     def empty(self) -> bool:
         return not (self.direct or self.pending or self.links or self.globs)
@@ -100,17 +114,53 @@ class _Dir:
         found = set(self.direct.get(name, ()))
         for pattern, paths in self.globs.items():
             if glob_matches(name, pattern):
-                found |= paths
+                found.update(paths)
         return found
 
-    def interest(self) -> frozenset[bytes] | None:
-        """The names worth an event here; ``None`` when a pattern makes every name one."""
+    def interest(self) -> Collection[bytes] | None:
+        """The names worth an event here; ``None`` when a pattern makes every name one.
+
+        A tuple for a few names (a one-name frozenset is 216 bytes, the tuple 48, and a
+        comparison or two is as quick as a hash), a frozenset beyond.
+        """
         if self.globs:
             return None
-        return frozenset(os.fsencode(n) for n in (*self.direct, *self.pending, *self.links))
+        names = tuple(os.fsencode(n) for n in (*self.direct, *self.pending, *self.links))
+        return names if len(names) < _SET_FROM else frozenset(names)
+
+
+def _add_path(index: dict[str, _Paths], name: str, path: str) -> None:
+    paths = index.get(name, ())
+    if isinstance(paths, set):
+        paths.add(path)
+    elif path not in paths:
+        index[name] = (*paths, path) if len(paths) + 1 < _SET_FROM else {*paths, path}
+
+
+def _discard_path(index: dict[str, _Paths], name: str, path: str) -> None:
+    paths = index.get(name)
+    if paths is None:
+        return
+    if isinstance(paths, set):
+        paths.discard(path)
+        rest: _Paths = paths
+    else:
+        rest = tuple(p for p in paths if p != path)
+        index[name] = rest
+    if not rest:
+        del index[name]
 
 
 _Entry = tuple[str, str, _Kind]
+#: A path's watches as kept: a sorted tuple (a frozenset of one entry costs 216 bytes, the
+#: tuple 48), so that two plans compare equal exactly when they hold the same entries.
+_Plan = tuple[_Entry, ...]
+
+
+def _compact(plan: frozenset[_Entry]) -> _Plan:
+    if len(plan) < 2:
+        return tuple(plan)
+    return tuple(sorted(plan, key=lambda e: (e[0], e[1], e[2].value)))
 
 
 class Watcher:
@@ -130,11 +180,11 @@ class Watcher:
         # Told when a path joins ``polled``: the poll loop sleeps while there is none.
         self._on_polled = on_polled
         self._inotify: Inotify | None = None
-        self._plans: dict[str, frozenset[_Entry]] = {}
+        self._plans: dict[str, _Plan] = {}
         self._dirs: dict[str, _Dir] = {}
         self._watch_dirs: dict[int, str] = {}
         #: watch descriptor -> names worth handling (``None``: all, a pattern is watched).
-        self._interest: dict[int, frozenset[bytes] | None] = {}
+        self._interest: dict[int, Collection[bytes] | None] = {}
         #: watch descriptor -> events for names nothing watches, since the last take_noise.
         self._noise: dict[int, int] = {}
         #: Paths modified by a writer that has not closed them yet.
@@ -219,7 +269,7 @@ class Watcher:
         found: set[str] = set()
         for group in (entry.direct, entry.globs):
             for paths in group.values():
-                found |= paths
+                found.update(paths)
         return found
 
     async def run(self) -> None:
@@ -253,24 +303,26 @@ class Watcher:
     ) -> None:
         """Make ``plan`` the watches of ``path``. With ``batch``, the directories touched are
         added to it for the caller to refresh (:meth:`_refresh_interest`)."""
-        old = self._plans.get(path, frozenset())
-        if plan == old and path not in self.polled:
+        old = self._plans.get(path, ())
+        compact = _compact(plan)
+        if compact == old and path not in self.polled:
             return
         touched: set[str] = set() if batch is None else batch
-        for directory, name, kind in old - plan:
+        for directory, name, kind in old:
+            if (directory, name, kind) in plan:
+                continue
             entry = self._dirs.get(directory)
             if entry is None:
                 continue
-            index = _index(entry, kind)
-            index.get(name, set()).discard(path)
-            if not index.get(name, True):
-                del index[name]
+            index = getattr(entry, _INDEX_OF[kind])
+            if isinstance(index, dict):
+                _discard_path(index, name, path)
             if entry.empty():
                 self._unwatch(directory)
             else:
                 touched.add(directory)
         if plan:
-            self._plans[path] = plan
+            self._plans[path] = compact
         else:
             self._plans.pop(path, None)
             self.polled.discard(path)
@@ -278,7 +330,7 @@ class Watcher:
         polled = False
         for directory, name, kind in plan:
             entry = self._dirs.setdefault(directory, _Dir())
-            _index(entry, kind).setdefault(name, set()).add(path)
+            _add_path(_index(entry, kind), name, path)
             touched.add(directory)
             if entry.wd is None and not self._add_watch(directory, entry):
                 polled = True
@@ -443,7 +495,7 @@ class Watcher:
         affected: set[str] = set()
         for group in (entry.direct, entry.pending, entry.globs, entry.links):
             for paths in group.values():
-                affected |= paths
+                affected.update(paths)
         self._dirs.pop(directory, None)
         for path in affected:
             self._plans.pop(path, None)
@@ -456,7 +508,7 @@ _NOTHING: frozenset[bytes] = frozenset()
 
 
 def _plan_may_change(
-    plans: dict[str, frozenset[_Entry]], paths: set[str], mask: int, directory: str, name: str
+    plans: dict[str, _Plan], paths: set[str], mask: int, directory: str, name: str
 ) -> bool:
     # A plain file renamed over a plain file (the common rotation) keeps its plan;
     # replanning costs stats on the hot path, so only links and directories get one.
@@ -475,12 +527,22 @@ def _is_link(path: str) -> bool:
         return False
 
 
-def _index(entry: _Dir, kind: _Kind) -> dict[str, set[str]]:
-    if kind is _Kind.GLOB:
-        return entry.globs
-    if kind is _Kind.LINK:
-        return entry.links
-    return entry.direct if kind is _Kind.DIRECT else entry.pending
+def _index(entry: _Dir, kind: _Kind) -> dict[str, _Paths]:
+    """The index of ``entry`` for ``kind``, made a dict of its own if it was not one yet."""
+    attribute = _INDEX_OF[kind]
+    index = getattr(entry, attribute)
+    if not isinstance(index, dict):
+        index = {}
+        setattr(entry, attribute, index)
+    return index
+
+
+_INDEX_OF = {
+    _Kind.DIRECT: "direct",
+    _Kind.PENDING: "pending",
+    _Kind.LINK: "links",
+    _Kind.GLOB: "globs",
+}
 
 
 @dataclass(slots=True)
@@ -491,6 +553,13 @@ class _PlanCache:
     #: directory -> (its real path, the symlinks met resolving it)
     resolved: dict[str, tuple[str, frozenset[tuple[str, str]]]] = field(default_factory=dict)
     is_dir: dict[str, bool] = field(default_factory=dict)
+    #: One string per directory for every plan of the batch: each path's own copy of its
+    #: directory's name was 0.9 MB at 10,000 files in 100 directories.
+    strings: dict[str, str] = field(default_factory=dict)
+
+    def share(self, text: str) -> str:
+        """The batch's one string equal to ``text``."""
+        return self.strings.setdefault(text, text)
 
     def resolve(self, directory: str, links: set[tuple[str, str]]) -> str:
         """:func:`_resolve` of an absolute, normalised ``directory``, its parent from the
@@ -538,11 +607,14 @@ def _plan(path: str, cache: _PlanCache | None = None) -> frozenset[_Entry]:
     while not cache.isdir(ancestor):
         up = os.path.dirname(ancestor)
         if up == ancestor:
-            return frozenset((d, n, _Kind.LINK) for d, n in links)
+            return frozenset((cache.share(d), n, _Kind.LINK) for d, n in links)
         ancestor, child = up, os.path.basename(ancestor)
     if ancestor != real_parent:
         kind = _Kind.PENDING
-    return frozenset({(ancestor, child, kind), *((d, n, _Kind.LINK) for d, n in links)})
+    return frozenset({
+        (cache.share(ancestor), child, kind),
+        *((cache.share(d), n, _Kind.LINK) for d, n in links),
+    })
 
 
 def _resolve_name(resolved: str, name: str, links: set[tuple[str, str]]) -> str:

@@ -36,7 +36,7 @@ from broker.aio.mqtt_material import (
 )
 from broker.aio.wakeup import Wakeup
 from broker.core.backoff import Backoff
-from broker.core.events import CONTENT_TYPE, Event
+from broker.core.events import CONTENT_TYPE, Event, payload_of, without_payload
 from broker.core.mqtt_codec import MessageProperties
 from broker.core.topics import Topics
 from broker.port import SinkContext, SinkHealth
@@ -60,6 +60,10 @@ WINDOW = 20
 #: stopping daemon never hangs on a dead server and a backlog cannot crowd out ``offline``.
 FLUSH_TIMEOUT = 2.0
 SHUTDOWN_TIMEOUT = 1.0
+#: Events queued behind this many are kept without their payload and encoded again when
+#: sent (11 us each): a burst (start-up's first-sight events, a mass rotation) otherwise
+#: held every payload until the server acknowledged it, 6 MB at 10,000 credentials.
+ENCODED_AHEAD = 256
 
 
 class MqttPublisher:
@@ -211,6 +215,8 @@ class MqttPublisher:
         self._changed.poke()
 
     def _take(self, event: Event) -> None:
+        if len(self._outbox) >= ENCODED_AHEAD:
+            event = without_payload(event)
         self._retained.take(event)
         dropped = self._outbox.put(event)
         if dropped:
@@ -384,10 +390,16 @@ class MqttPublisher:
             fail(exc)
 
     async def _send_state(
-        self, pipe: Pipeline, event: Event, props: MessageProperties | None
+        self,
+        pipe: Pipeline,
+        event: Event,
+        props: MessageProperties | None,
+        payload: bytes | None = None,
     ) -> None:
+        if payload is None:
+            payload = self._retained.payload(event)
         self._retained.sending(event)
-        await pipe.send(self.topics.state(event.subject), event.payload, True, props)
+        await pipe.send(self.topics.state(event.subject), payload, True, props)
 
     async def _clear_state(self, pipe: Pipeline, name: str) -> None:
         # SPEC section 4: an empty retained message removes the topic's retained state. The
@@ -402,12 +414,13 @@ class MqttPublisher:
         self, pipe: Pipeline, key: int, event: Event, props: MessageProperties | None
     ) -> None:
         topic = self.topics.event(event.subject, event.type)
-        await pipe.send(topic, event.payload, False, props, partial(self._delivered, key))
+        payload = payload_of(event)  # encoded again if it was queued deep (ENCODED_AHEAD)
+        await pipe.send(topic, payload, False, props, partial(self._delivered, key))
         # The state topic gets an event only while it is the credential's latest (a newer one
         # will set it: in a burst, only the last of a credential's events goes there), and
         # only once per connection (the reconnect sync may have sent it).
         if self._retained.owed(event):
-            await self._send_state(pipe, event, props)
+            await self._send_state(pipe, event, props, payload)
 
     def _delivered(self, key: int) -> None:
         """The server acknowledged the event: it leaves the outbox."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from broker.core.events import EVENT_FOR_STATUS, Event, make_event
+from broker.core.events import EVENT_FOR_STATUS, Event, make_event, payload_of, without_payload
 from broker.core.state import State
 
 __all__ = ["RetainedStates"]
@@ -31,7 +31,9 @@ class RetainedStates:
         self._state = state
         self._source = source
         self._clock = clock
-        #: The latest event of each credential: what goes retained on its state topic.
+        #: The latest event of each credential: what goes retained on its state topic. Once
+        #: sent, kept without its encoded payload (10,000 of them held 6 MB); :meth:`payload`
+        #: encodes it again for the next connection.
         self.latest: dict[str, Event] = {}
         #: Per connection: the event id last sent on each state topic.
         self.sent: dict[str, str] = {}
@@ -61,7 +63,13 @@ class RetainedStates:
 
     def owed(self, event: Event) -> bool:
         """True if ``event`` is its credential's latest and not yet sent on this connection."""
-        return self.latest.get(event.subject) is event and self.sent.get(event.subject) != event.id
+        latest = self.latest.get(event.subject)
+        # By id: the latest may be the same event kept without its payload.
+        return (
+            latest is not None
+            and latest.id == event.id
+            and self.sent.get(event.subject) != event.id
+        )
 
     def unsent(self) -> list[Event]:
         """The latest events not sent on this connection (a state publish cut short)."""
@@ -72,6 +80,15 @@ class RetainedStates:
         # Marked when sent, not when acknowledged: it is in flight on this connection, and a
         # connection that drops forgets every mark (the next one republishes every state).
         self.sent[event.subject] = event.id
+        latest = self.latest.get(event.subject)
+        if latest is not None and latest.id == event.id and latest.payload:
+            # The publish has its bytes: what stays is kept without them.
+            self.latest[event.subject] = without_payload(latest)
+
+    @staticmethod
+    def payload(event: Event) -> bytes:
+        """What goes retained for ``event``: its payload, encoded again if not kept."""
+        return payload_of(event)
 
     def clearing_started(self, name: str) -> None:
         """The empty retained message clearing ``name``'s topic goes out."""
@@ -117,8 +134,11 @@ class RetainedStates:
         return events
 
     def _made_up(self, state: State) -> Event:
+        # Without its payload: a connect makes one for every credential at once (10,000
+        # payloads held until the last was sent); each is encoded as it is sent.
         event = make_event(
-            EVENT_FOR_STATUS[state.status], state, source=self._source, now=self._clock()
+            EVENT_FOR_STATUS[state.status], state, source=self._source, now=self._clock(),
+            encoded=False,
         )
         self.latest[state.credential] = event
         return event
