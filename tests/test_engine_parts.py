@@ -321,6 +321,17 @@ async def test_a_burst_is_taken_in_passes_at_most_burst_gap_apart(
                 time.sleep(0.001)
             return time.monotonic() - began
 
+        reads = 0
+        inotify = engine.watcher._inotify
+        assert inotify is not None
+        read = inotify.read
+
+        async def counted() -> bytes:
+            nonlocal reads
+            reads += 1
+            return await read()
+
+        inotify.read = counted  # type: ignore[method-assign]
         written = await anyio.to_thread.run_sync(rotate)
         want = set(names)
         with anyio.fail_after(20):
@@ -334,8 +345,11 @@ async def test_a_burst_is_taken_in_passes_at_most_burst_gap_apart(
         # for the tail.
         first_burst = next(i for i, n in enumerate(passes) if n > 1)
         assert len(passes[first_burst:]) <= written / gap + 2, passes
+        # Meanwhile the watcher reads a few times per pass, not once per few events.
+        assert reads <= first_burst * 3 + written / (gap / 5) + 5, (reads, passes)
     else:
         assert len(passes) > written / 0.1 + 2, passes
+        assert reads > written / 0.02 + 5, reads  # the contrast: unpaced, it reads more
 
 
 def _consumers_as_json_loads_read_them(path: Path) -> dict[str, Tracked]:

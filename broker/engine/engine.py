@@ -103,8 +103,11 @@ class Engine:
         self._progress = Broadcast()
         self._writers = Wakeup()
         self._polling = Wakeup()
+        #: Changes arrived during the last pass: the engine is taking a burst.
+        self._in_burst = False
         self.watcher = Watcher(
-            self._on_paths, self._on_writing, on_polled=self._polling.poke, monotonic=monotonic
+            self._on_paths, self._on_writing, on_polled=self._polling.poke, monotonic=monotonic,
+            pace=self._read_pace,
         )
         self._net = SafetyNet(
             table=self._table,
@@ -332,6 +335,10 @@ class Engine:
     def _on_paths(self, paths: set[str], scan: bool) -> None:
         self._queue.mark(self._table.names_at(paths), scan=scan)
 
+    def _read_pace(self) -> float:
+        # In a burst the watcher reads a few times per pass, not once per few events.
+        return self.tuning.burst_gap / 5 if self._in_burst else 0.0
+
     def _on_writing(self) -> None:
         self._writers.poke()
 
@@ -344,16 +351,22 @@ class Engine:
                 continue
             started = self._monotonic()
             await self._evaluate(batch)
-            if self._queue and len(self._queue) < self.tuning.max_batch:
+            if len(self._queue) >= self.tuning.max_batch:
+                continue  # a backlog: the next pass is full already
+            if self._queue or self._in_burst:
                 # Changes arrived during the pass: a burst (a mass rotation, a writer working
-                # through a directory). A pass costs a fixed several credentials' worth (two
-                # thread hand-offs, a journal fsync, the publishers' wake-ups), so the next
-                # one gathers what arrives until ``burst_gap`` after this one began instead
-                # of chasing the writer a few files at a time, and the writer gets the CPU.
-                # A lone change finds the queue empty after its pass: nothing waits.
+                # through a directory). A pass costs about a millisecond of CPU whatever it
+                # holds, so the next one gathers what arrives until ``burst_gap`` after this
+                # one began instead of chasing the writer a few files at a time; the watcher
+                # reads a few times per gap meanwhile. A lone change finds the queue empty
+                # after its pass and nothing waits.
+                self._in_burst = True
                 rest = self.tuning.burst_gap - (self._monotonic() - started)
                 if rest > 0:
                     await anyio.sleep(rest)
+                # The watcher has read what arrived until a fraction of a gap ago: nothing
+                # queued after a whole gap, and the burst is over.
+                self._in_burst = bool(self._queue)
 
     async def _schedule_loop(self) -> None:
         while True:

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from types import MappingProxyType, TracebackType
 
+import anyio
 from asyncinotify import Mask
 
 from broker.core.globs import glob_matches, is_glob
@@ -173,9 +174,12 @@ class Watcher:
         *,
         on_polled: Callable[[], None] | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        pace: Callable[[], float] | None = None,
     ) -> None:
         self._notify = notify
         self._monotonic = monotonic
+        # Seconds to wait after handling a read before the next one (0: none).
+        self._pace = pace
         self._on_writing = on_writing
         # Told when a path joins ``polled``: the poll loop sleeps while there is none.
         self._on_polled = on_polled
@@ -283,6 +287,12 @@ class Watcher:
                 # A bug here must not stop the daemon: the resync safety net still runs.
                 self.errors += 1
                 log.exception("inotify event handling failed")
+            delay = self._pace() if self._pace is not None else 0.0
+            if delay > 0:
+                # The engine takes a burst in passes some way apart: reading faster than
+                # that only wakes the loop for a few events at a time. The kernel queues
+                # what arrives meanwhile (16,384 events by default, seconds of a writer).
+                await anyio.sleep(delay)
 
     # -- planning -------------------------------------------------------------------------
 
