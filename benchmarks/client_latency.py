@@ -140,9 +140,10 @@ async def measure(changes: int) -> dict[str, Any]:
                 try:
                     reports = Reports(worker)
                     try:
-                        # Generous: under a loaded test run, the worker's own start-up
-                        # (imports, the first connect) has taken most of 30 s.
-                        await reports.wait("ready", "", limit=60)
+                        # Generous: under a loaded test run (four workers on two cores),
+                        # the worker's own start-up (imports, two connects) has taken most
+                        # of 30 s, and twice more than 60.
+                        await reports.wait("ready", "", limit=150)
                     except TimeoutError:
                         raise SystemExit(f"{transport}: the worker never became ready") from None
                     client_ms, raw_ms = [], []
