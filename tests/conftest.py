@@ -117,7 +117,10 @@ def secrets(
 def write_atomic(path: Path, data: str | bytes, mode: int = 0o600) -> None:
     """Write a temp file in the same directory and rename it over ``path``."""
     raw = data.encode() if isinstance(data, str) else data
-    tmp = path.with_name(f".{path.name}.tmp-{pysecrets.token_hex(4)}")
+    # A plain string: ``Path.with_name`` interns every part, and a fresh temp name each time
+    # grows the interpreter's interned-string table, which the memory tests would count.
+    base = os.fspath(path)
+    tmp = f"{os.path.dirname(base)}/.{os.path.basename(base)}.tmp-{pysecrets.token_hex(4)}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "wb") as fh:
         fh.write(raw)
