@@ -34,7 +34,7 @@ from broker.engine.commit import Committer, Result
 from broker.engine.evaluation import evaluate, read_all
 from broker.engine.faults import ReadFaults
 from broker.engine.findings import Findings
-from broker.engine.holdback import WriterHoldBack, writer_active
+from broker.engine.holdback import WriterHoldBack, writer_active, writers_and_moves
 from broker.engine.reader import CredentialRead
 from broker.engine.resync import SafetyNet
 from broker.engine.schedule import Deadlines, Kind
@@ -424,21 +424,29 @@ class Engine:
         # Nothing else reads or commits before start-up is done (the loops, the sinks and
         # every check start after it), so reading outside the lock cannot commit older
         # content after newer; a change made meanwhile is queued by inotify and read again.
-        send, receive = anyio.create_memory_object_stream[dict[str, CredentialRead]](0)
+        # The thread also asks at once who holds those files open for writing, and which
+        # changed since: asked later, after the evaluation, it would find what it finds now
+        # (a change made meanwhile is read again; a writer that opens a file after the read
+        # leaves the content read whole), but the loop would wait for it.
+        send, receive = anyio.create_memory_object_stream[_ReadAhead](0)
 
         async def read_passes() -> None:
             async with send:
                 for each in passes:
                     specs = {n: self._table[n].spec for n in each}
-                    await send.send(await anyio.to_thread.run_sync(read_all, specs))
+                    await send.send(await anyio.to_thread.run_sync(_read_and_look, specs))
 
         async with anyio.create_task_group() as tg, receive:
             tg.start_soon(read_passes)
             for each in passes:
-                await self._evaluate(each, await receive.receive())
+                reads, looked = await receive.receive()
+                await self._evaluate(each, reads, looked)
 
     async def _evaluate(
-        self, batch: Mapping[str, Pending], reads: Mapping[str, CredentialRead] | None = None
+        self,
+        batch: Mapping[str, Pending],
+        reads: Mapping[str, CredentialRead] | None = None,
+        looked: tuple[set[str], set[str]] | None = None,
     ) -> None:
         # Reads happen under the lock too: two evaluations reading at different moments
         # must not commit out of order, or older content would look like a new change.
@@ -492,7 +500,8 @@ class Engine:
                     tr = replace(tr, events=(*tr.events, (event_type, said)))
                 results[name] = Result(read, tr)
             await self._holdback.screen(
-                batch, results, on_hold=lambda n: self.watcher.hold(self._table[n].paths)
+                batch, results, on_hold=lambda n: self.watcher.hold(self._table[n].paths),
+                looked=looked,
             )
             for name in results:
                 self._holdback.release(name)
@@ -525,6 +534,19 @@ class Engine:
     def _follow(self, name: str, state: State | None) -> None:
         if self.deadlines.follow(name, state):
             self._reschedule.poke()
+
+
+#: A start-up pass read ahead: its reads, and what :func:`writers_and_moves` said of them.
+_ReadAhead = tuple[dict[str, CredentialRead], tuple[set[str], set[str]]]
+
+
+def _read_and_look(specs: Mapping[str, CredentialSettings]) -> _ReadAhead:
+    """Read a pass's credentials, then ask at once who holds those files open for writing
+    and which changed since (blocking: a worker thread)."""
+    reads = read_all(specs)
+    paths = [r.info.path for read in reads.values() for r in read.reads]
+    looked = writers_and_moves(paths, {n: read.signatures for n, read in reads.items()})
+    return reads, looked
 
 
 def _no_consumers(name: str) -> tuple[Consumer, ...]:

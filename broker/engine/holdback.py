@@ -86,6 +86,7 @@ class WriterHoldBack:
         results: dict[str, Result],
         *,
         on_hold: Callable[[str], None],
+        looked: tuple[set[str], set[str]] | None = None,
     ) -> None:
         """Drop from ``results`` what a writer still holds open (or changed since it was
         read), unless it held still long enough to publish with a ``writer-active`` problem.
@@ -94,6 +95,8 @@ class WriterHoldBack:
         next truncate. So content that became unusable is checked for writers too; the
         usual case (new content that parses) pays nothing. ``on_hold`` is told of each
         credential held back (the watcher then treats its files as held by a writer).
+        ``looked``: what :func:`writers_and_moves` said of every file read, asked right
+        after the read (start-up's read-ahead), instead of asking now.
         """
         scanned = [
             n for n, r in results.items()
@@ -110,9 +113,12 @@ class WriterHoldBack:
             assert read is not None
             read_paths[n] = [r.info.path for r in read.reads]
             signatures[n] = read.signatures
-        busy, moved = await anyio.to_thread.run_sync(
-            writers_and_moves, [p for n in scanned for p in read_paths[n]], signatures
-        )
+        if looked is not None:
+            busy, moved = looked
+        else:
+            busy, moved = await anyio.to_thread.run_sync(
+                writers_and_moves, [p for n in scanned for p in read_paths[n]], signatures
+            )
         for name in scanned:
             held = sorted(p for p in read_paths[name] if p in busy)
             result = results[name]
