@@ -29,6 +29,7 @@ from broker.engine.reader import read_credential
 from broker.engine.store import Loaded, Store, StoreError
 from broker.port import (
     Clock,
+    EarlySink,
     EngineHealth,
     IdFactory,
     Reconfigurable,
@@ -161,11 +162,17 @@ class Broker:
                     replaced.close()  # made but never run: let go of its bus subscription
                 chosen[sink.name] = sink  # a caller's sink replaces the built-in of its name
             self.sinks.update(chosen)
+            # A sink that starts early delivers the first-sight events as each pass commits
+            # them (MQTT), instead of all of them after the last pass.
+            early = [s for s in chosen.values() if isinstance(s, EarlySink) and s.starts_early]
+            for sink in early:
+                await self._tg.start(sink.run)
             await self._tg.start(self._engine.run)
             if self.consumers is not None:
                 await self._tg.start(self.consumers.run)
             for sink in chosen.values():
-                await self._tg.start(sink.run)
+                if sink not in early:
+                    await self._tg.start(sink.run)
             # Read by now by whoever recovers from them; the engine has states of its own.
             # Kept, they would be a second copy of every credential's state for good.
             self.loaded_states = {}
@@ -347,6 +354,9 @@ class _BrokerPort:
     @property
     def consumers(self) -> ConsumerTracker | None:
         return self._broker.consumers
+
+    async def wait_started(self) -> None:
+        await self._engine.ready.wait()
 
     def names(self) -> list[str]:
         return self._engine.names

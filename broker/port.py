@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BrokerPort",
     "Clock",
+    "EarlySink",
     "EngineHealth",
     "IdFactory",
     "Outcome",
@@ -119,6 +120,12 @@ class BrokerPort(Protocol):
     def consumers(self) -> ConsumerTracker | None:
         """The table of consumer reports, when a sink that takes reports is configured."""
 
+    async def wait_started(self) -> None:
+        """Return once the engine has a state for every credential: at once for a sink
+        started as usual; for one started early (:class:`EarlySink`), when the engine's
+        first pass is done. Until then :meth:`names`, :meth:`state` and :meth:`states`
+        show only what the engine had before it (the last run's states), not yet checked."""
+
     def names(self) -> list[str]: ...
 
     def state(self, name: str) -> State:
@@ -172,7 +179,8 @@ class BrokerPort(Protocol):
 
 @runtime_checkable
 class Sink(Protocol):
-    """A delivery path or worker: started once the engine has a state for everything.
+    """A delivery path or worker: started once the engine has a state for everything
+    (but for an :class:`EarlySink`, started before the engine's first pass).
 
     ``run`` calls ``task_status.started()`` once it is serving and returns when cancelled
     (the broker stopping); cleanup such as MQTT's ``offline`` goes in its ``finally``.
@@ -186,6 +194,16 @@ class Sink(Protocol):
     def health(self) -> SinkHealth: ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class EarlySink(Sink, Protocol):
+    """A sink started before the engine's first pass, so that it delivers the first-sight
+    events while the rest are still being read (MQTT at start-up: 10,000 of them). It says
+    so with ``starts_early = True``, and awaits :meth:`BrokerPort.wait_started` before it
+    reads any state."""
+
+    starts_early: bool
 
 
 @runtime_checkable

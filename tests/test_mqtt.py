@@ -557,6 +557,101 @@ async def test_restart_delivers_a_change_made_while_stopped(
     ]
 
 
+@pytest.fixture
+def fleet_server(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A mosquitto set up as the README says a fleet needs: it never drops a subscriber's
+    queued messages (with the defaults it drops past 1,000)."""
+    server = Mosquitto(tmp_path / "fleet-mqtt", extra=[
+        "max_queued_messages 0", "max_queued_bytes 0", "max_inflight_messages 100"]).start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+async def test_start_up_publishes_each_pass_as_it_commits_then_every_other_state_once(
+    tmp_path: Path, secrets: SecretRegistry, fleet_server: Mosquitto
+) -> None:
+    # Three passes of start-up (1,000 credentials at most each): the publisher starts before the
+    # first, so first-sight events reach a subscriber while later passes are still read;
+    # at a restart the credentials the first pass left unchanged get their retained state
+    # once that pass is done, the changed one its event and state, and nothing twice.
+    count = 2500
+    prefix = new_prefix()
+    topics = Topics(prefix, HOST)
+    pool = [secrets.token() for _ in range(4)]  # the leak guard checks every payload
+    directory = tmp_path / "creds"
+    directory.mkdir()
+    creds = []
+    for i in range(count):
+        write_atomic(directory / f"t{i}", f"{pool[i % 4]}-{i}")
+        creds.append({"name": f"c{i}", "files": {"token": str(directory / f"t{i}")}})
+    config = make_config(tmp_path, creds,
+                         mqtt={"url": fleet_server.url, "topic_prefix": prefix})
+    names = [c["name"] for c in creds]
+
+    async def watch_ready(broker: Broker, sub: Subscriber, at_ready: list[int]) -> None:
+        """How many messages ``sub`` had when ``broker``'s engine was ready."""
+        while broker._engine is None:
+            await anyio.sleep(0)
+        await broker._engine.ready.wait()
+        at_ready.append(len(sub.messages))
+
+    def seen_all(wanted: set[str], start: int = 0, *, retained: bool | None = None
+                 ) -> Callable[[list[Received]], bool]:
+        """Every topic of ``wanted`` among the messages from ``start`` on (``retained``:
+        only those flagged so, or not); incremental, as the condition is asked for every
+        message."""
+        missing, looked = set(wanted), [start]
+
+        def check(messages: list[Received]) -> bool:
+            for message in messages[looked[0]:]:
+                if retained is None or message.retain is retained:
+                    missing.discard(message.topic)
+            looked[0] = len(messages)
+            return not missing
+
+        return check
+
+    state_topics = {topics.state(n) for n in names}
+    at_ready: list[int] = []
+    async with Subscriber(fleet_server.port, [f"{prefix}/#"], secrets) as sub, \
+            anyio.create_task_group() as tg:
+        first = Broker(config)
+        tg.start_soon(watch_ready, first, sub, at_ready)
+        async with first:
+            await sub.wait_for(seen_all(state_topics | {topics.status}), timeout=60)
+            events_of = f"{prefix}/{HOST}/events/"
+            early = [m for m in sub.messages[:at_ready[0]] if m.topic.startswith(events_of)]
+            assert early, "no first-sight event was out before the last pass was done"
+            generations = {n: first.state(n).generation for n in names}
+
+    write_atomic(directory / "t0", f"{pool[1]}-changed")  # while stopped
+    async with Subscriber(fleet_server.port, [f"{prefix}/#"], secrets) as sub:
+        # What the server retains comes first, flagged: every state and the status.
+        await sub.wait_for(seen_all(state_topics | {topics.status}, retained=True), timeout=60)
+        replayed = len(sub.messages)
+        async with Broker(config) as second:
+            await sub.wait_for(seen_all(state_topics, replayed, retained=False), timeout=60)
+            await second.engine.quiesce()
+            # A later change as a fence: once it is out, everything before it is too.
+            write_atomic(directory / "t1", f"{pool[2]}-fence")
+            fence = topics.event("c1", "credentials.refreshed")
+            await sub.wait_for(lambda m: any(x.topic == fence for x in m[replayed:]))
+        live = [m for m in sub.messages[replayed:] if not m.retain]
+    states: dict[str, list[int]] = {}
+    for message in live:
+        if message.topic.startswith(f"{prefix}/{HOST}/state/") and message.payload:
+            event = Event.from_json(message.payload)
+            states.setdefault(event.subject, []).append(event.data.generation)
+    # Each state once (c1 twice: then the fence); c0's the new generation, never the old.
+    assert states["c0"] == [generations["c0"] + 1]
+    assert states["c1"] == [generations["c1"], generations["c1"] + 1]
+    assert all(states[n] == [generations[n]] for n in names[2:])
+    event_messages = [m.topic for m in live if "/events/" in m.topic]
+    assert event_messages == [topics.event("c0", "credentials.refreshed"), fence]
+
+
 async def test_broker_starts_and_serves_while_the_mqtt_server_is_down(
     harness_factory: Any, tmp_path: Path, secrets: SecretRegistry, mosquitto: Mosquitto
 ) -> None:

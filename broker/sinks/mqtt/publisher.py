@@ -8,7 +8,10 @@ How delivery works:
   events of a credential when full, so the latest event of every credential always survives.
 - A *connection loop* connects (:class:`~.connection.Connector`: MQTT 5, falling back to
   3.1.1 when the server refuses 5; failures retried with backoff), publishes
-  ``online``, the retained state of every credential, then the outbox in order. An event
+  ``online``, the retained state of every credential, then the outbox in order. The
+  publisher starts before the engine's first pass: a connect during that pass sends the
+  first-sight events as they are committed (each with its state), then, once the pass is
+  done, the retained state of every credential it left unchanged. An event
   leaves the outbox only when the server acknowledged it (PUBACK): anything unacknowledged
   when a connection drops is sent again (at-least-once; consumers dedupe by CloudEvent
   ``id``).
@@ -82,6 +85,10 @@ class MqttPublisher:
     """
 
     name = "mqtt"
+    #: Started before the engine's first pass (:class:`~broker.port.EarlySink`): the
+    #: first-sight events go out as each pass commits them; the retained state of what
+    #: had none (unchanged since the last run) follows when the first pass is done.
+    starts_early = True
 
     def __init__(
         self,
@@ -118,6 +125,9 @@ class MqttPublisher:
         self._outbox = Outbox(settings.buffer)
         self._retained = RetainedStates(port.state, source=port.source, clock=port.clock)
         self._changed = Wakeup()
+        #: Set once the engine has a state for every credential (at once, but for a
+        #: publisher started before the engine's first pass).
+        self._started = anyio.Event()
         # Subscribed now rather than in ``run``: no event published from here on is missed
         # (a broker that makes its sinks before the engine's first pass gets the first-sight
         # events, and changes made while it was stopped, on the events topics too).
@@ -193,11 +203,17 @@ class MqttPublisher:
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._pump, name="mqtt pump")
+                tg.start_soon(self._await_started, name="mqtt start-up")
                 task_status.started()
                 await self._connect_loop()
         finally:
             self.close()
             self.connected = False
+
+    async def _await_started(self) -> None:
+        await self._port.wait_started()
+        self._started.set()
+        self._changed.poke()
 
     async def _pump(self) -> None:
         """Move events from the bus into the outbox as they come: the bus never waits on us."""
@@ -351,29 +367,19 @@ class MqttPublisher:
     ) -> None:
         props = publish_properties(protocol, CONTENT_TYPE)
         retained = self._retained
+        synced = False
         try:
             await pipe.send(
                 self.topics.status, ONLINE, True, publish_properties(protocol, STATUS_CONTENT_TYPE)
             )
-            configured = set(self._port.names())
-            retained.to_clear_now(n for n in self._port.removed if n not in configured)
-            for event in retained.all_latest(self._port.states()):
-                await self._send_state(pipe, event, props)
-            for name in sorted(retained.to_clear):
-                await self._clear_state(pipe, name)
-            await pipe.drain()
-        except SessionLost as exc:
-            fail(exc)
-            return
-        self._connector.backoff.reset()  # this server works: the next outage starts afresh
-        log.info(
-            "mqtt retained state published",
-            extra={"credentials": len(retained.latest), "buffered": len(self._outbox)},
-        )
-
-        self._outbox.rewind()
-        try:
+            self._outbox.rewind()
             while True:
+                if not synced and self._started.is_set():
+                    # Every retained state, then the events in order; at start-up (the engine's
+                    # first pass still running) the events as they come, each with its state,
+                    # and once the pass is done the states of the credentials it left unchanged.
+                    await self._sync_retained(pipe, props)
+                    synced = True
                 for name in sorted(retained.to_clear - retained.clearing):
                     await self._clear_state(pipe, name)
                 for name in sorted(retained.resync):
@@ -388,6 +394,24 @@ class MqttPublisher:
                 await self._send_event(pipe, item[0], item[1], props)
         except SessionLost as exc:
             fail(exc)
+
+    async def _sync_retained(self, pipe: Pipeline, props: MessageProperties | None) -> None:
+        """Every credential's retained state not yet sent on this connection; the removed
+        ones' cleared. Raises :class:`SessionLost`."""
+        retained = self._retained
+        configured = set(self._port.names())
+        retained.to_clear_now(n for n in self._port.removed if n not in configured)
+        for event in retained.all_latest(self._port.states()):
+            if retained.sent.get(event.subject) != event.id:
+                await self._send_state(pipe, event, props)
+        for name in sorted(retained.to_clear):
+            await self._clear_state(pipe, name)
+        await pipe.drain()
+        self._connector.backoff.reset()  # this server works: the next outage starts afresh
+        log.info(
+            "mqtt retained state published",
+            extra={"credentials": len(retained.latest), "buffered": len(self._outbox)},
+        )
 
     async def _send_state(
         self,
