@@ -10,17 +10,24 @@ after. Frozen objects are still freed by reference counting; only reference cycl
 them would outlive their use, and every settle first unfreezes and collects, so a cycle
 from an old config is collected at the next reload.
 
+Both then hand the C heap's free memory back to the system (:func:`release_free_memory`):
+start-up builds the long-lived heap while the MQTT publisher encodes, sends and frees the
+first-sight events, and glibc keeps the holes those leave between long-lived blocks mapped
+(6-7 MB at 10,000 credentials, a fifteenth of the daemon).
+
 Only the CLI calls this: an application embedding :class:`broker.app.Broker` owns its
 process and its collector.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-__all__ = ["building", "settle"]
+__all__ = ["building", "release_free_memory", "settle"]
 
 
 @contextmanager
@@ -42,6 +49,7 @@ def building() -> Iterator[None]:
         gc.freeze()
         if enabled:
             gc.enable()
+        release_free_memory()
 
 
 def settle() -> None:
@@ -49,3 +57,26 @@ def settle() -> None:
     gc.unfreeze()
     gc.collect()
     gc.freeze()
+    release_free_memory()
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or ``None`` where the C library has none (musl)."""
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
+
+
+def release_free_memory() -> bool:
+    """Return the C heap's free pages to the system (glibc's ``malloc_trim(0)``, every
+    arena, a few ms); ``False`` where the C library cannot."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
