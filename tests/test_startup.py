@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import threading
+from pathlib import Path
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -115,7 +116,7 @@ def test_building_the_heap_collects_nothing_and_freezes_it() -> None:
 
 
 def _rss_kib() -> int:
-    for line in open("/proc/self/status"):
+    for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise AssertionError("no VmRSS")
