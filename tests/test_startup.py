@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import gc
 import threading
-from pathlib import Path
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import anyio
