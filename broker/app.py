@@ -146,7 +146,7 @@ class Broker:
         try:
             # Sinks are made (and subscribe) before the engine's first read, so that the
             # first-sight events reach them too; they start serving once the engine has a
-            # state for every credential.
+            # state for every credential (an EarlySink, MQTT, before its first pass).
             if self._config.mqtt is not None or self._config.http is not None:
                 self.consumers = ConsumerTracker(
                     self._port, self._config.broker.state_dir, clock=self.clock
