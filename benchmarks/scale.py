@@ -15,12 +15,12 @@ subscriber, with the server's receive timestamps. Per layout and mosquitto setti
   and per MQTT message (all of the daemon's CPU over the burst, divided).
 
 The daemon's and the floor's modules are byte-compiled first (``compileall``), as an
-installed package's are. The floor, in the same run, to the same server and subscriber: the *bare pipeline*, the
-least code that reads and SHA-256-hashes the same files and publishes the same number of
-QoS 1 messages of the same size (half retained) with the fastest client measured (the bare
-link of ``broker/aio/mqtt_link.py``; ``--floor-client gmqtt --gmqtt-path DIR`` or ``paho``
-picks another; see ``benchmarks.mqtt_clients``). The floor process imports nothing of the
-daemon but that link.
+installed package's are. The floor, in the same run, to the same server and subscriber:
+the *bare pipeline*, the least code that reads and SHA-256-hashes the same files and
+publishes the same number of QoS 1 messages of the same size (half retained) with the
+fastest client measured (the bare link of ``broker/aio/mqtt_link.py``; ``--floor-client
+gmqtt --gmqtt-path DIR`` or ``paho`` picks another; see ``benchmarks.mqtt_clients``). The
+floor process imports nothing of the daemon but that link.
 Every figure is printed with its ratio to that floor. Each layout runs with mosquitto's
 defaults and with fleet settings (:data:`FLEET_SETTINGS`); lost messages are printed for
 both. Resync and full re-hash are timed in-process (no MQTT), as is rotation to the bus.
