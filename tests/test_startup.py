@@ -125,17 +125,18 @@ def _rss_kib() -> int:
 def test_free_memory_between_long_lived_blocks_goes_back_to_the_system() -> None:
     # As at start-up: blocks that stay (a state's documents) between blocks freed soon after
     # (the first-sight events' payloads), all past pymalloc's 512 bytes, so from glibc.
-    heap.release_free_memory()  # no holes from before: the blocks below extend the heap
-    start = _rss_kib()
     kept, freed = [], []
     for i in range(2_000):
         kept.append(bytes(600) + i.to_bytes(4, "little"))
         freed.append(bytes(32_768) + i.to_bytes(4, "little"))
+    allocated = _rss_kib()
     del freed
     before = _rss_kib()
-    # Freed, but held: each hole lies between blocks still in use (64 MB of them).
-    assert before - start > 50_000, (start, before)
+    # Freed, but held: each hole lies between blocks still in use (64 MB of them), so glibc
+    # keeps them mapped (how much of them was new to the heap depends on what the process
+    # freed before, hence no figure for the growth itself).
+    assert allocated - before < 10_000, (allocated, before)
     assert heap.release_free_memory()
     after = _rss_kib()
-    assert before - after > 50_000, (before, after)
+    assert before - after > 40_000, (before, after)
     assert len(kept) == 2_000
