@@ -22,7 +22,7 @@ process and its collector.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import gc
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -60,12 +60,13 @@ def settle() -> None:
     release_free_memory()
 
 
+@functools.cache
 def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``, or ``None`` where the C library has none (musl)."""
-    name = ctypes.util.find_library("c")
+    """glibc's ``malloc_trim``, or ``None`` where the C library has none (musl). Looked up
+    among the symbols the process already has (``find_library`` would run ``ldconfig``)."""
     try:
-        trim = ctypes.CDLL(name).malloc_trim
-    except (OSError, AttributeError, TypeError):
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
         return None
     trim.argtypes = [ctypes.c_size_t]
     trim.restype = ctypes.c_int
