@@ -367,6 +367,9 @@ class _BrokerPort:
     def states(self) -> list[State]:
         return self._engine.states()
 
+    def read_states(self) -> list[State]:
+        return self._engine.read_states()
+
     def settings(self, name: str) -> CredentialSettings:
         return self._engine.spec(name)
 

@@ -133,6 +133,10 @@ class BrokerPort(Protocol):
 
     def states(self) -> list[State]: ...
 
+    def read_states(self) -> list[State]:
+        """:meth:`states` without the ones made up for credentials not read yet: what may
+        be published as a credential's state."""
+
     def settings(self, name: str) -> CredentialSettings:
         """``name``'s settings from the config (files, preset, remedies)."""
 

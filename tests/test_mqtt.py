@@ -652,6 +652,42 @@ async def test_start_up_publishes_each_pass_as_it_commits_then_every_other_state
     assert event_messages == [topics.event("c0", "credentials.refreshed"), fence]
 
 
+async def test_a_credential_held_back_at_start_up_gets_no_made_up_state(
+    tmp_path: Path, secrets: SecretRegistry, mosquitto_server: Mosquitto
+) -> None:
+    # Seen for the first time while a writer holds it open: nothing is published for it
+    # until its content is read whole, not a "missing, not read yet" made up meanwhile.
+    prefix = new_prefix()
+    topics = Topics(prefix, HOST)
+    other = token_cred(tmp_path, "other", secrets)
+    held_path = tmp_path / "held-token"
+    fd = os.open(held_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, secrets.token("held").encode())
+        config = make_config(
+            tmp_path, [other, {"name": "held", "files": {"token": str(held_path)}}],
+            mqtt={"url": mosquitto_server.url, "topic_prefix": prefix},
+        )
+        async with Subscriber(mosquitto_server.port, [f"{prefix}/#"], secrets) as sub, \
+                Broker(config) as broker:
+            publisher = broker.sinks["mqtt"]
+            assert isinstance(publisher, MqttPublisher)
+            await sub.wait_for(has_states(topics, ["other"]))
+            with anyio.fail_after(WAIT):  # past the retained states of the connect
+                while publisher.buffered or not publisher.connected:
+                    await anyio.sleep(0.01)
+            await broker.engine.quiesce()
+            os.close(fd)
+            fd = -1
+            await sub.wait_for(lambda m: any(x.topic == topics.state("held") for x in m))
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    # Its content, read whole (once it held still or once the writer closed it): one state.
+    states = decoded(sub.messages, topics.state("held"))
+    assert [e.data.status for e in states] == [Status.VALID]
+
+
 async def test_broker_starts_and_serves_while_the_mqtt_server_is_down(
     harness_factory: Any, tmp_path: Path, secrets: SecretRegistry, mosquitto: Mosquitto
 ) -> None:

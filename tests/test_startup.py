@@ -4,6 +4,7 @@ more than two passes' reads are held; the CLI's heap policy around building the 
 from __future__ import annotations
 
 import gc
+import os
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -13,6 +14,7 @@ import anyio
 import pytest
 
 import broker.engine.engine as engine_module
+import broker.engine.holdback as holdback_module
 from broker.cli import heap
 from broker.config import CredentialSettings
 from broker.core.fingerprint import Fingerprinter
@@ -140,3 +142,69 @@ def test_free_memory_between_long_lived_blocks_goes_back_to_the_system() -> None
     after = _rss_kib()
     assert before - after > 40_000, (before, after)
     assert len(kept) == 2_000
+
+
+@pytest.mark.anyio
+async def test_start_up_screens_for_writers_what_it_publishes_and_asks_nothing_of_the_rest(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Passes of one credential, so that every pass is read ahead. A first run, then a
+    # restart with: "new" seen for the first time and "changed" changed while stopped, both
+    # held open by a writer (this process); "fresh" new and whole; "same" unchanged.
+    def configured(names: list[str]) -> list[CredentialSettings]:
+        return make_config(tmp_path, [
+            {"name": n, "files": {"token": str(tmp_path / n)}} for n in names
+        ]).credentials
+
+    for n in ("same", "changed"):
+        write_atomic(tmp_path / n, f"secret-value-{n}")
+    store = Store(tmp_path / "state")
+    store.prepare()
+
+    def engine(names: list[str], states: Mapping[str, State], bus: Bus) -> Engine:
+        return Engine(
+            configured(names), bus=bus, store=store, fingerprinter=FP,
+            source="urn:credbroker:t", resync_interval=30.0, tuning=EngineTuning(max_batch=1),
+            states=states, sequence=max((s.sequence for s in states.values()), default=0),
+        )
+
+    async with anyio.create_task_group() as tg:
+        first = engine(["same", "changed"], {}, Bus())
+        await tg.start(first.run)
+        before = {n: first.state(n) for n in ("same", "changed")}
+        tg.cancel_scope.cancel()
+
+    asked: list[str] = []
+    real = holdback_module.writers_and_moves
+
+    def counted(paths: list[str], signatures: Any) -> tuple[set[str], set[str]]:
+        asked.extend(paths)
+        return real(paths, signatures)
+
+    monkeypatch.setattr(holdback_module, "writers_and_moves", counted)
+    write_atomic(tmp_path / "fresh", "secret-value-fresh")
+    held = []
+    for n in ("changed", "new"):
+        fd = os.open(tmp_path / n, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.write(fd, f"secret-value-{n}-half".encode())
+        held.append(fd)
+    try:
+        bus = Bus()
+        second = engine(["same", "changed", "new", "fresh"], before, bus)
+        async with bus.subscribe("*") as events, anyio.create_task_group() as tg:
+            await tg.start(second.run)
+            seen = []
+            while (event := events.get_nowait()) is not None:
+                seen.append(event.subject)
+            tg.cancel_scope.cancel()
+    finally:
+        for fd in held:
+            os.close(fd)
+    # What a writer holds is not published: neither the new credential nor the change.
+    assert seen == ["fresh"]
+    assert second.state("changed") == before["changed"]
+    assert "new" not in {s.credential for s in second.read_states()}
+    assert second.state("same") == before["same"]
+    # Asked of what was to be published, never of the unchanged credential.
+    assert str(tmp_path / "same") not in asked
+    assert {str(tmp_path / n) for n in ("changed", "new", "fresh")} <= set(asked)

@@ -34,7 +34,7 @@ from broker.engine.commit import Committer, Result
 from broker.engine.evaluation import evaluate, read_all
 from broker.engine.faults import ReadFaults
 from broker.engine.findings import Findings
-from broker.engine.holdback import WriterHoldBack, writer_active, writers_and_moves
+from broker.engine.holdback import WriterHoldBack, WriterLook, look_for_writers, writer_active
 from broker.engine.reader import CredentialRead
 from broker.engine.resync import SafetyNet
 from broker.engine.schedule import Deadlines, Kind
@@ -164,6 +164,11 @@ class Engine:
 
     def states(self) -> list[State]:
         return [self.state(name) for name in self._table]
+
+    def read_states(self) -> list[State]:
+        """The states of the credentials read so far: none made up for one not read yet
+        (held back at start-up while a writer holds it, say)."""
+        return [self._with_consumers(t.state) for t in self._table.values() if t.state is not None]
 
     def spec(self, name: str) -> CredentialSettings:
         return self._table[name].spec
@@ -424,17 +429,20 @@ class Engine:
         # Nothing else reads or commits before start-up is done (the loops, the sinks and
         # every check start after it), so reading outside the lock cannot commit older
         # content after newer; a change made meanwhile is queued by inotify and read again.
-        # The thread also asks at once who holds those files open for writing, and which
-        # changed since: asked later, after the evaluation, it would find what it finds now
-        # (a change made meanwhile is read again; a writer that opens a file after the read
-        # leaves the content read whole), but the loop would wait for it.
+        # For credentials seen for the first time (whose read is sure to be published, so
+        # screened for writers) the thread also asks at once who holds those files open for
+        # writing, and which changed since: asked later, after the evaluation, it would find
+        # what it finds now (a change made meanwhile is read again; a writer that opens a
+        # file after the read leaves the content read whole), but the loop would wait for it.
+        # The others are asked only if their evaluation finds a change, as any scan is.
         send, receive = anyio.create_memory_object_stream[_ReadAhead](0)
 
         async def read_passes() -> None:
             async with send:
                 for each in passes:
                     specs = {n: self._table[n].spec for n in each}
-                    await send.send(await anyio.to_thread.run_sync(_read_and_look, specs))
+                    new = {n for n in each if self._table[n].state is None}
+                    await send.send(await anyio.to_thread.run_sync(_read_and_look, specs, new))
 
         async with anyio.create_task_group() as tg, receive:
             tg.start_soon(read_passes)
@@ -446,7 +454,7 @@ class Engine:
         self,
         batch: Mapping[str, Pending],
         reads: Mapping[str, CredentialRead] | None = None,
-        looked: tuple[set[str], set[str]] | None = None,
+        looked: WriterLook | None = None,
     ) -> None:
         # Reads happen under the lock too: two evaluations reading at different moments
         # must not commit out of order, or older content would look like a new change.
@@ -536,17 +544,15 @@ class Engine:
             self._reschedule.poke()
 
 
-#: A start-up pass read ahead: its reads, and what :func:`writers_and_moves` said of them.
-_ReadAhead = tuple[dict[str, CredentialRead], tuple[set[str], set[str]]]
+#: A start-up pass read ahead: its reads, and what was asked of its new credentials' writers.
+_ReadAhead = tuple[dict[str, CredentialRead], WriterLook]
 
 
-def _read_and_look(specs: Mapping[str, CredentialSettings]) -> _ReadAhead:
-    """Read a pass's credentials, then ask at once who holds those files open for writing
-    and which changed since (blocking: a worker thread)."""
+def _read_and_look(specs: Mapping[str, CredentialSettings], new: set[str]) -> _ReadAhead:
+    """Read a pass's credentials, then ask at once who holds the ``new`` ones' files open
+    for writing and which of them changed since (blocking: a worker thread)."""
     reads = read_all(specs)
-    paths = [r.info.path for read in reads.values() for r in read.reads]
-    looked = writers_and_moves(paths, {n: read.signatures for n, read in reads.items()})
-    return reads, looked
+    return reads, look_for_writers({n: reads[n] for n in new if n in reads})
 
 
 def _no_consumers(name: str) -> tuple[Consumer, ...]:

@@ -20,15 +20,41 @@ from broker.core.problems import ProblemCode
 from broker.core.reads import Signature
 from broker.core.state import Problem, State, Status
 from broker.engine.commit import Result
-from broker.engine.reader import stat_signature
+from broker.engine.reader import CredentialRead, stat_signature
 from broker.engine.tracking import Pending
 from broker.engine.writers import open_for_writing
 
-__all__ = ["WriterHoldBack", "with_problem", "writer_active", "writers_and_moves"]
+__all__ = [
+    "WriterHoldBack",
+    "WriterLook",
+    "look_for_writers",
+    "with_problem",
+    "writer_active",
+    "writers_and_moves",
+]
 
 log = logging.getLogger("broker.engine")
 
 _UNUSABLE = frozenset({Status.INVALID, Status.MISSING})
+
+
+@dataclass(frozen=True, slots=True)
+class WriterLook:
+    """What :func:`writers_and_moves` said of the files of ``names``, asked right after they
+    were read (start-up's read-ahead thread): which a writer holds, which credentials moved."""
+
+    names: frozenset[str]
+    busy: set[str]
+    moved: set[str]
+
+
+def look_for_writers(reads: Mapping[str, CredentialRead]) -> WriterLook:
+    """:func:`writers_and_moves` for every file of ``reads`` (blocking: a worker thread)."""
+    busy, moved = writers_and_moves(
+        [r.info.path for read in reads.values() for r in read.reads],
+        {n: read.signatures for n, read in reads.items()},
+    )
+    return WriterLook(frozenset(reads), busy, moved)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +112,7 @@ class WriterHoldBack:
         results: dict[str, Result],
         *,
         on_hold: Callable[[str], None],
-        looked: tuple[set[str], set[str]] | None = None,
+        looked: WriterLook | None = None,
     ) -> None:
         """Drop from ``results`` what a writer still holds open (or changed since it was
         read), unless it held still long enough to publish with a ``writer-active`` problem.
@@ -95,8 +121,8 @@ class WriterHoldBack:
         next truncate. So content that became unusable is checked for writers too; the
         usual case (new content that parses) pays nothing. ``on_hold`` is told of each
         credential held back (the watcher then treats its files as held by a writer).
-        ``looked``: what :func:`writers_and_moves` said of every file read, asked right
-        after the read (start-up's read-ahead), instead of asking now.
+        ``looked``: what was asked already of some credentials, right after their read
+        (start-up's read-ahead); only the others are asked now.
         """
         scanned = [
             n for n, r in results.items()
@@ -107,18 +133,19 @@ class WriterHoldBack:
             return
         # The files actually read: a pattern's matches, the fallback's when in use.
         read_paths: dict[str, list[str]] = {}
-        signatures = {}
+        to_ask = {}  # the signatures of those not looked at yet
         for n in scanned:
             read = results[n].read
             assert read is not None
             read_paths[n] = [r.info.path for r in read.reads]
-            signatures[n] = read.signatures
-        if looked is not None:
-            busy, moved = looked
-        else:
-            busy, moved = await anyio.to_thread.run_sync(
-                writers_and_moves, [p for n in scanned for p in read_paths[n]], signatures
+            if looked is None or n not in looked.names:
+                to_ask[n] = read.signatures
+        busy, moved = (looked.busy, looked.moved) if looked is not None else (set(), set())
+        if to_ask:
+            found_busy, found_moved = await anyio.to_thread.run_sync(
+                writers_and_moves, [p for n in to_ask for p in read_paths[n]], to_ask
             )
+            busy, moved = busy | found_busy, moved | found_moved
         for name in scanned:
             held = sorted(p for p in read_paths[name] if p in busy)
             result = results[name]

@@ -401,7 +401,9 @@ class MqttPublisher:
         retained = self._retained
         configured = set(self._port.names())
         retained.to_clear_now(n for n in self._port.removed if n not in configured)
-        for event in retained.all_latest(self._port.states()):
+        # Never a made-up "not read yet" state: a credential held back at start-up (a
+        # writer holds it) gets its state topic from its first event.
+        for event in retained.all_latest(self._port.read_states()):
             if retained.sent.get(event.subject) != event.id:
                 await self._send_state(pipe, event, props)
         for name in sorted(retained.to_clear):
