@@ -123,8 +123,8 @@ class BrokerPort(Protocol):
     async def wait_started(self) -> None:
         """Return once the engine has a state for every credential: at once for a sink
         started as usual; for one started early (:class:`EarlySink`), when the engine's
-        first pass is done. Until then :meth:`names`, :meth:`state` and :meth:`states`
-        show only what the engine had before it (the last run's states), not yet checked."""
+        first pass is done. Until then :meth:`state` and :meth:`states` show, for what that
+        pass has not read yet, the last run's states (or made-up ``not read yet`` ones)."""
 
     def names(self) -> list[str]: ...
 
