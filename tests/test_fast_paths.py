@@ -19,6 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from broker.cli import logs
+from broker.config import parse_config
 from broker.core.events import make_event, new_event_id, payload_of, without_payload
 from broker.core.fingerprint import PREFIX, Fingerprinter
 from broker.core.globs import GLOB_CHARS, is_glob
@@ -194,6 +195,23 @@ def test_watched_paths_follow_replaced_settings(tmp_path: Path) -> None:
     table.replace_all(second.credentials, {})
     assert table["svc"].paths == (str(b),)
     assert set(table.by_path) == {str(b)}
+
+
+def test_watched_paths_as_text_are_the_settings_paths_in_order_once_each(tmp_path: Path) -> None:
+    # The nebius preset's fallback shares the tenant file with the credential itself: that
+    # path is watched once, where the settings list it first.
+    home = tmp_path / "home"
+    (config,) = [parse_config({"credentials": [{"preset": "nebius"}, {
+        "name": "twice", "files": {"a": str(tmp_path / "x"), "b": str(tmp_path / "y")},
+        "fallback": {"files": {"c": str(tmp_path / "y"), "d": str(tmp_path / "z")},
+                     "format": "json", "expiry": ["none"]},
+    }]}, env={"HOME": str(home)})]
+    table = CredentialTable()
+    table.replace_all(config.credentials, {})
+    for spec in config.credentials:
+        assert table[spec.name].paths == tuple(str(p) for p in spec.watched_paths)
+    assert table["twice"].paths == tuple(str(tmp_path / n) for n in "xyz")
+    assert len(table["nebius"].paths) == 3
 
 
 def _record(**extra: Any) -> logging.LogRecord:
