@@ -123,3 +123,43 @@ def test_a_fault_read_is_only_unreadable_to_a_one_shot_reader(tmp_path: Path) ->
     assert [(p.code, p.message) for p in obs.problems] == [
         ("file-unreadable", "cannot read it now: Too many open files")
     ]
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, (1 << 20) + 3, 3 * (1 << 20)])
+def test_every_byte_is_read_whatever_the_size(tmp_path: Path, size: int) -> None:
+    # The first read asks for the fstat size plus one byte and stops when it ends there;
+    # a larger file goes on in 1 MiB chunks.
+    path = tmp_path / "token"
+    data = random.Random(size).randbytes(size)
+    path.write_bytes(data)
+    read = read_file("token", str(path), 4 << 20)
+    assert read.problem is None and read.fault is None
+    assert read.content == data and read.info.size == size
+
+
+def test_a_file_whose_size_is_no_byte_count_is_read_whole() -> None:
+    # /proc says 0 bytes for a file that has some: read on until the end, size as read.
+    expected = Path("/proc/self/cmdline").read_bytes()
+    assert Path("/proc/self/cmdline").stat().st_size == 0 and expected
+    read = read_file("cmdline", "/proc/self/cmdline", 1 << 20)
+    assert read.content == expected and read.info.size == len(expected)
+
+
+def test_a_symlink_is_followed_and_said_to_be_one(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "token").write_bytes(b"abc")
+    (tmp_path / "link").symlink_to(real / "token")
+    (tmp_path / "chain").symlink_to(tmp_path / "link")
+    (tmp_path / "dir").symlink_to(real)  # a symlinked directory, a plain file in it
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    cases = {"real/token": False, "link": True, "chain": True, "dir/token": False}
+    for name, is_symlink in cases.items():
+        read = read_file("token", str(tmp_path / name), 1 << 20)
+        assert (read.content, read.is_symlink, read.problem) == (b"abc", is_symlink, None), name
+    dangling = read_file("token", str(tmp_path / "dangling"), 1 << 20)
+    assert dangling.problem is not None and dangling.problem.code == "file-missing"
+    assert "symlink to nothing" in dangling.problem.message
+    loop = read_file("token", str(tmp_path / "loop"), 1 << 20)
+    assert loop.problem is not None and loop.problem.code == "symlink-loop"

@@ -15,14 +15,15 @@ from dataclasses import dataclass, replace
 import anyio
 
 from broker.config import CredentialSettings
+from broker.core.globs import is_glob
 from broker.core.machine import Transition
 from broker.core.problems import ProblemCode
 from broker.core.reads import Signature
 from broker.core.state import Problem, State, Status
 from broker.engine.commit import Result
-from broker.engine.reader import CredentialRead, stat_signature
+from broker.engine.reader import CredentialRead, signature_of, stat_signature
 from broker.engine.tracking import Pending
-from broker.engine.writers import open_for_writing
+from broker.engine.writers import open_for_writing, stat_all
 
 __all__ = [
     "WriterHoldBack",
@@ -197,10 +198,22 @@ def writers_and_moves(
     paths: list[str], signatures: Mapping[str, Mapping[str, Signature | None]]
 ) -> tuple[set[str], set[str]]:
     """Which ``paths`` a writer holds open, and which credentials' files changed since
-    they were read (their ``signatures``). Blocking: run in a thread."""
-    busy = open_for_writing(paths)
+    they were read (their ``signatures``). Blocking: run in a thread.
+
+    One ``stat`` of each file serves both questions (a call less per file: each call a
+    worker thread makes waits for the interpreter lock while the event loop runs); a
+    pattern's signature is taken as :func:`stat_signature` takes it.
+    """
+    stats = stat_all(paths)
+    busy = open_for_writing(paths, stats)
+
+    def now(path: str) -> Signature | None:
+        if path in stats and not is_glob(path):
+            st = stats[path]
+            return None if st is None else signature_of(st)
+        return stat_signature(path)
+
     moved = {
-        name for name, sigs in signatures.items()
-        if any(stat_signature(p) != sig for p, sig in sigs.items())
+        name for name, sigs in signatures.items() if any(now(p) != sig for p, sig in sigs.items())
     }
     return busy, moved

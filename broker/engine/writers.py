@@ -9,26 +9,40 @@ and if so waits for its close instead of publishing half a file.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 _ACCESS_MODE = 0o3  # O_ACCMODE
 _WRITE_MODES = (os.O_WRONLY, os.O_RDWR)
 
 
-def open_for_writing(paths: Iterable[str]) -> set[str]:
+def stat_all(paths: Iterable[str]) -> dict[str, os.stat_result | None]:
+    """``os.stat`` of each path (``None``: not there, or not to be stat'ed)."""
+    stats: dict[str, os.stat_result | None] = {}
+    for path in paths:
+        try:
+            stats[path] = os.stat(path)
+        except (OSError, ValueError):
+            stats[path] = None
+    return stats
+
+
+def open_for_writing(
+    paths: Iterable[str], stats: Mapping[str, os.stat_result | None] | None = None
+) -> set[str]:
     """The subset of ``paths`` some visible process has open for writing.
 
     Without root only this user's processes are visible, which covers the usual case of a
     CLI writing a token into its user's home. Costs one stat per open file descriptor on
     the machine, so it is only used for scan results, never on the inotify event path.
+    ``stats`` (:func:`stat_all` of the paths, taken by the caller just now) saves stat'ing
+    them again.
     """
+    if stats is None:
+        stats = stat_all(paths)
     inodes: dict[tuple[int, int], list[str]] = {}
-    for path in paths:
-        try:
-            st = os.stat(path)
-        except OSError:
-            continue
-        inodes.setdefault((st.st_dev, st.st_ino), []).append(path)
+    for path, st in stats.items():
+        if st is not None:
+            inodes.setdefault((st.st_dev, st.st_ino), []).append(path)
     if not inodes:
         return set()
     found: set[str] = set()
