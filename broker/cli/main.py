@@ -191,10 +191,12 @@ async def _serve(config: Config, path: str) -> None:
             tg = await stack.enter_async_context(anyio.create_task_group())
             # Subscribed before READY, so no change after it goes without a STATUS= update.
             changes = broker.subscribe("credentials.*") if notifier.enabled else None
-            notifier.ready(broker.states())
+            states = broker.states()
+            notifier.ready(states)
             http = broker.sinks.get("http")
-            for line in first_lines(broker.states(), getattr(http, "url", None), path):
+            for line in first_lines(states, getattr(http, "url", None), path):
                 log.info(line)
+            del states  # kept, it would hold every first state alive after its successor
             await tg.start(notifier.watchdog)
             if changes is not None:
                 tg.start_soon(_follow_status, broker, notifier, changes)
