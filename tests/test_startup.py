@@ -31,18 +31,22 @@ FP = Fingerprinter(b"k" * 32)
 
 
 @pytest.mark.anyio
-async def test_start_up_reads_the_next_pass_while_committing_one(
+async def test_start_up_reads_up_to_two_passes_ahead_while_committing_one(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Passes of one credential. While a pass commits, the worker thread reads the next two
+    # (one waits in the stream's slack), and not a third: what is held stays bounded by
+    # three passes, however many credentials there are.
+    count = 7
     config = make_config(tmp_path, [
-        {"name": f"c{i}", "files": {"token": str(tmp_path / f"t{i}")}} for i in range(7)
+        {"name": f"c{i}", "files": {"token": str(tmp_path / f"t{i}")}} for i in range(count)
     ])
-    for i in range(7):
+    for i in range(count):
         write_atomic(tmp_path / f"t{i}", f"secret-value-{i}")
     store = Store(config.broker.state_dir)
     store.prepare()
     reads: list[list[str]] = []
-    read_started = [threading.Event() for _ in range(3)]
+    read_started = [threading.Event() for _ in range(count)]
     real_read_all = engine_module.read_all
 
     def counted_read_all(specs: Mapping[str, CredentialSettings]) -> dict[str, CredentialRead]:
@@ -53,6 +57,7 @@ async def test_start_up_reads_the_next_pass_while_committing_one(
     monkeypatch.setattr(engine_module, "read_all", counted_read_all)
     passes: list[list[str]] = []
     ahead: list[bool] = []
+    beyond: list[bool] = []
     held: list[int] = []
     record = store.record
 
@@ -61,9 +66,13 @@ async def test_start_up_reads_the_next_pass_while_committing_one(
         changed = list(changed)
         index = len(passes)
         passes.append([s.credential for s in changed])
-        if index + 1 < len(read_started):
-            # Committing pass `index` waits here: only a read made ahead gets past it.
-            ahead.append(read_started[index + 1].wait(10))
+        # Committing pass `index` waits here: only reads made ahead get past it.
+        for later in (index + 1, index + 2):
+            if later < count:
+                ahead.append(read_started[later].wait(10))
+        if index + 3 < count:
+            # Not a third: bounded, so the wait for it runs out (briefly).
+            beyond.append(read_started[index + 3].wait(0.2))
         held.append(len(reads) - index)
         record(changed, sequence, everything, *rest)
 
@@ -71,20 +80,21 @@ async def test_start_up_reads_the_next_pass_while_committing_one(
     bus = Bus()
     engine = Engine(
         config.credentials, bus=bus, store=store, fingerprinter=FP, source="urn:credbroker:t",
-        resync_interval=30.0, tuning=EngineTuning(max_batch=3),
+        resync_interval=30.0, tuning=EngineTuning(max_batch=1),
     )
     async with bus.subscribe("*") as events, anyio.create_task_group() as tg:
         await tg.start(engine.run)
-        assert reads == [["c0", "c1", "c2"], ["c3", "c4", "c5"], ["c6"]]
+        assert reads == [[f"c{i}"] for i in range(count)]
         assert passes == reads
-        assert ahead == [True, True]
-        # Read but not yet committed, while a pass commits: that pass and the next, no more.
-        assert held == [2, 2, 1]
+        assert ahead == [True] * (2 * count - 3)
+        assert beyond == [False] * (count - 3)
+        # Read but not yet committed, while a pass commits: that pass and two more at most.
+        assert held == [3, 3, 3, 3, 3, 2, 1]
         seen = []
         while (event := events.get_nowait()) is not None:
             seen.append((event.subject, event.sequence))
-        assert seen == [(f"c{i}", i + 1) for i in range(7)]
-        assert all(engine.state(f"c{i}").status is Status.VALID for i in range(7))
+        assert seen == [(f"c{i}", i + 1) for i in range(count)]
+        assert all(engine.state(f"c{i}").status is Status.VALID for i in range(count))
         tg.cancel_scope.cancel()
     engine.flush()
 
