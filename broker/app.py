@@ -285,12 +285,15 @@ class Broker:
         *,
         credential: str | None = None,
         buffer: int = DEFAULT_BUFFER,
+        payloads: bool = True,
     ) -> Subscription:
         """Events whose type matches ``pattern`` (a glob), optionally of one credential.
 
         Use as ``async with b.subscribe(...) as events: async for event in events``.
+        ``payloads=False``: without their encoded JSON (see :meth:`Bus.subscribe`).
         """
-        return self.bus.subscribe(pattern, credential=credential, buffer=buffer)
+        return self.bus.subscribe(pattern, credential=credential, buffer=buffer,
+                                  payloads=payloads)
 
     async def reload(self, config: Config) -> None:
         """Apply a new config's credentials (SIGHUP), keeping every credential's state."""
@@ -375,9 +378,10 @@ class _BrokerPort:
 
     def subscribe(
         self, pattern: str = "credentials.*", *, credential: str | None = None,
-        buffer: int = DEFAULT_BUFFER,
+        buffer: int = DEFAULT_BUFFER, payloads: bool = True,
     ) -> Subscription:
-        return self._broker.subscribe(pattern, credential=credential, buffer=buffer)
+        return self._broker.subscribe(pattern, credential=credential, buffer=buffer,
+                                      payloads=payloads)
 
     async def check(self, name: str) -> State:
         return await self._broker.check(name)

@@ -142,7 +142,7 @@ class BrokerPort(Protocol):
 
     def subscribe(
         self, pattern: str = "credentials.*", *, credential: str | None = None,
-        buffer: int = ...,
+        buffer: int = ..., payloads: bool = ...,
     ) -> Subscription: ...
 
     async def check(self, name: str) -> State:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import anyio
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.core.events import Event, make_event
+from broker.app import Broker
+from broker.core.events import Event, make_event, payload_of
 from broker.core.state import State, Status
 from broker.engine.bus import Bus
+from tests.conftest import make_config, write_atomic
 
 
 def event(credential: str, sequence: int, kind: str = "credentials.refreshed") -> Event:
@@ -27,6 +31,43 @@ def test_pattern_and_credential_filters() -> None:
     assert [e.sequence for e in iter(everything.get_nowait, None)] == [1, 2]
     assert [e.sequence for e in iter(refreshed.get_nowait, None)] == [1]
     assert [e.sequence for e in iter(only_a.get_nowait, None)] == [1]
+
+
+def test_a_subscriber_without_payloads_gets_the_same_events_and_holds_no_payload() -> None:
+    bus = Bus()
+    full = bus.subscribe("*")
+    light = bus.subscribe("*", payloads=False)
+    published = [event(f"c{i}", i + 1) for i in range(50)]
+    for e in published:
+        bus.publish(e)
+    got_full = list(iter(full.get_nowait, None))
+    got_light = list(iter(light.get_nowait, None))
+    assert got_full == published == got_light  # the same events, field by field
+    assert all(e.payload for e in got_full)
+    assert not any(e.payload for e in got_light)  # nothing encoded held while queued
+    # Encoded again when needed: the same bytes, the same id.
+    assert [payload_of(e) for e in got_light] == [e.payload for e in published]
+
+
+@pytest.mark.anyio
+async def test_the_consumer_tracker_queues_events_without_payloads(tmp_path: Path) -> None:
+    # The tracker follows the bus only once start-up is done: every first-sight event waits
+    # in its queue meanwhile (one per credential), so it must not hold their encoded JSON.
+    config = make_config(tmp_path, [
+        {"name": f"c{i}", "files": {"token": str(tmp_path / f"t{i}")}} for i in range(3)
+    ], http={"listen": "127.0.0.1:0"})
+    for i in range(3):
+        write_atomic(tmp_path / f"t{i}", f"secret-value-{i}")
+    async with Broker(config) as broker:
+        tracker = broker.consumers
+        assert tracker is not None
+        published = event("c0", 99)
+        assert published.payload
+        broker.bus.publish(published)
+        # Offered synchronously: it is in the tracker's queue now, as the tracker holds it.
+        queued = tracker._subscription._queue[-1]
+        assert queued == published and queued.id == published.id
+        assert not queued.payload
 
 
 def test_closed_subscription_is_removed() -> None:

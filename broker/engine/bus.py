@@ -7,7 +7,7 @@ import fnmatch
 import re
 
 from broker.aio.streams import CoalescingQueue
-from broker.core.events import Event
+from broker.core.events import Event, without_payload
 
 DEFAULT_BUFFER = 1024
 
@@ -25,9 +25,11 @@ class Subscription(CoalescingQueue):
         pattern: str,
         credential: str | None,
         buffer: int,
+        payloads: bool = True,
     ) -> None:
         super().__init__(buffer, key=_subject)
         self._bus = bus
+        self._payloads = payloads
         self._type_re = re.compile(fnmatch.translate(pattern))
         self._credential = credential
         self.pattern = pattern
@@ -37,6 +39,10 @@ class Subscription(CoalescingQueue):
             f"Subscription(pattern={self.pattern!r}, credential={self._credential!r}, "
             f"queued={len(self._queue)}, coalesced={self.coalesced})"
         )
+
+    def offer(self, event: Event) -> None:
+        """Queue ``event``; without its encoded payload for a subscriber that never sends it."""
+        super().offer(event if self._payloads else without_payload(event))
 
     def matches(self, event: Event) -> bool:
         if self._credential is not None and event.subject != self._credential:
@@ -68,9 +74,15 @@ class Bus:
         *,
         credential: str | None = None,
         buffer: int = DEFAULT_BUFFER,
+        payloads: bool = True,
     ) -> Subscription:
-        """Subscribe to events whose type matches the glob ``pattern`` (and ``credential``)."""
-        sub = Subscription(self, pattern, credential, buffer)
+        """Subscribe to events whose type matches the glob ``pattern`` (and ``credential``).
+
+        ``payloads=False``: the events come without their encoded payload (``payload_of``
+        encodes it again if ever needed), for a subscriber that reads only their fields and
+        may hold thousands queued (at start-up, one per credential: 6 MB at 10,000).
+        """
+        sub = Subscription(self, pattern, credential, buffer, payloads)
         if self._closed:
             sub.close()
         else:
