@@ -210,6 +210,7 @@ def test_watched_paths_as_text_are_the_settings_paths_in_order_once_each(tmp_pat
     table.replace_all(config.credentials, {})
     for spec in config.credentials:
         assert table[spec.name].paths == tuple(str(p) for p in spec.watched_paths)
+        assert spec.watched_path_texts == table[spec.name].paths
     assert table["twice"].paths == tuple(str(tmp_path / n) for n in "xyz")
     assert len(table["nebius"].paths) == 3
 

@@ -282,7 +282,7 @@ def check_now(
     evaluated: list[Evaluation] = []
     to_validate: list[tuple[int, CredentialSettings, dict[str, bytes]]] = []
     with Watcher(lambda paths, scan: None) as watcher:
-        watcher.watch(str(p) for spec in specs for p in spec.watched_paths)
+        watcher.watch(p for spec in specs for p in spec.watched_path_texts)
         for spec in specs:
             read = read_credential(spec)  # patterns expanded; the fallback when it applies
             ev = evaluate(

@@ -25,11 +25,9 @@ class Subscription(CoalescingQueue):
         pattern: str,
         credential: str | None,
         buffer: int,
-        payloads: bool = True,
     ) -> None:
         super().__init__(buffer, key=_subject)
         self._bus = bus
-        self._payloads = payloads
         self._type_re = re.compile(fnmatch.translate(pattern))
         self._credential = credential
         self.pattern = pattern
@@ -40,10 +38,6 @@ class Subscription(CoalescingQueue):
             f"queued={len(self._queue)}, coalesced={self.coalesced})"
         )
 
-    def offer(self, event: Event) -> None:
-        """Queue ``event``; without its encoded payload for a subscriber that never sends it."""
-        super().offer(event if self._payloads else without_payload(event))
-
     def matches(self, event: Event) -> bool:
         if self._credential is not None and event.subject != self._credential:
             return False
@@ -51,6 +45,14 @@ class Subscription(CoalescingQueue):
 
     def _detach(self) -> None:
         self._bus._unsubscribe(self)
+
+
+class _WithoutPayloads(Subscription):
+    """A subscription whose events are queued without their encoded payloads (a class of
+    its own, so that every other subscriber's ``offer`` stays the plain one)."""
+
+    def offer(self, event: Event) -> None:
+        super().offer(without_payload(event))
 
 
 def _subject(event: Event) -> str:
@@ -82,7 +84,8 @@ class Bus:
         encodes it again if ever needed), for a subscriber that reads only their fields and
         may hold thousands queued (at start-up, one per credential: 6 MB at 10,000).
         """
-        sub = Subscription(self, pattern, credential, buffer, payloads)
+        kind = Subscription if payloads else _WithoutPayloads
+        sub = kind(self, pattern, credential, buffer)
         if self._closed:
             sub.close()
         else:

@@ -35,16 +35,9 @@ class Tracked:
     @property
     def paths(self) -> tuple[str, ...]:
         """Every watched path: the files (patterns as such), then the fallback's."""
-        spec = self.spec
-        if self._paths_of is not spec:
-            # ``spec.watched_paths`` as text, de-duplicated as text: on POSIX two paths are
-            # equal exactly when their text is, and hashing 10,000 ``Path`` objects was a
-            # tenth of building the table at start-up.
-            paths = [str(p) for p in spec.files.values()]
-            if spec.fallback is not None:
-                paths += [str(p) for p in spec.fallback.files.values()]
-            self._paths = tuple(dict.fromkeys(paths))
-            self._paths_of = spec
+        if self._paths_of is not self.spec:
+            self._paths = self.spec.watched_path_texts
+            self._paths_of = self.spec
         return self._paths
 
 
