@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterable, Mapping
+from itertools import pairwise
 from typing import Any
 
 import anyio
@@ -233,3 +234,58 @@ async def test_start_up_screens_for_writers_what_it_publishes_and_asks_nothing_o
     # Asked of what was to be published, never of the unchanged credential.
     assert str(tmp_path / "same") not in asked
     assert {str(tmp_path / n) for n in ("changed", "new", "fresh")} <= set(asked)
+
+
+@pytest.mark.anyio
+async def test_a_pass_gives_the_event_loop_back_while_it_evaluates_and_publishes(
+    tmp_path: Any,
+) -> None:
+    # One pass of 120 credentials. Another task, ready to run all along, must get a turn at
+    # least every `yield_every` evaluations and every `yield_every` events: the sinks send
+    # while a pass runs instead of after it.
+    count, every = 120, 10
+    config = make_config(tmp_path, [
+        {"name": f"c{i}", "files": {"token": str(tmp_path / f"t{i}")}} for i in range(count)
+    ])
+    for i in range(count):
+        write_atomic(tmp_path / f"t{i}", f"secret-value-{i}")
+    store = Store(config.broker.state_dir)
+    store.prepare()
+
+    class Counted(Fingerprinter):
+        calls = 0
+
+        def fingerprint(self, parts: Iterable[tuple[str, bytes | None]]) -> str:
+            Counted.calls += 1
+            return super().fingerprint(parts)
+
+    class CountedBus(Bus):
+        published = 0
+
+        def publish(self, event: Any) -> None:
+            CountedBus.published += 1
+            super().publish(event)
+
+    bus = CountedBus()
+    engine = Engine(
+        config.credentials, bus=bus, store=store, fingerprinter=Counted(b"k" * 32),
+        source="urn:credbroker:t", resync_interval=30.0,
+        tuning=EngineTuning(max_batch=1000, yield_every=every),
+    )
+    turns: list[tuple[int, int]] = []
+    async with anyio.create_task_group() as tg:
+        async def other_task() -> None:
+            while True:
+                turns.append((Counted.calls, CountedBus.published))
+                await anyio.lowlevel.checkpoint()
+
+        tg.start_soon(other_task)
+        await tg.start(engine.run)
+        tg.cancel_scope.cancel()
+    assert Counted.calls == count and turns[-1] == (count, count)
+    evaluated = [b[0] - a[0] for a, b in pairwise(turns)]
+    published = [b[1] - a[1] for a, b in pairwise(turns)]
+    assert max(evaluated) <= every and max(published) <= every
+    # And it did give way mid-pass, not only at the thread hand-offs around the pass.
+    assert sum(1 for d in evaluated if d) >= count // every
+    assert sum(1 for d in published if d) >= count // every

@@ -47,6 +47,7 @@ class Committer:
         clock: Callable[[], float],
         new_id: IdFactory,
         shown: Callable[[State], State],
+        yield_every: int = 50,
     ) -> None:
         self._bus = bus
         self._store = store
@@ -55,6 +56,8 @@ class Committer:
         self._new_id = new_id
         # A state as published: with who reported using it.
         self._shown = shown
+        # Events published between two turns of the event loop (the sinks send meanwhile).
+        self._yield_every = yield_every
         self.sequence = sequence
 
     async def commit(self, table: CredentialTable, results: Mapping[str, Result]) -> None:
@@ -99,7 +102,10 @@ class Committer:
                 await anyio.to_thread.run_sync(
                     self._store.record, changed, self.sequence, table.states, journalled
                 )
-                for (event_type, numbered), document in zip(events, documents, strict=True):
+                published = zip(events, documents, strict=True)
+                for index, ((event_type, numbered), document) in enumerate(published, 1):
+                    if index % self._yield_every == 0:
+                        await anyio.lowlevel.checkpoint()
                     shown = self._shown(numbered)
                     event = make_event(
                         event_type, shown, source=self._source, now=now, id=self._new_id(),

@@ -96,7 +96,7 @@ class Engine:
         self._faults = ReadFaults(self.tuning.fault_log_interval)
         self._committer = Committer(
             bus=bus, store=store, source=source, sequence=sequence, clock=clock,
-            new_id=new_id, shown=self._with_consumers,
+            new_id=new_id, shown=self._with_consumers, yield_every=self.tuning.yield_every,
         )
         self._reschedule = Wakeup()
         self._lock = anyio.Lock()
@@ -471,7 +471,10 @@ class Engine:
             poll_every = self._net.poll_every
             writing = self.watcher.writing
             results: dict[str, Result] = {}
-            for name, read in reads.items():
+            yield_every = self.tuning.yield_every
+            for index, (name, read) in enumerate(reads.items(), 1):
+                if index % yield_every == 0:
+                    await anyio.lowlevel.checkpoint()
                 tracked = self._table[name]
                 wanted = batch[name]
                 if not wanted.force and writing and any(p in writing for p in tracked.paths):
