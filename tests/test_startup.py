@@ -17,6 +17,7 @@ import pytest
 
 import broker.engine.engine as engine_module
 import broker.engine.holdback as holdback_module
+import broker.engine.readahead as readahead_module
 from broker.cli import heap
 from broker.config import CredentialSettings
 from broker.core.fingerprint import Fingerprinter
@@ -32,7 +33,7 @@ FP = Fingerprinter(b"k" * 32)
 
 
 @pytest.mark.anyio
-async def test_start_up_reads_up_to_two_passes_ahead_while_committing_one(
+async def test_start_up_in_threads_reads_up_to_two_passes_ahead_while_committing_one(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Passes of one credential. While a pass commits, the worker thread reads the next two
@@ -81,7 +82,7 @@ async def test_start_up_reads_up_to_two_passes_ahead_while_committing_one(
     bus = Bus()
     engine = Engine(
         config.credentials, bus=bus, store=store, fingerprinter=FP, source="urn:credbroker:t",
-        resync_interval=30.0, tuning=EngineTuning(max_batch=1),
+        resync_interval=30.0, tuning=EngineTuning(max_batch=1, read_worker=False),
     )
     async with bus.subscribe("*") as events, anyio.create_task_group() as tg:
         await tg.start(engine.run)
@@ -171,8 +172,9 @@ def test_free_memory_between_long_lived_blocks_goes_back_to_the_system() -> None
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("worker", [True, False], ids=["read-worker", "threads"])
 async def test_start_up_screens_for_writers_what_it_publishes_and_asks_nothing_of_the_rest(
-    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, worker: bool
 ) -> None:
     # Passes of one credential, so that every pass is read ahead. A first run, then a
     # restart with: "new" seen for the first time and "changed" changed while stopped, both
@@ -190,7 +192,8 @@ async def test_start_up_screens_for_writers_what_it_publishes_and_asks_nothing_o
     def engine(names: list[str], states: Mapping[str, State], bus: Bus) -> Engine:
         return Engine(
             configured(names), bus=bus, store=store, fingerprinter=FP,
-            source="urn:credbroker:t", resync_interval=30.0, tuning=EngineTuning(max_batch=1),
+            source="urn:credbroker:t", resync_interval=30.0,
+            tuning=EngineTuning(max_batch=1, read_worker=worker),
             states=states, sequence=max((s.sequence for s in states.values()), default=0),
         )
 
@@ -208,6 +211,14 @@ async def test_start_up_screens_for_writers_what_it_publishes_and_asks_nothing_o
         return real(paths, signatures)
 
     monkeypatch.setattr(holdback_module, "writers_and_moves", counted)
+    real_plan = readahead_module.plan_pass
+
+    def planned(specs: Any, new: set[str]) -> readahead_module.PassPlan:
+        plan = real_plan(specs, new)
+        asked.extend(plan.request[1])  # asked of the read worker, right after its reads
+        return plan
+
+    monkeypatch.setattr(engine_module, "plan_pass", planned)
     write_atomic(tmp_path / "fresh", "secret-value-fresh")
     held = []
     for n in ("changed", "new"):

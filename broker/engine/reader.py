@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -20,14 +20,26 @@ from broker.core.globs import glob_matches, is_glob
 from broker.core.problems import ProblemCode
 from broker.core.reads import FileRead, FileSignature, GlobSignature, Signature
 from broker.core.state import FileInfo, Problem
+from broker.engine.rawread import (
+    CHANGED,
+    OPEN_FAILED,
+    READ,
+    READ_ATTEMPTS,
+    RawRead,
+    StatFields,
+    raw_read,
+    signature_of,
+)
 
 __all__ = [
     "RESOURCE_ERRNOS",
     "CredentialRead",
     "FileRead",
+    "FileReader",
     "FileSignature",
     "GlobSignature",
     "Signature",
+    "file_read",
     "glob_paths",
     "read_credential",
     "read_file",
@@ -36,14 +48,13 @@ __all__ = [
     "stat_signature",
 ]
 
-_OPEN_FLAGS = os.O_RDONLY | os.O_NOCTTY | os.O_CLOEXEC | os.O_NONBLOCK
-
 #: Errors that say the broker ran out of something (descriptors, memory), nothing about the
 #: file: such a read is a broker fault, retried, never a credential's state.
 RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
-#: Reads of a file that a writer changed while it was read (its fstat differs before and
-#: after), before giving up on it for now.
-READ_ATTEMPTS = 8
+
+
+#: Reads one file: ``(role, path, max_size) -> FileRead`` (:func:`read_file`).
+FileReader = Callable[[str, str, int], FileRead]
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,10 +77,6 @@ class CredentialRead:
     def fault(self) -> str | None:
         """The first read's :attr:`FileRead.fault`: then nothing here is to be published."""
         return next((r.fault for r in self.reads if r.fault is not None), None)
-
-
-def signature_of(st: os.stat_result) -> FileSignature:
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode)
 
 
 def stat_signature(path: str) -> Signature | None:
@@ -117,13 +124,14 @@ def _glob(pattern: str) -> list[str]:
     return sorted(os.path.join(directory, n) for n in names if glob_matches(n, name_pattern))
 
 
-def read_credential(spec: CredentialSettings) -> CredentialRead:
+def read_credential(spec: CredentialSettings, read: FileReader | None = None) -> CredentialRead:
     """Read every file of ``spec`` now, never raising.
 
     With a ``fallback``: when the expiry file is absent and the fallback's expiry file exists,
     the fallback's files are read and used instead (its settings in ``spec`` of the result).
+    ``read`` reads one file (:func:`read_file`; start-up passes what its read worker read).
     """
-    reads, signatures = read_files(spec.files, spec.max_size)
+    reads, signatures = read_files(spec.files, spec.max_size, read)
     alternative = spec.with_fallback_files()
     if alternative is None:
         return CredentialRead(spec, reads, signatures)
@@ -147,15 +155,16 @@ def read_credential(spec: CredentialSettings) -> CredentialRead:
 
 
 def read_files(
-    files: Mapping[str, Path], max_size: int
+    files: Mapping[str, Path], max_size: int, read_one: FileReader | None = None
 ) -> tuple[tuple[FileRead, ...], dict[str, Signature | None]]:
     """Read each role's file (every match of a pattern role), with each path's signature."""
+    read_one = read_one or read_file
     reads: list[FileRead] = []
     signatures: dict[str, Signature | None] = {}
     for role, path in files.items():
         text = str(path)
         if not is_glob(text):
-            read = read_file(role, text, max_size)
+            read = read_one(role, text, max_size)
             reads.append(read)
             signatures[text] = read.signature
             continue
@@ -166,7 +175,7 @@ def read_files(
             matches = _glob(text)
         except OSError as exc:
             info = FileInfo(role=role, path=text, present=False)
-            reads.append(FileRead(info, fault=_fault(text, exc)))
+            reads.append(FileRead(info, fault=_fault(text, exc.errno or 0)))
             continue
         found = [read_file(role, match, max_size) for match in matches]
         # A file that vanished between listing and opening is simply no longer in the set.
@@ -195,124 +204,66 @@ def read_file(role: str, path: str, max_size: int) -> FileRead:
     work) is repeated, up to READ_ATTEMPTS times, so the published metadata always
     describes the fingerprinted bytes.
     """
+    return file_read(role, path, max_size, raw_read(path, max_size))
+
+
+def file_read(role: str, path: str, max_size: int, raw: RawRead) -> FileRead:
+    """What :func:`~broker.engine.rawread.raw_read` of ``path`` found, as a :class:`FileRead`
+    (the system calls made here, or by the start-up read worker)."""
     missing = FileInfo(role=role, path=path, present=False)
-    try:
-        fd, is_symlink = _open(path)
-    except FileNotFoundError:
-        problem = Problem(ProblemCode.FILE_MISSING, f"{role} file {path} does not exist")
-        if os.path.islink(path):
-            problem = Problem(
-                ProblemCode.FILE_MISSING, f"{role} file {path} is a symlink to nothing"
-            )
-        return FileRead(missing, problem=problem)
-    except PermissionError:
-        return FileRead(
-            missing,
-            problem=Problem(ProblemCode.FILE_UNREADABLE, f"permission denied reading {path}"),
-        )
-    except OSError as exc:
-        if exc.errno in RESOURCE_ERRNOS:
-            return FileRead(missing, fault=_fault(path, exc))
-        return FileRead(missing, problem=_open_problem(role, path, exc))
-    try:
-        for _ in range(READ_ATTEMPTS):
-            read = _read_open(fd, role, path, max_size, is_symlink)
-            if read is not None:
-                return read
+    kind = raw[0]
+    if kind == READ:
+        _, is_symlink, fields, content = raw  # type: ignore[misc]
+        return _found(role, path, max_size, is_symlink, fields, content)
+    if kind == CHANGED:
         return FileRead(missing, fault=f"{path} changed during each of {READ_ATTEMPTS} reads")
-    except OSError as exc:
-        if exc.errno in RESOURCE_ERRNOS:
-            return FileRead(missing, fault=_fault(path, exc))
-        return FileRead(missing, problem=_open_problem(role, path, exc))
-    finally:
-        os.close(fd)
+    code = raw[1]  # type: ignore[misc]
+    if code in RESOURCE_ERRNOS:
+        return FileRead(missing, fault=_fault(path, code))
+    if kind == OPEN_FAILED:
+        if code == errno.ENOENT:
+            what = "is a symlink to nothing" if raw[2] else "does not exist"  # type: ignore[misc]
+            return FileRead(
+                missing, problem=Problem(ProblemCode.FILE_MISSING, f"{role} file {path} {what}")
+            )
+        if code in (errno.EACCES, errno.EPERM):
+            return FileRead(
+                missing,
+                problem=Problem(ProblemCode.FILE_UNREADABLE, f"permission denied reading {path}"),
+            )
+    return FileRead(missing, problem=_open_problem(role, path, code))
 
 
-def _open(path: str) -> tuple[int, bool]:
-    """``path`` opened for reading, and whether its last component is a symlink.
-
-    Opened without following a symlink first: a plain file (nearly every read) then costs
-    one call where ``lstat`` and ``open`` took two, and each call a worker thread makes
-    waits for the interpreter lock while the event loop runs (at start-up, the read of a
-    pass took four times its own time). Refused as a symlink, it is opened again, followed.
-    """
-    try:
-        return os.open(path, _OPEN_FLAGS | os.O_NOFOLLOW), False
-    except OSError as exc:
-        if exc.errno not in _NOT_FOLLOWED:
-            raise
-    return os.open(path, _OPEN_FLAGS), True
-
-
-#: What ``open`` with ``O_NOFOLLOW`` says of a symlink (Linux: ELOOP; some BSDs: EMLINK).
-_NOT_FOLLOWED = frozenset({errno.ELOOP, errno.EMLINK})
-
-
-def _read_open(fd: int, role: str, path: str, max_size: int, is_symlink: bool) -> FileRead | None:
-    """One read of an open file, or ``None`` if it changed while it was read."""
-    st = os.fstat(fd)
-    info = _info(role, path, st)
-    sig = signature_of(st)
-    if not stat.S_ISREG(st.st_mode):
-        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+def _found(
+    role: str, path: str, max_size: int, is_symlink: bool, fields: StatFields,
+    content: bytes | None,
+) -> FileRead:
+    size, mode = fields[2], fields[5]
+    info = FileInfo(
+        role=role, path=path, present=True, size=size, mtime=fields[6], mode=stat.S_IMODE(mode)
+    )
+    sig = fields[:6]
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
         return FileRead(
             info,
             sig,
             problem=Problem(ProblemCode.NOT_A_FILE, f"{path} is {kind}"),
             is_symlink=is_symlink,
         )
-    if st.st_size > max_size:
-        return FileRead(info, sig, problem=_too_large(path, st.st_size, max_size))
-    # One byte past the cap tells a file that grew since fstat from one that fits.
-    content = _read_at_most(fd, max_size + 1, first=st.st_size + 1)
-    if signature_of(os.fstat(fd)) != sig:
-        return None
+    if content is None or size > max_size:
+        return FileRead(info, sig, problem=_too_large(path, size, max_size))
     if len(content) > max_size:
         return FileRead(info, sig, problem=_too_large(path, len(content), max_size))
-    if len(content) != st.st_size:
+    if len(content) != size:
         # A filesystem whose sizes are not byte counts (some FUSE and pseudo files): the
         # size published is that of the bytes fingerprinted.
         info = replace(info, size=len(content))
     return FileRead(info, sig, content=content, is_symlink=is_symlink)
 
 
-def _info(role: str, path: str, st: os.stat_result) -> FileInfo:
-    return FileInfo(
-        role=role,
-        path=path,
-        present=True,
-        size=st.st_size,
-        mtime=st.st_mtime,
-        mode=stat.S_IMODE(st.st_mode),
-    )
-
-
-def _fault(path: str, exc: OSError) -> str:
-    return f"cannot read {path} now: {os.strerror(exc.errno or 0)}"
-
-
-def _read_at_most(fd: int, limit: int, *, first: int) -> bytes:
-    """Up to ``limit`` bytes from the start of the file (pread: a retry starts over).
-
-    The first read asks for ``first`` bytes (the size fstat gave, plus one): a buffer the
-    size of the file, not of the cap, for every read. When it ends exactly where fstat said
-    the file does, that is the end, found without a second call. A file larger than its
-    fstat size (grown since: it fills the extra byte; or a size that is no byte count) is
-    read on in 1 MiB chunks; the fstat after the read catches any other change.
-    """
-    wanted = min(limit, max(1, first))
-    chunk = os.pread(fd, wanted, 0)
-    if len(chunk) == first - 1 < wanted or not chunk:
-        return chunk
-    chunks = [chunk]
-    offset = len(chunk)
-    while offset < limit:
-        chunk = os.pread(fd, min(limit - offset, 1 << 20), offset)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        offset += len(chunk)
-    return b"".join(chunks)
+def _fault(path: str, code: int) -> str:
+    return f"cannot read {path} now: {os.strerror(code)}"
 
 
 def _too_large(path: str, size: int, max_size: int) -> Problem:
@@ -322,18 +273,18 @@ def _too_large(path: str, size: int, max_size: int) -> Problem:
     )
 
 
-def _open_problem(role: str, path: str, exc: OSError) -> Problem:
-    if exc.errno == errno.ELOOP:
+def _open_problem(role: str, path: str, code: int) -> Problem:
+    if code == errno.ELOOP:
         return Problem(ProblemCode.SYMLINK_LOOP, f"{path} is a symlink loop")
-    if exc.errno == errno.ENOTDIR:
+    if code == errno.ENOTDIR:
         return Problem(
             ProblemCode.FILE_MISSING,
             f"{role} file {path} does not exist (a parent is not a directory)",
         )
-    if exc.errno in (errno.EACCES, errno.EPERM):
+    if code in (errno.EACCES, errno.EPERM):
         return Problem(ProblemCode.FILE_UNREADABLE, f"permission denied reading {path}")
-    if exc.errno == errno.ENXIO:
+    if code == errno.ENXIO:
         return Problem(ProblemCode.NOT_A_FILE, f"{path} is not a regular file")
     return Problem(
-        ProblemCode.FILE_UNREADABLE, f"cannot read {path}: {os.strerror(exc.errno or 0)}"
+        ProblemCode.FILE_UNREADABLE, f"cannot read {path}: {os.strerror(code)}"
     )

@@ -60,6 +60,12 @@ class EngineTuning:
     #: drained in a few of them and the server waited for the rest, and the last events
     #: reached a subscriber up to 0.8 s after the last pass.
     yield_every: int = 50
+    #: Start-up's reads ahead of the loop are made by a worker process
+    #: (:mod:`broker.engine.read_worker`) rather than a worker thread, whose every system
+    #: call waited for the interpreter lock the loop held: at 10,000 credentials, 0.4 s of
+    #: the daemon's CPU less, on the core the loop does not use. ``False`` (or a worker
+    #: that cannot start) reads in threads.
+    read_worker: bool = True
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
