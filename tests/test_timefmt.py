@@ -32,3 +32,13 @@ def test_round_trip_at_millisecond_precision(millis: int) -> None:
 
 def test_none_stays_none() -> None:
     assert format_time(None) is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(min_value=0, max_value=MAX_TIMESTAMP - 1), min_size=1, max_size=50))
+def test_a_timestamp_formatted_again_reads_the_same(stamps: list[float]) -> None:
+    # Formatted values are remembered: again, and after many others, each is still its own.
+    first = [format_time(ts) for ts in stamps]
+    for ts in range(5000):
+        format_time(ts + 0.5)
+    assert [format_time(ts) for ts in stamps] == first == [reference(ts) for ts in stamps]

@@ -15,6 +15,14 @@ def format_time(ts: float | None) -> str | None:
     """``1764093601.2`` -> ``"2025-11-25T18:00:01.200Z"``; ``None`` stays ``None``."""
     if ts is None:
         return None
+    # A pass formats the same few instants again and again (its clock reading is the time
+    # of each of its events and the changed_at of each state, twice when an event is encoded
+    # again): this was the costliest line of a start-up's event path.
+    return _format(ts)
+
+
+@functools.lru_cache(maxsize=4096)
+def _format(ts: float) -> str:
     # Rounded to microseconds exactly as datetime.fromtimestamp does, then truncated to ms.
     frac, whole = math.modf(ts)
     seconds, micros = int(whole), round(frac * 1_000_000)
