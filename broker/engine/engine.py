@@ -13,9 +13,11 @@ the same file.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import replace
 from functools import partial
 
@@ -297,12 +299,17 @@ class Engine:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Watch, evaluate, schedule and resync until cancelled."""
         with self.watcher:
-            self.watcher.watch(self._table.by_path)
-            for name, tracked in self._table.items():
-                self._follow(name, tracked.state)
-            await self._evaluate_all(
-                {n: Pending(scan=True, force=True) for n in self._table}, read_ahead=True
-            )
+            # Started before the watches are placed, so that its own start (~40 ms, on the
+            # other core) is over when the reads begin; it reads nothing until asked, and
+            # is asked only once every watch is in place.
+            async with self._read_worker() as worker:
+                self.watcher.watch(self._table.by_path)
+                for name, tracked in self._table.items():
+                    self._follow(name, tracked.state)
+                await self._evaluate_all(
+                    {n: Pending(scan=True, force=True) for n in self._table},
+                    read_ahead=True, worker=worker,
+                )
             for tracked in self._table.values():
                 tracked.startup = False
             self.ready.set()
@@ -407,8 +414,15 @@ class Engine:
 
     # -- evaluation -------------------------------------------------------------------------
 
+    def _read_worker(self) -> AbstractAsyncContextManager[ReadWorker | None]:
+        """The start-up read worker, when start-up takes passes enough to read ahead."""
+        if self.tuning.read_worker and len(self._table) > self.tuning.max_batch:
+            return ReadWorker.started()
+        return contextlib.nullcontext(None)
+
     async def _evaluate_all(
-        self, batch: Mapping[str, Pending], *, read_ahead: bool = False
+        self, batch: Mapping[str, Pending], *, read_ahead: bool = False,
+        worker: ReadWorker | None = None,
     ) -> None:
         """:meth:`_evaluate` in passes of at most ``tuning.max_batch`` credentials, so that
         start-up or a reload of every credential holds one pass's reads at a time.
@@ -416,7 +430,8 @@ class Engine:
         ``read_ahead`` (start-up only, while nothing else evaluates): the next pass's files
         are read while this pass is evaluated and committed, instead of the event loop
         waiting for each pass's reads: by the read worker process (:mod:`.readahead`), or
-        in a worker thread when it cannot start or fails. The thread may be two passes ahead:
+        in a worker thread when it cannot start or fails (``worker``: the one started for
+        this start-up, ``None`` for threads). The thread may be two passes ahead:
         its reads wait for the interpreter lock while the loop evaluates and publishes, so
         it keeps pace only on average, and one pass of slack kept the loop from waiting on
         it (start-up 5 % faster at 10,000 credentials). Three passes' reads are held at
@@ -441,10 +456,8 @@ class Engine:
         # what it finds now (a change made meanwhile is read again; a writer that opens a
         # file after the read leaves the content read whole), but the loop would wait for it.
         # The others are asked only if their evaluation finds a change, as any scan is.
-        if self.tuning.read_worker:
-            async with ReadWorker.started() as worker:
-                if worker is not None:
-                    passes = passes[await self._evaluate_by_worker(passes, worker):]
+        if worker is not None:
+            passes = passes[await self._evaluate_by_worker(passes, worker):]
         if not passes:
             return
         send, receive = anyio.create_memory_object_stream[_ReadAhead](1)
