@@ -156,11 +156,12 @@ async def test_a_worker_that_cannot_start_leaves_start_up_to_threads(
 
 @pytest.mark.anyio
 async def test_the_worker_is_one_answer_ahead_at_most(tmp_path: Path) -> None:
-    # Each answer (256 KiB) is larger than the pipe: the worker reads the next request's
-    # file only once the last answer has been taken. Its opens are counted by inotify.
+    # Each answer (512 KiB) is larger than the pipe and the event loop's read buffer
+    # together: the worker reads the next request's file only once the last answer has
+    # been taken. Its opens are counted by inotify.
     count = 6
     for i in range(count):
-        write_atomic(tmp_path / f"f{i}", "s" * (256 << 10))
+        write_atomic(tmp_path / f"f{i}", "s" * (512 << 10))
     requests = [([(str(tmp_path / f"f{i}"), 1 << 20)], []) for i in range(count)]
     send, opened = anyio.create_memory_object_stream[str](100)
     order: list[str] = []
@@ -176,7 +177,10 @@ async def test_the_worker_is_one_answer_ahead_at_most(tmp_path: Path) -> None:
         async with ReadWorker.started() as worker, anyio.create_task_group() as tg:
             assert worker is not None
             tg.start_soon(count_opens)
-            tg.start_soon(worker.feed, requests)
+            to_send, sent = anyio.create_memory_object_stream[Any](count)
+            for request in requests:
+                to_send.send_nowait(request)
+            tg.start_soon(worker.feed, sent)
             for _ in range(count):
                 with anyio.fail_after(10):
                     order.append(await opened.receive())
@@ -185,7 +189,7 @@ async def test_the_worker_is_one_answer_ahead_at_most(tmp_path: Path) -> None:
                     order.append(await opened.receive())
                     break
                 raws, signatures, busy = await worker.answer(1)
-                answers.append((raws[0][3] == b"s" * (256 << 10), signatures, busy))
+                answers.append((raws[0][3] == b"s" * (512 << 10), signatures, busy))
             tg.cancel_scope.cancel()
     # (Asserted outside the task group: a failure reads as itself, not as a group.)
     assert order == [f"f{i}" for i in range(count)]

@@ -13,6 +13,7 @@ the same file.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import time
@@ -37,7 +38,7 @@ from broker.engine.evaluation import evaluate, read_all
 from broker.engine.faults import ReadFaults
 from broker.engine.findings import Findings
 from broker.engine.holdback import WriterHoldBack, WriterLook, look_for_writers, writer_active
-from broker.engine.readahead import ReadWorker, ReadWorkerError, plan_pass
+from broker.engine.readahead import PassPlan, ReadWorker, ReadWorkerError, Request, plan_pass
 from broker.engine.reader import CredentialRead
 from broker.engine.resync import SafetyNet
 from broker.engine.schedule import Deadlines, Kind
@@ -483,18 +484,30 @@ class Engine:
 
         The worker reads a pass, answers, then reads the next request: it is one pass
         ahead of the loop at most, bounded also by the pipe between them."""
-        plans = [
-            plan_pass(
-                {n: self._table[n].spec for n in each},
-                {n for n in each if self._table[n].state is None},
-            )
-            for each in passes
-        ]
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(worker.feed, [plan.request for plan in plans])
-            for index, (each, plan) in enumerate(zip(passes, plans, strict=True)):
+        # Two passes are planned ahead of the one evaluated, not all of them: the requests
+        # of every pass at once were 1.5 MB of path strings at 10,000 credentials.
+        planned: collections.deque[PassPlan] = collections.deque()
+        send, requests = anyio.create_memory_object_stream[Request](3)
+
+        def plan(index: int) -> None:
+            if index < len(passes):
+                each = passes[index]
+                planned.append(plan_pass(
+                    {n: self._table[n].spec for n in each},
+                    {n for n in each if self._table[n].state is None},
+                ))
+                send.send_nowait(planned[-1].request)
+            elif index == len(passes):
+                send.close()
+
+        async with anyio.create_task_group() as tg, send:
+            tg.start_soon(worker.feed, requests)
+            plan(0)
+            plan(1)
+            for index, each in enumerate(passes):
+                plan(index + 2)
                 try:
-                    answer = await worker.answer(len(plan.request[0]))
+                    answer = await worker.answer(len(planned[0].request[0]))
                 except ReadWorkerError as exc:
                     log.warning(
                         "the read worker failed; start-up reads the rest in threads",
@@ -502,10 +515,11 @@ class Engine:
                     )
                     tg.cancel_scope.cancel()
                     return index
-                reads, looked = plan.reads(*answer)
-                if plan.thread:
+                this = planned.popleft()
+                reads, looked = this.reads(*answer)
+                if this.thread:
                     more, also = await anyio.to_thread.run_sync(
-                        _read_and_look, plan.thread, plan.new & set(plan.thread)
+                        _read_and_look, this.thread, this.new & set(this.thread)
                     )
                     reads.update(more)
                     looked = WriterLook(

@@ -15,14 +15,13 @@ import logging
 import marshal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import anyio
 from anyio.abc import Process
-from anyio.streams.buffered import BufferedByteReceiveStream
 
 from broker.config import CredentialSettings
 from broker.core.globs import is_glob
@@ -62,7 +61,8 @@ class ReadWorker:
     def __init__(self, process: Process) -> None:
         self._process = process
         assert process.stdout is not None and process.stdin is not None
-        self._answers = BufferedByteReceiveStream(process.stdout)
+        self._answers = process.stdout
+        self._left = b""  # received past the last frame
         self._greeted = False
 
     @classmethod
@@ -90,13 +90,14 @@ class ReadWorker:
                     process.kill()
                 await process.aclose()
 
-    async def feed(self, requests: Iterable[Request]) -> None:
-        """Send every request (the worker reads the next once it has answered one, so this
-        waits on it; a worker gone is noticed by :meth:`answer`)."""
+    async def feed(self, requests: AsyncIterable[Request]) -> None:
+        """Send every request, until ``requests`` ends (the worker reads the next once it
+        has answered one, so this waits on it; a worker gone is noticed by
+        :meth:`answer`)."""
         stdin = self._process.stdin
         assert stdin is not None
         try:
-            for request in requests:
+            async for request in requests:
                 blob = marshal.dumps(request)
                 await stdin.send(HEADER.pack(len(blob)) + blob)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
@@ -121,10 +122,25 @@ class ReadWorker:
         return raws, signatures, set(busy)
 
     async def _frame(self) -> Any:
-        (length,) = HEADER.unpack(await self._answers.receive_exactly(HEADER.size))
+        (length,) = HEADER.unpack(await self._exactly(HEADER.size))
         if length > _MAX_FRAME:
             raise ValueError("frame too large")
-        return marshal.loads(await self._answers.receive_exactly(length))  # noqa: S302
+        return marshal.loads(await self._exactly(length))  # noqa: S302
+
+    async def _exactly(self, size: int) -> bytes:
+        # Chunks joined once: a growing buffer, sliced and copied (anyio's buffered stream)
+        # held a pass's answer three or four times over at the start-up's peak.
+        chunks, have = [self._left], len(self._left)
+        while have < size:
+            try:
+                chunk = await self._answers.receive(size - have)
+            except anyio.EndOfStream as exc:
+                raise anyio.IncompleteRead from exc
+            chunks.append(chunk)
+            have += len(chunk)
+        data = b"".join(chunks) if len(chunks) > 1 else chunks[0]
+        self._left = data[size:]
+        return data[:size] if len(data) > size else data
 
 
 @dataclass
