@@ -109,6 +109,8 @@ class Engine:
         self._polling = Wakeup()
         #: Changes arrived during the last pass: the engine is taking a burst.
         self._in_burst = False
+        #: Start-up's first passes are running (nothing else evaluates meanwhile).
+        self._starting = False
         self.watcher = Watcher(
             self._on_paths, self._on_writing, on_polled=self._polling.poke, monotonic=monotonic,
             pace=self._read_pace,
@@ -307,10 +309,14 @@ class Engine:
                 self.watcher.watch(self._table.by_path)
                 for name, tracked in self._table.items():
                     self._follow(name, tracked.state)
-                await self._evaluate_all(
-                    {n: Pending(scan=True, force=True) for n in self._table},
-                    read_ahead=True, worker=worker,
-                )
+                self._starting = True
+                try:
+                    await self._evaluate_all(
+                        {n: Pending(scan=True, force=True) for n in self._table},
+                        read_ahead=True, worker=worker,
+                    )
+                finally:
+                    self._starting = False
             for tracked in self._table.values():
                 tracked.startup = False
             self.ready.set()
@@ -617,7 +623,7 @@ class Engine:
     async def _commit(self, results: Mapping[str, Result]) -> None:
         """Number, persist, then publish; then follow each new state's deadline. Caller
         holds the lock."""
-        await self._committer.commit(self._table, results)
+        await self._committer.commit(self._table, results, gradual=self._starting)
         for name in results:
             self._follow(name, self._table[name].state)
 

@@ -54,8 +54,9 @@ class EngineTuning:
     #: on a lone change), so a writer trickling 10,000 files in 1,500 passes paid ~150 us per
     #: credential for them; at most this much more latency in a burst instead.
     burst_gap: float = 0.05
-    #: A pass gives the event loop back after this many credentials evaluated, and again
-    #: after this many events published, so that the sinks send while it runs. A start-up
+    #: A pass gives the event loop back after this many credentials evaluated, and (at
+    #: start-up) again after this many events published, so that the sinks send while it
+    #: runs. A start-up
     #: pass of 1,000 took ~80 ms of the loop in one go: the MQTT window (100 in flight)
     #: drained in a few of them and the server waited for the rest, and the last events
     #: reached a subscriber up to 0.8 s after the last pass.
