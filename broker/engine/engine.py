@@ -490,10 +490,10 @@ class Engine:
 
         The worker reads a pass, answers, then reads the next request: it is one pass
         ahead of the loop at most, bounded also by the pipe between them."""
-        # Two passes are planned ahead of the one evaluated, not all of them: the requests
-        # of every pass at once were 1.5 MB of path strings at 10,000 credentials.
+        # One pass is planned ahead of the one evaluated, not all of them: the requests of
+        # every pass at once were 1.5 MB of path strings at 10,000 credentials.
         planned: collections.deque[PassPlan] = collections.deque()
-        send, requests = anyio.create_memory_object_stream[Request](3)
+        send, requests = anyio.create_memory_object_stream[Request](2)
 
         def plan(index: int) -> None:
             if index < len(passes):
@@ -509,9 +509,8 @@ class Engine:
         async with anyio.create_task_group() as tg, send:
             tg.start_soon(worker.feed, requests)
             plan(0)
-            plan(1)
             for index, each in enumerate(passes):
-                plan(index + 2)
+                plan(index + 1)
                 try:
                     answer = await worker.answer(len(planned[0].request[0]))
                 except ReadWorkerError as exc:

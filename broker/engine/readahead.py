@@ -162,13 +162,15 @@ class PassPlan:
     ) -> tuple[dict[str, CredentialRead], WriterLook]:
         """The worker's answer as reads of its credentials, and the look at their writers
         (which of the new ones a writer holds open, which changed since they were read)."""
-        found = dict(zip(self.request[0], raws, strict=True))
+        # The reads are asked for in the order the request listed them (each credential's
+        # files in role order), so each is taken in turn: no table of them all.
+        answers = zip(self.request[0], raws, strict=True)
 
         def fetched(role: str, path: str, max_size: int) -> FileRead:
-            raw = found.get((path, max_size))
-            return read_file(role, path, max_size) if raw is None else file_read(
-                role, path, max_size, raw
-            )
+            asked, raw = next(answers, ((None, None), None))
+            if asked != (path, max_size) or raw is None:
+                return read_file(role, path, max_size)  # never, but read rather than guess
+            return file_read(role, path, max_size, raw)
 
         reads = {n: read_credential(spec, fetched) for n, spec in self.worker.items()}
         new = frozenset(n for n in self.worker if n in self.new)
