@@ -19,7 +19,7 @@ import broker.engine.engine as engine_module
 import broker.engine.holdback as holdback_module
 import broker.engine.readahead as readahead_module
 from broker.cli import heap
-from broker.config import CredentialSettings
+from broker.config import Config, CredentialSettings
 from broker.core.fingerprint import Fingerprinter
 from broker.core.state import State, Status
 from broker.engine.bus import Bus
@@ -32,6 +32,18 @@ from tests.conftest import make_config, write_atomic
 FP = Fingerprinter(b"k" * 32)
 
 
+def _tokens(tmp_path: Any, count: int) -> tuple[Config, Store]:
+    """Credentials c0..c{count-1}, a token file each, and a prepared store."""
+    config = make_config(tmp_path, [
+        {"name": f"c{i}", "files": {"token": str(tmp_path / f"t{i}")}} for i in range(count)
+    ])
+    for i in range(count):
+        write_atomic(tmp_path / f"t{i}", f"secret-value-{i}")
+    store = Store(config.broker.state_dir)
+    store.prepare()
+    return config, store
+
+
 @pytest.mark.anyio
 async def test_start_up_in_threads_reads_up_to_two_passes_ahead_while_committing_one(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch
@@ -40,13 +52,7 @@ async def test_start_up_in_threads_reads_up_to_two_passes_ahead_while_committing
     # (one waits in the stream's slack), and not a third: what is held stays bounded by
     # three passes, however many credentials there are.
     count = 7
-    config = make_config(tmp_path, [
-        {"name": f"c{i}", "files": {"token": str(tmp_path / f"t{i}")}} for i in range(count)
-    ])
-    for i in range(count):
-        write_atomic(tmp_path / f"t{i}", f"secret-value-{i}")
-    store = Store(config.broker.state_dir)
-    store.prepare()
+    config, store = _tokens(tmp_path, count)
     reads: list[list[str]] = []
     read_started = [threading.Event() for _ in range(count)]
     real_read_all = engine_module.read_all
@@ -255,13 +261,7 @@ async def test_a_pass_gives_the_event_loop_back_while_it_evaluates_and_publishes
     # least every `yield_every` evaluations and every `yield_every` events: the sinks send
     # while a pass runs instead of after it.
     count, every = 120, 10
-    config = make_config(tmp_path, [
-        {"name": f"c{i}", "files": {"token": str(tmp_path / f"t{i}")}} for i in range(count)
-    ])
-    for i in range(count):
-        write_atomic(tmp_path / f"t{i}", f"secret-value-{i}")
-    store = Store(config.broker.state_dir)
-    store.prepare()
+    config, store = _tokens(tmp_path, count)
 
     class Counted(Fingerprinter):
         calls = 0

@@ -100,7 +100,7 @@ class Engine:
         self._faults = ReadFaults(self.tuning.fault_log_interval)
         self._committer = Committer(
             bus=bus, store=store, source=source, sequence=sequence, clock=clock,
-            new_id=new_id, shown=self._with_consumers, yield_every=self.tuning.yield_every,
+            new_id=new_id, shown=self._with_consumers,
         )
         self._reschedule = Wakeup()
         self._lock = anyio.Lock()
@@ -472,8 +472,7 @@ class Engine:
         async def read_passes() -> None:
             async with send:
                 for each in passes:
-                    specs = {n: self._table[n].spec for n in each}
-                    new = {n for n in each if self._table[n].state is None}
+                    specs, new = self._pass_specs(each)
                     await send.send(await anyio.to_thread.run_sync(_read_and_look, specs, new))
 
         async with anyio.create_task_group() as tg, receive:
@@ -481,6 +480,16 @@ class Engine:
             for each in passes:
                 reads, looked = await receive.receive()
                 await self._evaluate(each, reads, looked)
+
+    def _pass_specs(
+        self, each: Mapping[str, Pending]
+    ) -> tuple[dict[str, CredentialSettings], set[str]]:
+        """A start-up pass's settings, and which of its credentials are seen for the first
+        time (their writers are asked about right after the read)."""
+        return (
+            {n: self._table[n].spec for n in each},
+            {n for n in each if self._table[n].state is None},
+        )
 
     async def _evaluate_by_worker(
         self, passes: list[dict[str, Pending]], worker: ReadWorker
@@ -497,14 +506,8 @@ class Engine:
 
         def plan(index: int) -> None:
             if index < len(passes):
-                each = passes[index]
-                planned.append(plan_pass(
-                    {n: self._table[n].spec for n in each},
-                    {n for n in each if self._table[n].state is None},
-                ))
+                planned.append(plan_pass(*self._pass_specs(passes[index])))
                 send.send_nowait(planned[-1].request)
-            elif index == len(passes):
-                send.close()
 
         async with anyio.create_task_group() as tg, send:
             tg.start_soon(worker.feed, requests)
@@ -622,7 +625,9 @@ class Engine:
     async def _commit(self, results: Mapping[str, Result]) -> None:
         """Number, persist, then publish; then follow each new state's deadline. Caller
         holds the lock."""
-        await self._committer.commit(self._table, results, gradual=self._starting)
+        await self._committer.commit(
+            self._table, results, yield_every=self.tuning.yield_every if self._starting else None
+        )
         for name in results:
             self._follow(name, self._table[name].state)
 

@@ -28,6 +28,7 @@ from broker.engine.writers import open_for_writing, stat_all
 __all__ = [
     "WriterHoldBack",
     "WriterLook",
+    "changed_since",
     "look_for_writers",
     "with_problem",
     "writer_active",
@@ -213,7 +214,15 @@ def writers_and_moves(
             return None if st is None else signature_of(st)
         return stat_signature(path)
 
-    moved = {
+    return busy, changed_since(signatures, now)
+
+
+def changed_since(
+    signatures: Mapping[str, Mapping[str, Signature | None]],
+    now: Callable[[str], object],
+) -> set[str]:
+    """The credentials among ``signatures`` (as read, by path) that some path's ``now``
+    signature differs from."""
+    return {
         name for name, sigs in signatures.items() if any(now(p) != sig for p, sig in sigs.items())
     }
-    return busy, moved

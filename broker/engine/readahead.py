@@ -25,8 +25,8 @@ from anyio.abc import Process
 
 from broker.config import CredentialSettings
 from broker.core.globs import is_glob
-from broker.core.reads import FileRead, Signature
-from broker.engine.holdback import WriterLook
+from broker.core.reads import FileRead
+from broker.engine.holdback import WriterLook, changed_since
 from broker.engine.read_worker import HEADER, HELLO
 from broker.engine.reader import CredentialRead, file_read, read_credential, read_file
 
@@ -62,7 +62,6 @@ class ReadWorker:
         self._process = process
         assert process.stdout is not None and process.stdin is not None
         self._answers = process.stdout
-        self._left = b""  # received past the last frame
         self._greeted = False
 
     @classmethod
@@ -128,9 +127,11 @@ class ReadWorker:
         return marshal.loads(await self._exactly(length))  # noqa: S302
 
     async def _exactly(self, size: int) -> bytes:
-        # Chunks joined once: a growing buffer, sliced and copied (anyio's buffered stream)
-        # held a pass's answer three or four times over at the start-up's peak.
-        chunks, have = [self._left], len(self._left)
+        # Never more asked of the pipe than the frame holds, and the chunks joined once: a
+        # growing buffer, sliced and copied (anyio's buffered stream) held a pass's answer
+        # three or four times over at the start-up's peak.
+        chunks: list[bytes] = []
+        have = 0
         while have < size:
             try:
                 chunk = await self._answers.receive(size - have)
@@ -138,9 +139,7 @@ class ReadWorker:
                 raise anyio.IncompleteRead from exc
             chunks.append(chunk)
             have += len(chunk)
-        data = b"".join(chunks) if len(chunks) > 1 else chunks[0]
-        self._left = data[size:]
-        return data[:size] if len(data) > size else data
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 @dataclass
@@ -174,13 +173,11 @@ class PassPlan:
 
         reads = {n: read_credential(spec, fetched) for n, spec in self.worker.items()}
         new = frozenset(n for n in self.worker if n in self.new)
-        moved = {n for n in new if _moved(reads[n].signatures, signatures)}
+        missing = object()  # a path not looked at is taken as changed, so it is asked again
+        moved = changed_since(
+            {n: reads[n].signatures for n in new}, lambda p: signatures.get(p, missing)
+        )
         return reads, WriterLook(new, busy, moved)
-
-
-def _moved(read: Mapping[str, Signature | None], now: Mapping[str, Any]) -> bool:
-    missing = object()  # not looked at: taken as changed, so it is asked again
-    return any(now.get(path, missing) != signature for path, signature in read.items())
 
 
 def plan_pass(
